@@ -1,0 +1,31 @@
+"""detloss: object-detection losses for PyTorch, exact against their originals, fast and transparent.
+
+Primitive losses live in :mod:`detloss.functional` (module twins in :mod:`detloss.nn`);
+the complete detector losses are :class:`YOLOv3Loss`, :class:`YOLOv5Loss`, :class:`FCOSLoss`
+and :class:`YOLOv8Loss`, each returning a :class:`LossOutput`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .output import LossOutput
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "YOLOv3Loss": "detloss.losses.yolov3",
+    "YOLOv5Loss": "detloss.losses.yolov5",
+    "FCOSLoss": "detloss.losses.fcos",
+    "YOLOv8Loss": "detloss.losses.yolov8",
+    "TaskAlignedAssigner": "detloss.assign.tal",
+}
+
+__all__ = ["LossOutput", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    # Detector losses are imported on first use so that `import detloss` stays light.
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'detloss' has no attribute {name!r}")

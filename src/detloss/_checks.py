@@ -1,0 +1,93 @@
+"""Input checks, reductions and precision handling shared by every loss.
+
+Every error names the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, value: object) -> torch.Tensor:
+    t = check_tensor(name, value)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b}: expected the same shape as {name_a} {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+
+
+def check_broadcastable_to(name: str, value: torch.Tensor, shape: torch.Size, to_name: str) -> None:
+    """``value`` must broadcast to ``shape`` without changing ``shape`` (no silent growth)."""
+    try:
+        out = torch.broadcast_shapes(value.shape, shape)
+    except RuntimeError:
+        out = None
+    if out != shape:
+        raise ValueError(
+            f"{name}: expected a shape broadcastable to {to_name} {tuple(shape)}, got {tuple(value.shape)}"
+        )
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float32 for half-precision inputs, else the widest floating dtype among the inputs."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype == torch.float64:
+            dtype = torch.float64
+    return dtype
+
+
+def upcast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Cast to ``dtype`` (the compute dtype); the cast is differentiable, so gradients come
+    back to the caller in the input's own dtype."""
+    if t is None:
+        return None
+    return t.to(dtype) if t.dtype != dtype else t
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply a torch.nn.functional reduction ("none" | "mean" | "sum")."""
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def as_pair(name: str, value: object) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        a, b = value  # type: ignore[misc]
+        return (int(a), int(b))
+    except Exception:
+        raise ValueError(f"{name}: expected an int or a pair (h, w), got {value!r}") from None

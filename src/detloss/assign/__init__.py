@@ -1,0 +1,1 @@
+"""Target assignment, one module per scheme. Assigners never compute a loss."""

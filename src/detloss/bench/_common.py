@@ -1,0 +1,59 @@
+"""Timing and memory measurement shared by the benchmark suites."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by torch on the CPU during ``fn()`` beyond what was live before it.
+
+    Measured with the profiler's allocation events: the running sum of allocations and frees
+    in event order, its maximum. Tensors that exist before the call (the inputs) do not count.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    events = []
+    for e in prof.profiler.kineto_results.events():  # type: ignore[union-attr]
+        if e.name() == "[memory]":
+            events.append((e.start_ns(), e.nbytes()))
+    events.sort(key=lambda x: x[0])
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.2f} ms"
+
+
+def fmt_mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:9.1f} MB"
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a plain fixed-width table."""
+    cols = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    for j, r in enumerate(cols):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,69 @@
+"""Box conversions and target-format converters shared by the assigners, losses and tools.
+
+Formats: ``"xyxy"`` (x1, y1, x2, y2), ``"cxcywh"`` (centre, width, height). YOLO target rows
+are ``[N, 6]``: (image_index, class, cx, cy, w, h) normalized to 0..1; torchvision-style
+targets are a list (one per image) of ``{"boxes": [n, 4] xyxy pixels, "labels": [n] int64}``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ._checks import check_choice, check_tensor
+
+BOX_FORMATS = ("xyxy", "cxcywh")
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2), over the last dimension."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(x1, y1, x2, y2) -> (cx, cy, w, h), over the last dimension."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+
+
+def box_convert(boxes: torch.Tensor, in_fmt: str, out_fmt: str) -> torch.Tensor:
+    """Convert boxes between ``"xyxy"`` and ``"cxcywh"``."""
+    check_choice("in_fmt", in_fmt, BOX_FORMATS)
+    check_choice("out_fmt", out_fmt, BOX_FORMATS)
+    if in_fmt == out_fmt:
+        return boxes
+    return cxcywh_to_xyxy(boxes) if in_fmt == "cxcywh" else xyxy_to_cxcywh(boxes)
+
+
+def yolo_rows_to_targets(
+    rows: torch.Tensor, batch_size: int, image_size: Tuple[int, int]
+) -> List[Dict[str, torch.Tensor]]:
+    """YOLO rows ``[N, 6]`` (image_index, class, cx, cy, w, h; normalized) -> a list of
+    ``batch_size`` dicts ``{"boxes": xyxy pixels, "labels": int64}``; ``image_size`` is (h, w)."""
+    check_tensor("rows", rows)
+    if rows.ndim != 2 or rows.shape[-1] != 6:
+        raise ValueError(f"rows: expected shape [N, 6], got {tuple(rows.shape)}")
+    h, w = image_size
+    scale = rows.new_tensor([w, h, w, h])
+    out = []
+    img = rows[:, 0].long()
+    for b in range(batch_size):
+        r = rows[img == b]
+        out.append({"boxes": cxcywh_to_xyxy(r[:, 2:6]) * scale, "labels": r[:, 1].long()})
+    return out
+
+
+def targets_to_yolo_rows(targets: Sequence[Dict[str, torch.Tensor]], image_size: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`yolo_rows_to_targets`: list of ``{"boxes", "labels"}`` -> rows ``[N, 6]``."""
+    h, w = image_size
+    rows = []
+    for b, t in enumerate(targets):
+        boxes = t["boxes"]
+        scale = boxes.new_tensor([w, h, w, h])
+        cxcywh = xyxy_to_cxcywh(boxes) / scale
+        idx = torch.full((boxes.shape[0], 1), float(b), dtype=boxes.dtype, device=boxes.device)
+        rows.append(torch.cat((idx, t["labels"].to(boxes.dtype)[:, None], cxcywh), dim=1))
+    if not rows:
+        return torch.zeros((0, 6))
+    return torch.cat(rows, dim=0)

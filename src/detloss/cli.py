@@ -1,0 +1,52 @@
+"""The ``detloss`` command.
+
+Subcommands (each implemented in its own module, imported only when used):
+
+- ``detloss explain LOSS ...``  a loss worked step by step with real numbers  (:mod:`detloss.explain`)
+- ``detloss assign SCHEME ...`` pictures and tables of target assignment       (:mod:`detloss.viz`)
+- ``detloss train ...``         train a small detector end to end (the demo)   (:mod:`detloss.demo.train`)
+- ``detloss bench SUITE ...``   benchmarks, ratios against baselines           (:mod:`detloss.bench`)
+
+Each module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "explain": ("detloss.explain", "explain a loss step by step with real numbers"),
+    "assign": ("detloss.viz", "draw and tabulate which anchors/points a target is assigned to"),
+    "train": ("detloss.demo.train", "train a small detector end to end and evaluate it (COCO mAP)"),
+    "bench": ("detloss.bench", "run the benchmarks and print ratios against baselines"),
+}
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detloss", description="Object-detection losses, explained and measured.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported (the demo pulls in plotting libraries).
+        if wanted == name:
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

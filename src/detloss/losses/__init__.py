@@ -1,0 +1,1 @@
+"""The detector losses: assignment + functional losses, composed."""

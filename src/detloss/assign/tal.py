@@ -1,0 +1,475 @@
+"""Task-aligned assigner (TOOD), as YOLOv8 / YOLO11 train with it.
+
+Reference: Feng et al., "TOOD: Task-aligned One-stage Object Detection", ICCV 2021; the code
+followed exactly is ultralytics 8.4 ``ultralytics/utils/tal.py`` ``TaskAlignedAssigner`` with
+the settings ``v8DetectionLoss`` gives it (topk=10, alpha=0.5, beta=6.0, eps=1e-9).
+
+For every ground-truth box ``g`` and anchor point ``a`` whose centre lies strictly inside ``g``
+(a *candidate*; sides of ``g`` shorter than ``min_side`` are first widened to ``min_side``
+about the box centre, ultralytics 8.4):
+
+    overlap(g, a) = max(CIoU(g, pred_box(a)), 0)
+    t(g, a)       = score(a, class(g)) ** alpha * overlap(g, a) ** beta
+
+Each box keeps its ``topk`` candidates of largest ``t``. An anchor kept by several boxes goes
+to the box of largest overlap among *all* boxes that contain it (first box on ties). With
+``topk2`` each box then keeps only its ``topk2`` best positives. The soft class target of a
+positive anchor is ``t(g, a) * max_pos overlap(g, .) / (max_pos t(g, .) + eps)``.
+
+Two ways compute this. The dense one builds ``[B, M, A]`` tensors (M = most boxes in an image,
+A = anchors) exactly as the reference does; it is kept as the ground truth and as a baseline.
+The default one enumerates only the candidate pairs (the anchor grid cells inside each box),
+so memory grows with the number of candidates instead of ``B * M * A``; its results are the
+same (tests compare them).
+
+Ties. The reference picks the top-k with ``torch.topk`` over all anchors, candidates or not.
+When a box has fewer than ``topk`` candidates with a non-zero alignment, the remaining slots
+go to anchors of alignment 0, in an order that ``torch.topk`` leaves unspecified: such an
+anchor may or may not become a (zero-weight) positive. Here an alignment of exactly 0 never
+wins a top-k slot, which makes the result deterministic; the loss is unaffected (those
+anchors have target score 0 either way). Among equal *non-zero* alignments at the k-th place
+the candidate path prefers the lower anchor index; the dense path keeps ``torch.topk``'s order.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .. import functional as fn
+from .._checks import check_tensor, compute_dtype
+
+__all__ = ["TaskAlignedAssigner", "TALAssignment", "enlarge_small_boxes", "anchor_grid"]
+
+#: (h, w, stride) of one pyramid level.
+Level = Tuple[int, int, float]
+
+
+class TALAssignment(NamedTuple):
+    """What :class:`TaskAlignedAssigner` returns, in the reference's order.
+
+    Attributes:
+        target_labels: int64 ``[B, A]`` class of the assigned box (where ``fg_mask`` is False:
+            the class of box ``target_gt_idx`` = 0 of that image, as the reference returns it).
+        target_bboxes: ``[B, A, 4]`` xyxy of the assigned box (likewise box 0 where not fg).
+        target_scores: ``[B, A, nc]`` one-hot class times the normalized alignment; 0 where not fg.
+        fg_mask: bool ``[B, A]`` anchors assigned a box.
+        target_gt_idx: int64 ``[B, A]`` index of the assigned box among the image's ``M`` rows; 0
+            where not fg.
+    """
+
+    target_labels: torch.Tensor
+    target_bboxes: torch.Tensor
+    target_scores: torch.Tensor
+    fg_mask: torch.Tensor
+    target_gt_idx: torch.Tensor
+
+
+def enlarge_small_boxes(boxes: torch.Tensor, min_side: Optional[float]) -> torch.Tensor:
+    """Widen xyxy box sides shorter than ``min_side`` to ``min_side`` about the box centre.
+
+    The arithmetic is the reference's (xyxy -> cx, cy, w, h -> xyxy for every box), so that the
+    strict inside test that follows agrees to the last bit. ``min_side=None``: boxes unchanged
+    (ultralytics 8.3 and earlier).
+    """
+    if min_side is None:
+        return boxes
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    w, h = x2 - x1, y2 - y1
+    side = torch.tensor(min_side, dtype=boxes.dtype, device=boxes.device)
+    w = torch.where(w < side, side, w) / 2
+    h = torch.where(h < side, side, h) / 2
+    return torch.stack((cx - w, cy - h, cx + w, cy + h), dim=-1)
+
+
+def anchor_grid(levels: Sequence[Level], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Anchor centres ``[A, 2]`` in pixels, ``((x + 0.5) * s, (y + 0.5) * s)``, level by level,
+    row-major inside a level (ultralytics' ``make_anchors`` times the stride)."""
+    pts = []
+    for h, w, s in levels:
+        sx = (torch.arange(w, dtype=dtype, device=device) + 0.5) * s
+        sy = (torch.arange(h, dtype=dtype, device=device) + 0.5) * s
+        gy, gx = torch.meshgrid(sy, sx, indexing="ij")
+        pts.append(torch.stack((gx, gy), -1).reshape(-1, 2))
+    return torch.cat(pts) if pts else torch.zeros((0, 2), dtype=dtype, device=device)
+
+
+def _infer_levels(anc_points: torch.Tensor, strides: Sequence[float]) -> Optional[List[Level]]:
+    """Recover the level shapes from anchors laid out as :func:`anchor_grid` does; None if the
+    anchors follow another layout."""
+    n = anc_points.shape[0]
+    y = anc_points[:, 1]
+    levels: List[Level] = []
+    off = 0
+    for s in strides:
+        if off >= n:
+            return None
+        other = (y[off:] != y[off]).nonzero()
+        w = int(other[0]) if other.numel() else n - off
+        rows = (n - off) // w
+        grid_y = y[off : off + rows * w].view(rows, w)
+        want = (torch.arange(rows, dtype=y.dtype, device=y.device) + 0.5) * s
+        h = int((grid_y == want[:, None]).all(1).cumprod(0).sum())
+        if h == 0:
+            return None
+        levels.append((h, w, float(s)))
+        off += h * w
+    if off != n or not torch.equal(anchor_grid(levels, anc_points.dtype, anc_points.device), anc_points):
+        return None
+    return levels
+
+
+def _candidate_pairs(
+    boxes: torch.Tensor, levels: Sequence[Level], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All (box, anchor) pairs with the anchor centre strictly inside the box (by more than
+    ``eps``), without a dense box x anchor mask.
+
+    For each box and level the cells in a bounding index range (one cell wider than needed on
+    every side) are enumerated arithmetically, then tested exactly as the reference tests them.
+    Returns ``(box index, anchor index)``, sorted by box, then anchor.
+    """
+    dev, dt = boxes.device, boxes.dtype
+    n_box, n_lvl = boxes.shape[0], len(levels)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    starts, counts = [], []
+    for h, w, s in levels:
+        # first / one-past-last cell index, each widened by one cell; clamped to the grid
+        lo_x = torch.floor(x1 / s - 0.5).clamp(0, w)
+        hi_x = (torch.floor(x2 / s - 0.5) + 2).clamp(0, w)
+        lo_y = torch.floor(y1 / s - 0.5).clamp(0, h)
+        hi_y = (torch.floor(y2 / s - 0.5) + 2).clamp(0, h)
+        starts.append(torch.stack((lo_x, lo_y), -1).long())
+        counts.append(torch.stack((hi_x - lo_x, hi_y - lo_y), -1).clamp(min=0).long())
+    start = torch.stack(starts, 1).view(-1, 2)  # [n_box * n_lvl, 2] box-major
+    count = torch.stack(counts, 1).view(-1, 2)
+    per_block = count[:, 0] * count[:, 1]
+    total = int(per_block.sum())
+    blk = torch.repeat_interleave(torch.arange(per_block.numel(), device=dev), per_block, output_size=total)
+    t = torch.arange(total, device=dev) - (torch.cumsum(per_block, 0) - per_block)[blk]
+    nx = count[blk, 0]
+    ix = start[blk, 0] + t % nx
+    iy = start[blk, 1] + torch.div(t, nx, rounding_mode="floor")
+    del t, nx
+    lvl = blk % n_lvl
+    box = torch.div(blk, n_lvl, rounding_mode="floor")
+    del blk
+    stride = torch.tensor([s for _, _, s in levels], dtype=dt, device=dev)[lvl]
+    ax = (ix.to(dt) + 0.5) * stride
+    ay = (iy.to(dt) + 0.5) * stride
+    inside = torch.minimum(torch.minimum(ax - x1[box], ay - y1[box]), torch.minimum(x2[box] - ax, y2[box] - ay)) > eps
+    del ax, ay, stride
+    width = torch.tensor([w for _, w, _ in levels], device=dev)
+    offset = torch.tensor([0] + [h * w for h, w, _ in levels], device=dev).cumsum(0)[:-1]
+    anchor = offset[lvl] + iy * width[lvl] + ix
+    return box[inside], anchor[inside]
+
+
+def _rank_within(group: torch.Tensor, value: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Rank of each element among the elements of its group by ``value`` descending (0 = largest),
+    ties broken by position. O(n log n), no padding to the largest group."""
+    order = torch.sort(value, descending=True, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]
+    g = group[order]
+    count = torch.bincount(g, minlength=n_groups)
+    rank_sorted = torch.arange(g.numel(), device=g.device) - (torch.cumsum(count, 0) - count)[g]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank
+
+
+def _targets(
+    gt_labels: torch.Tensor,
+    gt_bboxes: torch.Tensor,
+    target_gt_idx: torch.Tensor,
+    fg_mask: torch.Tensor,
+    norm: torch.Tensor,
+    num_classes: int,
+) -> TALAssignment:
+    """Gather the assigned boxes and classes ([B, A]) and build the soft class targets."""
+    bsz = gt_bboxes.shape[0]
+    bi = torch.arange(bsz, device=gt_bboxes.device)[:, None]
+    labels = gt_labels[bi, target_gt_idx].clamp(min=0)
+    boxes = gt_bboxes[bi, target_gt_idx]
+    scores = torch.zeros((*labels.shape, num_classes), dtype=norm.dtype, device=norm.device)
+    scores.scatter_(-1, labels[..., None], torch.where(fg_mask, norm, 0.0)[..., None])
+    return TALAssignment(labels, boxes, scores, fg_mask, target_gt_idx)
+
+
+class TaskAlignedAssigner:
+    r"""Task-aligned assignment of ground-truth boxes to anchor points (TOOD / YOLOv8).
+
+    .. math::
+        t = s^\alpha \cdot u^\beta, \qquad u = \max(\mathrm{CIoU}(g, \hat b), 0)
+
+    over the anchors whose centre is inside ``g``; top-``topk`` per box; an anchor claimed by
+    several boxes goes to the one of largest ``u`` among all boxes containing it; target score
+    ``t \cdot \max_{pos} u / (\max_{pos} t + \varepsilon)`` on the box's class. See the module
+    docstring for the exact rules and their source (ultralytics 8.4 ``TaskAlignedAssigner``).
+
+    Args:
+        topk: candidates kept per box (10 as v8DetectionLoss sets it).
+        num_classes: number of classes ``nc``.
+        alpha: exponent of the class score (0.5).
+        beta: exponent of the overlap (6.0).
+        eps: the reference's 1e-9 (inside-box margin and normalizer guard).
+        topk2: optional second cut, positives kept per box after resolving anchors claimed by
+            several boxes (None = no cut; YOLO26's one-to-one branch uses 1).
+        strides: level strides, used to recognise the anchor layout in ``__call__``.
+        min_side: box sides shorter than this are widened to it for the inside test only
+            (ultralytics 8.4: 16 px, the second stride); None = no widening (ultralytics 8.3).
+        dense: compute the reference's dense way (``[B, M, A]`` tensors) instead of over the
+            candidates only. Same results; for testing and benchmarking.
+
+    Call with ``pd_scores`` ``[B, A, nc]`` (probabilities), ``pd_bboxes`` ``[B, A, 4]`` (xyxy
+    pixels), ``anc_points`` ``[A, 2]`` (pixels), ``gt_labels`` ``[B, M, 1]``, ``gt_bboxes``
+    ``[B, M, 4]`` (xyxy pixels) and ``mask_gt`` ``[B, M, 1]`` (valid rows; default: rows with
+    ``x1 + y1 + x2 + y2 > 0``, the reference's rule). Anchors laid out level by level, row-major,
+    at cell centres (:func:`anchor_grid`) take the candidate path; any other layout, or
+    ``feat_shapes`` not given and not recognisable, is computed densely. Returns a
+    :class:`TALAssignment`. No gradient flows through the assignment.
+    """
+
+    def __init__(
+        self,
+        topk: int = 10,
+        num_classes: int = 80,
+        alpha: float = 0.5,
+        beta: float = 6.0,
+        eps: float = 1e-9,
+        topk2: Optional[int] = None,
+        strides: Sequence[float] = (8, 16, 32),
+        min_side: Optional[float] = 16.0,
+        dense: bool = False,
+    ) -> None:
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+        if topk2 is not None and (not isinstance(topk2, int) or isinstance(topk2, bool) or topk2 < 1):
+            raise ValueError(f"topk2: expected None or an int >= 1, got {topk2!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+        if min_side is not None and not min_side > 0:
+            raise ValueError(f"min_side: expected None or a positive number, got {min_side!r}")
+        if not strides or any(not s > 0 for s in strides):
+            raise ValueError(f"strides: expected positive numbers, got {tuple(strides)!r}")
+        self.topk = topk
+        self.topk2 = topk2 if topk2 is not None else topk
+        self.num_classes = num_classes
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.strides = tuple(float(s) for s in strides)
+        self.min_side = None if min_side is None else float(min_side)
+        self.dense = bool(dense)
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskAlignedAssigner(topk={self.topk}, num_classes={self.num_classes}, alpha={self.alpha}, "
+            f"beta={self.beta}, topk2={self.topk2}, min_side={self.min_side}, dense={self.dense})"
+        )
+
+    # ------------------------------------------------------------------ public entry point
+    @torch.no_grad()
+    def __call__(
+        self,
+        pd_scores: torch.Tensor,
+        pd_bboxes: torch.Tensor,
+        anc_points: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_bboxes: torch.Tensor,
+        mask_gt: Optional[torch.Tensor] = None,
+        feat_shapes: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> TALAssignment:
+        pd_scores, pd_bboxes, anc_points, labels, gt_bboxes, mask = self._check(
+            pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt
+        )
+        levels: Optional[List[Level]] = None
+        if feat_shapes is not None:
+            if len(feat_shapes) != len(self.strides):
+                raise ValueError(
+                    f"feat_shapes: expected {len(self.strides)} (h, w) pairs (one per stride), got {len(feat_shapes)}"
+                )
+            levels = [(int(h), int(w), s) for (h, w), s in zip(feat_shapes, self.strides)]
+            if sum(h * w for h, w, _ in levels) != anc_points.shape[0]:
+                raise ValueError(
+                    f"feat_shapes: expected sizes totalling A={anc_points.shape[0]} anchors, got {list(feat_shapes)}"
+                )
+        elif not self.dense:
+            levels = _infer_levels(anc_points, self.strides)
+        return self.assign(pd_scores, pd_bboxes, anc_points, labels, gt_bboxes, mask, levels)
+
+    def assign(
+        self,
+        pd_scores: torch.Tensor,
+        pd_bboxes: torch.Tensor,
+        anc_points: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_bboxes: torch.Tensor,
+        mask_gt: torch.Tensor,
+        levels: Optional[Sequence[Level]] = None,
+    ) -> TALAssignment:
+        """Assignment on checked inputs: ``gt_labels`` int64 ``[B, M]``, ``mask_gt`` bool
+        ``[B, M]``, floats in one dtype; ``levels`` ``[(h, w, stride), ...]`` matching
+        ``anc_points`` selects the candidate path (unless ``dense``)."""
+        bsz, n_anchor, nc = pd_scores.shape
+        if gt_bboxes.shape[1] == 0:  # the reference's early return
+            return TALAssignment(
+                torch.full((bsz, n_anchor), nc, dtype=torch.long, device=pd_scores.device),
+                torch.zeros_like(pd_bboxes),
+                torch.zeros_like(pd_scores),
+                torch.zeros((bsz, n_anchor), dtype=torch.bool, device=pd_scores.device),
+                torch.zeros((bsz, n_anchor), dtype=torch.long, device=pd_scores.device),
+            )
+        if self.dense or levels is None:
+            idx, fg, norm = self._dense(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt)
+        else:
+            idx, fg, norm = self._sparse(pd_scores, pd_bboxes, levels, gt_labels, gt_bboxes, mask_gt)
+        return _targets(gt_labels, gt_bboxes, idx, fg, norm, self.num_classes)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt):
+        for name, t in (("pd_scores", pd_scores), ("pd_bboxes", pd_bboxes), ("anc_points", anc_points), ("gt_bboxes", gt_bboxes)):
+            check_tensor(name, t)
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        check_tensor("gt_labels", gt_labels)
+        if pd_scores.ndim != 3 or pd_scores.shape[-1] != self.num_classes:
+            raise ValueError(f"pd_scores: expected shape [B, A, {self.num_classes}], got {tuple(pd_scores.shape)}")
+        bsz, n_anchor = pd_scores.shape[:2]
+        if tuple(pd_bboxes.shape) != (bsz, n_anchor, 4):
+            raise ValueError(f"pd_bboxes: expected shape {(bsz, n_anchor, 4)}, got {tuple(pd_bboxes.shape)}")
+        if tuple(anc_points.shape) != (n_anchor, 2):
+            raise ValueError(f"anc_points: expected shape {(n_anchor, 2)}, got {tuple(anc_points.shape)}")
+        if gt_bboxes.ndim != 3 or gt_bboxes.shape[0] != bsz or gt_bboxes.shape[2] != 4:
+            raise ValueError(f"gt_bboxes: expected shape [{bsz}, M, 4], got {tuple(gt_bboxes.shape)}")
+        m = gt_bboxes.shape[1]
+        if gt_labels.ndim == 3 and gt_labels.shape[-1] == 1:
+            gt_labels = gt_labels[..., 0]
+        if tuple(gt_labels.shape) != (bsz, m):
+            raise ValueError(f"gt_labels: expected shape [{bsz}, {m}, 1] or [{bsz}, {m}], got {tuple(gt_labels.shape)}")
+        if mask_gt is None:
+            mask = gt_bboxes.sum(-1) > 0
+        else:
+            check_tensor("mask_gt", mask_gt)
+            if mask_gt.ndim == 3 and mask_gt.shape[-1] == 1:
+                mask_gt = mask_gt[..., 0]
+            if tuple(mask_gt.shape) != (bsz, m):
+                raise ValueError(f"mask_gt: expected shape [{bsz}, {m}, 1] or [{bsz}, {m}], got {tuple(mask_gt.shape)}")
+            mask = mask_gt.bool()
+        dt = compute_dtype(pd_scores, pd_bboxes, gt_bboxes, anc_points)
+        tensors = [t.detach().to(dt) for t in (pd_scores, pd_bboxes, anc_points, gt_bboxes)]
+        for name, t in zip(("pd_scores", "pd_bboxes", "anc_points", "gt_bboxes"), tensors):
+            bad = ~torch.isfinite(t)
+            if name == "gt_bboxes":
+                bad = bad & mask[..., None]
+            if bool(bad.any()):
+                pos = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"{name}: expected finite values, got {float(t[pos])} at index {pos}")
+        labels = gt_labels.detach()
+        if labels.is_floating_point():
+            if bool((labels != labels.round())[mask].any()):
+                raise ValueError("gt_labels: expected integer class indices, got a fractional value")
+        labels = labels.long()
+        bad = mask & ((labels < 0) | (labels >= self.num_classes))
+        if bool(bad.any()):
+            b, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"gt_labels: expected classes in [0, {self.num_classes - 1}], got {int(labels[b, j])} "
+                f"at image {b}, row {j}"
+            )
+        labels = torch.where(mask, labels, 0)
+        return tensors[0], tensors[1], tensors[2], labels, tensors[3], mask
+
+    # ------------------------------------------------------------------ the dense way
+    def _dense(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt):
+        """The reference's computation over ``[B, M, A]``. Returns (target_gt_idx, fg, norm)."""
+        bsz, n_anchor, _ = pd_scores.shape
+        m = gt_bboxes.shape[1]
+        boxes = enlarge_small_boxes(gt_bboxes, self.min_side)
+        lt, rb = boxes[:, :, None, :2], boxes[:, :, None, 2:]
+        deltas = torch.cat((anc_points - lt, rb - anc_points), dim=-1)  # [B, M, A, 4]
+        mask_in = (deltas.amin(-1) > self.eps) & mask_gt[..., None]
+        del deltas
+        bi = torch.arange(bsz, device=pd_scores.device)[:, None].expand(bsz, m)
+        scores = torch.zeros((bsz, m, n_anchor), dtype=pd_scores.dtype, device=pd_scores.device)
+        overlaps = torch.zeros_like(scores)
+        scores[mask_in] = pd_scores.permute(0, 2, 1)[bi, gt_labels][mask_in]
+        pd = pd_bboxes[:, None].expand(bsz, m, n_anchor, 4)[mask_in]
+        gt = gt_bboxes[:, :, None].expand(bsz, m, n_anchor, 4)[mask_in]
+        overlaps[mask_in] = fn.box_iou(gt, pd, kind="ciou", convention="yolov5").clamp(min=0)
+        del pd, gt
+        metric = scores.pow(self.alpha) * overlaps.pow(self.beta)
+        del scores
+
+        top = torch.topk(metric, min(self.topk, n_anchor), dim=-1).indices
+        mask_pos = torch.zeros_like(mask_in).scatter_(-1, top, True) & mask_in & (metric > 0)
+        claims = mask_pos.sum(1)
+        if bool((claims > 1).any()):
+            best = overlaps.argmax(1)
+            is_best = torch.zeros_like(mask_pos).scatter_(1, best[:, None], True)
+            mask_pos = torch.where((claims > 1)[:, None], is_best, mask_pos)
+        if self.topk2 != self.topk:
+            kept_metric = metric * mask_pos
+            top = torch.topk(kept_metric, min(self.topk2, n_anchor), dim=-1).indices
+            mask_pos = mask_pos & torch.zeros_like(mask_pos).scatter_(-1, top, True) & (kept_metric > 0)
+        fg = mask_pos.any(1)
+        target_gt_idx = mask_pos.to(torch.uint8).argmax(1)
+
+        metric = metric * mask_pos
+        pos_metric = metric.amax(-1, keepdim=True)
+        pos_overlap = (overlaps * mask_pos).amax(-1, keepdim=True)
+        norm = (metric * pos_overlap / (pos_metric + self.eps)).amax(1)
+        return target_gt_idx, fg, norm
+
+    # ------------------------------------------------------------------ over candidates only
+    def _sparse(self, pd_scores, pd_bboxes, levels, gt_labels, gt_bboxes, mask_gt):
+        """Same result as :meth:`_dense`, computed over the (box, anchor) candidate pairs."""
+        bsz, n_anchor, nc = pd_scores.shape
+        dev = pd_scores.device
+        img, row = mask_gt.nonzero(as_tuple=True)  # valid boxes, image-major
+        n_box = img.numel()
+        boxes = gt_bboxes[img, row]
+        box_label = gt_labels[img, row]
+        box, anchor = _candidate_pairs(enlarge_small_boxes(boxes, self.min_side), levels, self.eps)
+        flat = img[box] * n_anchor + anchor  # anchor index over the batch
+        overlap = fn.box_iou(
+            boxes[box], pd_bboxes.reshape(-1, 4)[flat], kind="ciou", convention="yolov5"
+        ).clamp(min=0)
+        score = pd_scores.reshape(-1)[flat * nc + box_label[box]]
+        metric = score.pow(self.alpha) * overlap.pow(self.beta)
+        del score
+
+        # top-k per box among candidates of non-zero alignment
+        nz = (metric > 0).nonzero().squeeze(1)
+        pre = nz[_rank_within(box[nz], metric[nz], n_box) < self.topk]
+        claims = torch.bincount(flat[pre], minlength=bsz * n_anchor)
+        owner = torch.zeros(bsz * n_anchor, dtype=torch.long, device=dev)
+        owner[flat[pre]] = box[pre]
+        multi = claims > 1
+        if bool(multi.any()):
+            # largest overlap among all boxes containing the anchor, first box on ties
+            on_multi = multi[flat].nonzero().squeeze(1)
+            best = torch.zeros(bsz * n_anchor, dtype=overlap.dtype, device=dev)
+            best.scatter_reduce_(0, flat[on_multi], overlap[on_multi], "amax")
+            at_best = on_multi[overlap[on_multi] == best[flat[on_multi]]]
+            winner = torch.full((bsz * n_anchor,), n_box, dtype=torch.long, device=dev)
+            winner.scatter_reduce_(0, flat[at_best], box[at_best], "amin")
+            owner = torch.where(multi, winner, owner)
+        fg = claims > 0
+        pos = (fg[flat] & (owner[flat] == box)).nonzero().squeeze(1)
+        if self.topk2 != self.topk:
+            keep = (_rank_within(box[pos], metric[pos], n_box) < self.topk2) & (metric[pos] > 0)
+            pos = pos[keep]
+            fg = torch.zeros_like(fg)
+            fg[flat[pos]] = True
+
+        pos_box = box[pos]
+        pos_metric = torch.zeros(n_box, dtype=metric.dtype, device=dev).scatter_reduce_(0, pos_box, metric[pos], "amax")
+        pos_overlap = torch.zeros(n_box, dtype=metric.dtype, device=dev).scatter_reduce_(0, pos_box, overlap[pos], "amax")
+        norm = torch.zeros(bsz * n_anchor, dtype=metric.dtype, device=dev)
+        norm[flat[pos]] = metric[pos] * pos_overlap[pos_box] / (pos_metric[pos_box] + self.eps)
+        target_gt_idx = torch.zeros(bsz * n_anchor, dtype=torch.long, device=dev)
+        target_gt_idx[flat[pos]] = row[pos_box]
+        shape = (bsz, n_anchor)
+        return target_gt_idx.view(shape), fg.view(shape), norm.view(shape)

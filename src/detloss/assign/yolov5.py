@@ -1,0 +1,278 @@
+"""YOLOv5 target assignment (ultralytics/yolov5 v7.0, ``utils/loss.py`` ``ComputeLoss.build_targets``).
+
+For every pyramid level, a target row ``(image, class, cx, cy, w, h)`` (normalized 0..1) is
+
+1. scaled to the level's grid: ``gxy = (cx, cy) * (nx, ny)``, ``gwh = (w, h) * (nx, ny)``;
+2. matched to every anchor ``a`` of the level whose width/height ratio is small enough::
+
+       r = gwh / anchor_a          (anchors in grid units: pixels / stride)
+       match  <=>  max(r, 1 / r).max() < anchor_t          (hyp ``anchor_t``, default 4.0)
+
+3. placed in its own cell and in the two nearest neighbour cells: with ``g = 0.5`` the left
+   neighbour is used when ``gx % 1 < g and gx > 1``, the upper when ``gy % 1 < g and gy > 1``,
+   the right when ``(nx - gx) % 1 < g and nx - gx > 1``, the lower likewise in y. The cell is
+   ``gij = floor(gxy - offset)`` with offsets ``0, (+g, 0), (0, +g), (-g, 0), (0, -g)``, clamped to
+   the grid; the regression target is ``(gxy - gij, gwh)``, relative to that (clamped) cell, as
+   in the original where the in-place clamp also changes ``gij``.
+
+The positives come out in the original's order: offset-major (own cell, left, up, right, down),
+then anchor, then target row. Several positives may share one (image, anchor, cell); the
+original writes ``tobj[b, a, gj, gi] = iou`` in that order and, on CPU, the value written last
+wins. :attr:`YOLOv5LevelAssignment.obj_owner` marks, for each positive, whether it is that last
+writer, so a loss can reproduce the rule exactly and deterministically on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .._checks import check_tensor
+
+__all__ = [
+    "YOLOv5LevelAssignment",
+    "assign_yolov5",
+    "check_yolo_targets",
+    "grid_anchors",
+    "NEIGHBOUR_BIAS",
+    "OFFSET_NAMES",
+]
+
+#: ``g`` in ``build_targets``: how far (in cells) from a cell border a centre may be for the
+#: neighbour cell across that border to become a positive too.
+NEIGHBOUR_BIAS = 0.5
+
+#: What :attr:`YOLOv5LevelAssignment.offset` means, in order.
+OFFSET_NAMES = ("own", "left", "up", "right", "down")
+
+# (x, y) offsets subtracted from the grid centre, times NEIGHBOUR_BIAS (build_targets' ``off``).
+_OFFSETS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))
+
+
+@dataclass
+class YOLOv5LevelAssignment:
+    """The positives of one pyramid level, in ``build_targets``' order (``n`` of them).
+
+    Attributes:
+        image: ``[n]`` int64, image index in the batch (``b`` in the original).
+        anchor: ``[n]`` int64, anchor index within the level (``a``).
+        gy, gx: ``[n]`` int64, the cell row and column (``gj``, ``gi``), clamped to the grid.
+        boxes: ``[n, 4]`` regression targets ``(x, y, w, h)`` in grid units, x and y relative to
+            the cell's top-left corner (``tbox``); between -0.5 and 1.5 for x and y.
+        anchors: ``[n, 2]`` the matched anchor's (w, h) in grid units (``anch``).
+        classes: ``[n]`` int64 class of the target (``tcls``).
+        target_index: ``[n]`` int64, the row of the input ``targets`` this positive came from.
+        offset: ``[n]`` int64, index into :data:`OFFSET_NAMES` (0 = the centre's own cell).
+        obj_owner: ``[n]`` bool, True for the positive whose IoU is the objectness target of its
+            (image, anchor, cell): the last one in this order (``tobj[b, a, gj, gi] = iou``).
+        grid_size: ``(ny, nx)`` of the level.
+    """
+
+    image: torch.Tensor
+    anchor: torch.Tensor
+    gy: torch.Tensor
+    gx: torch.Tensor
+    boxes: torch.Tensor
+    anchors: torch.Tensor
+    classes: torch.Tensor
+    target_index: torch.Tensor
+    offset: torch.Tensor
+    obj_owner: torch.Tensor
+    grid_size: Tuple[int, int]
+
+    @property
+    def num_pos(self) -> int:
+        return int(self.image.shape[0])
+
+    def indices(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image, anchor, gy, gx)``, ready to index a ``[bs, na, ny, nx, ...]`` head output."""
+        return self.image, self.anchor, self.gy, self.gx
+
+
+def grid_anchors(
+    anchors: Sequence[Sequence[float]], strides: Sequence[float], dtype: torch.dtype = torch.float64
+) -> List[torch.Tensor]:
+    """yolov5-yaml anchors (per level, flat ``w0, h0, w1, h1, ...`` in pixels) -> per level a
+    ``[na, 2]`` tensor in grid units (pixels / stride), as ``Model`` stores them in ``Detect``."""
+    if len(anchors) != len(strides):
+        raise ValueError(
+            f"anchors: expected one entry per stride ({len(strides)} strides), got {len(anchors)} levels"
+        )
+    out = []
+    for i, (a, s) in enumerate(zip(anchors, strides)):
+        t = torch.as_tensor(a, dtype=dtype).reshape(-1)
+        if t.numel() == 0 or t.numel() % 2:
+            raise ValueError(f"anchors: level {i} expected an even number of values (w, h pairs), got {t.numel()}")
+        if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError(f"anchors: level {i} expected positive finite sizes, got {a!r}")
+        if not float(s) > 0:
+            raise ValueError(f"strides: level {i} expected a positive stride, got {s!r}")
+        out.append(t.view(-1, 2) / float(s))
+    na = {t.shape[0] for t in out}
+    if len(na) != 1:
+        raise ValueError(f"anchors: expected the same number of anchors on every level, got {[t.shape[0] for t in out]}")
+    return out
+
+
+def _bad_rows(mask: torch.Tensor, limit: int = 5) -> str:
+    rows = mask.nonzero().flatten()[:limit].tolist()
+    return ", ".join(str(r) for r in rows)
+
+
+def check_yolo_targets(
+    targets: object, num_classes: Optional[int] = None, batch_size: Optional[int] = None, name: str = "targets"
+) -> torch.Tensor:
+    """Validate YOLO target rows ``[N, 6]`` (image_index, class, cx, cy, w, h), normalized.
+
+    Raises TypeError/ValueError naming ``name``, the expectation and the offending rows: NaN or
+    inf, negative or non-integer image index or class, class >= ``num_classes``, image index
+    >= ``batch_size``, coordinates outside [0, 1].
+    """
+    t = check_tensor(name, targets)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor of rows (image, class, cx, cy, w, h), got dtype {t.dtype}")
+    if t.ndim != 2 or t.shape[1] != 6:
+        raise ValueError(f"{name}: expected shape [N, 6] (image, class, cx, cy, w, h), got {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        return t
+    bad = ~torch.isfinite(t).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in row(s) {_bad_rows(bad)}")
+    for col, what, limit in ((0, "image index", batch_size), (1, "class", num_classes)):
+        v = t[:, col]
+        bad = (v < 0) | (v != v.floor())
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ValueError(
+                f"{name}: expected a non-negative integer {what} in column {col}, got {float(v[r])} in row {r}"
+            )
+        if limit is not None:
+            bad = v >= limit
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0])
+                bound = "num_classes" if col == 1 else "the batch size (preds' first dimension)"
+                raise ValueError(
+                    f"{name}: expected {what} < {bound} = {limit}, got {int(v[r])} in row {r}"
+                    + (f" (rows {_bad_rows(bad)})" if int(bad.sum()) > 1 else "")
+                )
+    xywh = t[:, 2:6]
+    bad = ((xywh < 0) | (xywh > 1)).any(1)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: expected normalized coordinates cx, cy, w, h in [0, 1], got {t[r, 2:6].tolist()} in row {r}"
+            + (f" (rows {_bad_rows(bad)})" if int(bad.sum()) > 1 else "")
+        )
+    return t
+
+
+def _last_writer(key: torch.Tensor) -> torch.Tensor:
+    """Bool mask: True where this element is the last occurrence of its key."""
+    n = key.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=key.device)
+    _, inverse = torch.unique(key, return_inverse=True)
+    pos = torch.arange(n, device=key.device)
+    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=key.device)
+    last.scatter_reduce_(0, inverse, pos, reduce="amax")
+    return last[inverse] == pos
+
+
+def _assign_level(
+    targets: torch.Tensor, grid_size: Tuple[int, int], anchors: torch.Tensor, anchor_t: float
+) -> YOLOv5LevelAssignment:
+    ny, nx = grid_size
+    dev, dtype = targets.device, targets.dtype
+    na = anchors.shape[0]
+    gain = torch.tensor([nx, ny], dtype=dtype, device=dev)
+    gxy_all = targets[:, 2:4] * gain
+    gwh_all = targets[:, 4:6] * gain
+
+    # Anchor matching by width/height ratio; nonzero() is row-major, i.e. anchor-major then
+    # target, the order of ``targets.repeat(na, 1, 1)[j]`` in the original.
+    r = gwh_all[None] / anchors[:, None]
+    match = torch.max(r, 1 / r).max(2)[0] < anchor_t  # [na, nt]
+    a_idx, t_idx = match.nonzero(as_tuple=True)
+    gxy, gwh = gxy_all[t_idx], gwh_all[t_idx]
+
+    # Neighbour cells (the two nearest), offset-major as ``t.repeat((5, 1, 1))[j]``.
+    g = NEIGHBOUR_BIAS
+    gxi = gain - gxy
+    j, k = ((gxy % 1 < g) & (gxy > 1)).T
+    l, m = ((gxi % 1 < g) & (gxi > 1)).T
+    sel = torch.stack((torch.ones_like(j), j, k, l, m))
+    o_idx, p_idx = sel.nonzero(as_tuple=True)
+    off = torch.tensor(_OFFSETS, dtype=dtype, device=dev) * g
+
+    gxy, gwh = gxy[p_idx], gwh[p_idx]
+    gij = (gxy - off[o_idx]).long()
+    gx = gij[:, 0].clamp(0, nx - 1)
+    gy = gij[:, 1].clamp(0, ny - 1)
+    a = a_idx[p_idx]
+    tix = t_idx[p_idx]
+    image = targets[tix, 0].long()
+    boxes = torch.cat((gxy - torch.stack((gx, gy), 1).to(dtype), gwh), 1)
+    key = ((image * na + a) * ny + gy) * nx + gx
+    return YOLOv5LevelAssignment(
+        image=image,
+        anchor=a,
+        gy=gy,
+        gx=gx,
+        boxes=boxes,
+        anchors=anchors[a],
+        classes=targets[tix, 1].long(),
+        target_index=tix,
+        offset=o_idx,
+        obj_owner=_last_writer(key),
+        grid_size=(int(ny), int(nx)),
+    )
+
+
+def assign_yolov5(
+    targets: torch.Tensor,
+    grid_sizes: Sequence[Tuple[int, int]],
+    anchors: Sequence[torch.Tensor],
+    anchor_t: float = 4.0,
+    *,
+    num_classes: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    validate: bool = True,
+) -> List[YOLOv5LevelAssignment]:
+    """YOLOv5's target assignment (``ComputeLoss.build_targets`` of ultralytics/yolov5 v7.0).
+
+    Args:
+        targets: ``[N, 6]`` rows ``(image_index, class, cx, cy, w, h)`` normalized to 0..1.
+            Computed in the targets' dtype (float32 for half precision), as the original does.
+        grid_sizes: per level ``(ny, nx)``, e.g. ``preds[i].shape[2:4]``.
+        anchors: per level a ``[na, 2]`` tensor of anchor (w, h) in grid units of that level
+            (pixels / stride; :func:`grid_anchors` converts yolov5-yaml anchors).
+        anchor_t: width/height ratio threshold (hyp ``anchor_t``).
+        num_classes, batch_size: when given, classes and image indices are checked against them.
+        validate: check ``targets`` (see :func:`check_yolo_targets`); turn off only for rows
+            already checked.
+
+    Returns:
+        One :class:`YOLOv5LevelAssignment` per level: the positives' ``(image, anchor, gy, gx)``,
+        their regression targets, anchors, classes, the target row each came from, the
+        neighbour offset used and which positive owns the objectness target of its cell
+        (the last written, see the module docstring).
+    """
+    if validate:
+        targets = check_yolo_targets(targets, num_classes, batch_size)
+    if len(grid_sizes) != len(anchors):
+        raise ValueError(
+            f"grid_sizes: expected one (ny, nx) per anchor level ({len(anchors)} levels), got {len(grid_sizes)}"
+        )
+    if not anchor_t > 0:
+        raise ValueError(f"anchor_t: expected a positive ratio threshold, got {anchor_t!r}")
+    if targets.dtype in (torch.float16, torch.bfloat16):
+        targets = targets.float()
+    out = []
+    for size, anc in zip(grid_sizes, anchors):
+        ny, nx = (int(s) for s in size)
+        anc = anc.to(device=targets.device, dtype=targets.dtype)
+        if anc.ndim != 2 or anc.shape[1] != 2:
+            raise ValueError(f"anchors: expected a [na, 2] tensor per level, got {tuple(anc.shape)}")
+        out.append(_assign_level(targets, (ny, nx), anc, float(anchor_t)))
+    return out

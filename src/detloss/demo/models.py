@@ -1,0 +1,221 @@
+"""Compact CNN detectors for the demo: one backbone + FPN neck, four heads (one per loss).
+
+The backbone is a small strided CNN (conv, batch norm, SiLU, residual blocks) giving feature
+maps at strides 8, 16 and 32; a top-down FPN merges them. Each head produces exactly what its
+loss takes:
+
+- ``yolov5``: per level ``[B, na, H, W, 5 + C]`` (anchors; box, objectness, classes).
+- ``yolov3``: per layer ``[B, na * (5 + C), H, W]`` in darknet's channel layout (anchor slot
+  ``a``, entry ``e`` at channel ``a * (5 + C) + e``), layers ordered by the loss's strides (32, 16, 8).
+- ``fcos``: ``cls_logits [B, sum HW, C]``, ``bbox_regression [B, sum HW, 4]`` (non-negative),
+  ``centerness [B, sum HW, 1]`` and the feature sizes, from towers shared across levels.
+- ``yolov8``: per level ``[B, 4 * reg_max + C, H, W]`` (DFL box distributions, then classes).
+
+Output biases start at the priors the original detectors use (objectness and class priors for
+YOLO, 0.01 foreground prior for FCOS), which matters for a short training budget.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+LOSSES = ("yolov5", "yolov3", "fcos", "yolov8")
+STRIDES = (8, 16, 32)
+
+# Anchors (w, h pixels) for 128-pixel images, scaled with the image size; they span the synthetic
+# objects' sizes (12..56 px) with a few aspect ratios for real data.
+YOLOV5_ANCHORS_128 = ((10, 10, 12, 18, 18, 12), (24, 24, 20, 34, 34, 20), (44, 44, 36, 60, 60, 36))
+YOLOV3_ANCHORS_128 = ((10, 10), (12, 18), (18, 12), (24, 24), (20, 34), (34, 20), (44, 44), (36, 60), (60, 36))
+YOLOV3_MASKS = ((6, 7, 8), (3, 4, 5), (0, 1, 2))
+YOLOV3_STRIDES = (32, 16, 8)
+
+
+def scaled_anchors(anchors, img_size: int):
+    """Anchors defined for 128-pixel images, scaled to ``img_size``."""
+    s = img_size / 128.0
+    return tuple(tuple(round(a * s, 2) for a in level) for level in anchors)
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1) -> None:
+        super().__init__(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(ConvBN(c, c, 1), ConvBN(c, c, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _ch(c: int, width: float) -> int:
+    return max(8, int(round(c * width / 8)) * 8)
+
+
+class Backbone(nn.Module):
+    """Strided CNN: features at strides 8, 16, 32 with ``channels`` channels."""
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        c = [_ch(x, width) for x in (16, 32, 64, 96, 128)]
+        self.channels = (c[2], c[3], c[4])
+        self.stem = nn.Sequential(ConvBN(3, c[0], 3, 2), ConvBN(c[0], c[1], 3, 2), Residual(c[1]))
+        self.s8 = nn.Sequential(ConvBN(c[1], c[2], 3, 2), Residual(c[2]))
+        self.s16 = nn.Sequential(ConvBN(c[2], c[3], 3, 2), Residual(c[3]))
+        self.s32 = nn.Sequential(ConvBN(c[3], c[4], 3, 2), Residual(c[4]))
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        p3 = self.s8(self.stem(x))
+        p4 = self.s16(p3)
+        return [p3, p4, self.s32(p4)]
+
+
+class FPN(nn.Module):
+    """Top-down feature pyramid: every level gets ``out`` channels and the coarser context."""
+
+    def __init__(self, channels: Sequence[int], out: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(ConvBN(c, out, 1) for c in channels)
+        self.smooth = nn.ModuleList(ConvBN(out, out, 3) for _ in channels)
+
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        lat = [l(f) for l, f in zip(self.lateral, feats)]
+        outs = [lat[-1]]
+        for x in reversed(lat[:-1]):
+            outs.insert(0, x + F.interpolate(outs[0], size=x.shape[-2:], mode="nearest"))
+        return [s(o) for s, o in zip(self.smooth, outs)]
+
+
+class YOLOv5Head(nn.Module):
+    def __init__(self, c: int, num_classes: int, anchors, img_size: int) -> None:
+        super().__init__()
+        self.nc, self.na, self.no = num_classes, len(anchors[0]) // 2, num_classes + 5
+        self.convs = nn.ModuleList(nn.Conv2d(c, self.na * self.no, 1) for _ in anchors)
+        for conv, s in zip(self.convs, STRIDES):  # yolov5's Detect._initialize_biases
+            b = conv.bias.data.view(self.na, -1)
+            b[:, 4] += math.log(8 / (img_size / s) ** 2)
+            b[:, 5:] += math.log(0.6 / (num_classes - 0.99)) if num_classes > 1 else 0.0
+
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        out = []
+        for conv, f in zip(self.convs, feats):
+            y = conv(f)
+            b, _, h, w = y.shape
+            out.append(y.view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2).contiguous())
+        return out
+
+
+class YOLOv3Head(nn.Module):
+    """Outputs in the order of the loss's layers (strides 32, 16, 8), darknet channel layout."""
+
+    def __init__(self, c: int, num_classes: int, masks=YOLOV3_MASKS, img_size: int = 128) -> None:
+        super().__init__()
+        self.no = num_classes + 5
+        self.convs = nn.ModuleList(nn.Conv2d(c, len(m) * self.no, 1) for m in masks)
+        for conv, s in zip(self.convs, YOLOV3_STRIDES):
+            b = conv.bias.data.view(len(masks[0]), -1)
+            b[:, 4] += math.log(8 / (img_size / s) ** 2)
+            b[:, 5:] += math.log(0.6 / (num_classes - 0.99)) if num_classes > 1 else 0.0
+
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        ordered = feats[::-1]  # the FPN gives strides 8, 16, 32
+        return [conv(f) for conv, f in zip(self.convs, ordered)]
+
+
+class FCOSHead(nn.Module):
+    """FCOS head: classification and regression towers shared across levels (GroupNorm, as FCOS)."""
+
+    def __init__(self, c: int, num_classes: int, prior: float = 0.01) -> None:
+        super().__init__()
+
+        def tower() -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(inplace=True))
+
+        self.cls_tower, self.reg_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(c, num_classes, 3, padding=1)
+        self.bbox_reg = nn.Conv2d(c, 4, 3, padding=1)
+        self.ctrness = nn.Conv2d(c, 1, 3, padding=1)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))
+
+    def forward(self, feats: List[torch.Tensor]):
+        cls, reg, ctr, sizes = [], [], [], []
+        for f in feats:
+            b, _, h, w = f.shape
+            sizes.append((h, w))
+            t = self.cls_tower(f)
+            r = self.reg_tower(f)
+            cls.append(self.cls_logits(t).flatten(2).transpose(1, 2))
+            reg.append(F.relu(self.bbox_reg(r)).flatten(2).transpose(1, 2))
+            ctr.append(self.ctrness(r).flatten(2).transpose(1, 2))
+        return torch.cat(cls, 1), torch.cat(reg, 1), torch.cat(ctr, 1), sizes
+
+
+class YOLOv8Head(nn.Module):
+    """Decoupled head per level: a box branch (4 * reg_max DFL bins) and a class branch."""
+
+    def __init__(self, c: int, num_classes: int, reg_max: int = 16, img_size: int = 128) -> None:
+        super().__init__()
+        self.reg_max = reg_max
+        self.box = nn.ModuleList(nn.Sequential(ConvBN(c, c, 3), nn.Conv2d(c, 4 * reg_max, 1)) for _ in STRIDES)
+        self.cls = nn.ModuleList(nn.Sequential(ConvBN(c, c, 3), nn.Conv2d(c, num_classes, 1)) for _ in STRIDES)
+        for b, k, s in zip(self.box, self.cls, STRIDES):  # ultralytics' Detect.bias_init
+            b[-1].bias.data[:] = 1.0
+            k[-1].bias.data[:] = math.log(5 / num_classes / (img_size / s) ** 2)
+
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [torch.cat((b(f), k(f)), 1) for b, k, f in zip(self.box, self.cls, feats)]
+
+
+class Detector(nn.Module):
+    """Backbone + FPN + the head of ``loss`` ("yolov5", "yolov3", "fcos", "yolov8").
+
+    ``forward(images [B, 3, S, S])`` returns the raw head outputs in the form the loss takes.
+    ``config`` holds what the loss and the decoder need (anchors, strides, ...).
+    """
+
+    def __init__(self, loss: str, num_classes: int, img_size: int = 128, width: float = 1.0,
+                 reg_max: int = 16) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes: expected at least 1, got {num_classes}")
+        if img_size % 32:
+            raise ValueError(f"img_size: expected a multiple of 32, got {img_size}")
+        self.loss, self.num_classes, self.img_size = loss, num_classes, img_size
+        self.backbone = Backbone(width)
+        c = _ch(64, width)
+        self.neck = FPN(self.backbone.channels, c)
+        self.config: Dict = {"loss": loss, "num_classes": num_classes, "img_size": img_size}
+        if loss == "yolov5":
+            anchors = scaled_anchors(YOLOV5_ANCHORS_128, img_size)
+            self.head = YOLOv5Head(c, num_classes, anchors, img_size)
+            self.config.update(anchors=anchors, strides=STRIDES)
+        elif loss == "yolov3":
+            anchors = scaled_anchors(YOLOV3_ANCHORS_128, img_size)
+            self.head = YOLOv3Head(c, num_classes, YOLOV3_MASKS, img_size)
+            self.config.update(anchors=anchors, masks=YOLOV3_MASKS, strides=YOLOV3_STRIDES)
+        elif loss == "fcos":
+            self.head = FCOSHead(c, num_classes)
+            self.config.update(strides=STRIDES)
+        else:
+            self.head = YOLOv8Head(c, num_classes, reg_max, img_size)
+            self.config.update(strides=STRIDES, reg_max=reg_max)
+
+    def forward(self, images: torch.Tensor):
+        return self.head(self.neck(self.backbone(images)))
+
+
+def head_shapes(model: Detector, batch: int = 1) -> Tuple:
+    """The output shapes for a ``batch`` of images (for checks and documentation)."""
+    with torch.no_grad():
+        out = model(torch.zeros(batch, 3, model.img_size, model.img_size))
+    if isinstance(out, tuple):
+        return tuple(o.shape if torch.is_tensor(o) else o for o in out)
+    return tuple(o.shape for o in out)

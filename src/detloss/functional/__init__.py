@@ -1,0 +1,33 @@
+"""Primitive losses: pure functions on tensors with torch.nn.functional's conventions.
+
+Every function validates its inputs (ValueError / TypeError naming the argument), computes in
+float32 or wider (half-precision inputs are upcast; gradients come back in the input dtype) and
+reduces with ``reduction`` = "none" | "mean" | "sum".
+"""
+from __future__ import annotations
+
+from .bce import bce_blur, bce_with_logits, binary_cross_entropy, smooth_bce
+from .cross_entropy import cross_entropy
+from .dfl import distribution_focal_loss
+from .focal import quality_focal_loss, sigmoid_focal_loss, softmax_focal_loss, varifocal_loss
+from .iou import box_iou, iou_loss, pairwise_box_iou
+from .regression import l1_loss, mse_loss, smooth_l1_loss
+
+__all__ = [
+    "binary_cross_entropy",
+    "bce_with_logits",
+    "bce_blur",
+    "smooth_bce",
+    "cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+    "quality_focal_loss",
+    "varifocal_loss",
+    "smooth_l1_loss",
+    "l1_loss",
+    "mse_loss",
+    "box_iou",
+    "pairwise_box_iou",
+    "iou_loss",
+    "distribution_focal_loss",
+]

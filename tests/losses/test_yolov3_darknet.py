@@ -1,0 +1,386 @@
+"""YOLOv3Loss(flavor="darknet") and assign_darknet against a line-by-line float32 transliteration
+of darknet's forward_yolo_layer (pjreddie/darknet src/yolo_layer.c, box.c), written here with
+plain loops (it shares no code with detloss): random cases with any number of layers,
+non-square images, truths sharing a cell, low ignore/truth thresholds and saturated class-0
+probabilities (the ``if (delta[index])`` branch of delta_yolo_class). Plus gradcheck, half
+precision, extreme logits, empty targets and bad input.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detloss import YOLOv3Loss
+from detloss.assign.darknet import assign_darknet
+
+f32 = np.float32
+ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
+LAYOUTS = {  # name: (masks, strides)
+    "yolov3": (((6, 7, 8), (3, 4, 5), (0, 1, 2)), (32, 16, 8)),
+    "one": (((0, 1, 2, 3, 4, 5, 6, 7, 8),), (16,)),
+    "two": (((5, 6, 7, 8), (0, 1, 2, 3, 4)), (32, 8)),
+    "four": (((7, 8), (4, 5), (2, 3), (0, 1)), (32, 16, 8, 4)),  # anchor 6 in no mask
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# darknet, transliterated (float32 scalars; logistic and exp in double as darknet's C does)
+
+
+def _logistic(v):
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-v.astype(np.float64)))).astype(f32)
+
+
+def _overlap(x1, w1, x2, w2):
+    l1, l2 = x1 - w1 / f32(2), x2 - w2 / f32(2)
+    left = l1 if l1 > l2 else l2
+    r1, r2 = x1 + w1 / f32(2), x2 + w2 / f32(2)
+    right = r1 if r1 < r2 else r2
+    return right - left
+
+
+def _box_iou(a, b):
+    w = _overlap(a[0], a[2], b[0], b[2])
+    h = _overlap(a[1], a[3], b[1], b[3])
+    inter = f32(0) if (w < 0 or h < 0) else w * h
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _yolo_box(out, bias, b, n, j, i, lw, lh, net_w, net_h):
+    return (
+        (f32(i) + out[b, n, 0, j, i]) / f32(lw),
+        (f32(j) + out[b, n, 1, j, i]) / f32(lh),
+        f32(math.exp(float(out[b, n, 2, j, i])) * float(bias[0]) / net_w),
+        f32(math.exp(float(out[b, n, 3, j, i])) * float(bias[1]) / net_h),
+    )
+
+
+def _delta_box(truth, out, delta, bias, b, n, j, i, lw, lh, net_w, net_h, scale):
+    pred = _yolo_box(out, bias, b, n, j, i, lw, lh, net_w, net_h)
+    iou = _box_iou(pred, truth)
+    tx = truth[0] * f32(lw) - f32(i)
+    ty = truth[1] * f32(lh) - f32(j)
+    tw = f32(math.log(float(truth[2] * f32(net_w) / bias[0])))
+    th = f32(math.log(float(truth[3] * f32(net_h) / bias[1])))
+    for e, t in enumerate((tx, ty, tw, th)):
+        delta[b, n, e, j, i] = scale * (t - out[b, n, e, j, i])
+    return iou
+
+
+def _delta_class(out, delta, b, n, j, i, cls, classes, acc):
+    if delta[b, n, 5, j, i]:
+        delta[b, n, 5 + cls, j, i] = f32(1) - out[b, n, 5 + cls, j, i]
+        if acc is not None:
+            acc[0] += out[b, n, 5 + cls, j, i]
+        return
+    for c in range(classes):
+        delta[b, n, 5 + c, j, i] = f32(c == cls) - out[b, n, 5 + c, j, i]
+        if c == cls and acc is not None:
+            acc[0] += out[b, n, 5 + c, j, i]
+
+
+def darknet_forward(inputs, targets, masks, net_hw, classes, ignore_thresh, truth_thresh):
+    """Returns per layer: (delta [B, A*(5+C), H, W], stats dict, positives list, ignore mask)."""
+    net_h, net_w = net_hw
+    tg = targets.numpy().astype(f32)
+    bias = [(f32(w), f32(h)) for w, h in ANCHORS]
+    results = []
+    for x, mask in zip(inputs, masks):
+        nb, _, lh, lw = x.shape
+        na = len(mask)
+        raw = x.detach().float().numpy().reshape(nb, na, 5 + classes, lh, lw)
+        out = raw.copy()
+        out[:, :, 0:2] = _logistic(raw[:, :, 0:2])
+        out[:, :, 4:] = _logistic(raw[:, :, 4:])
+        delta = np.zeros_like(out)
+        ignore = np.zeros((nb, na, lh, lw), dtype=bool)
+        avg_iou = recall = recall75 = avg_obj = avg_anyobj = f32(0)
+        avg_cat = [f32(0)]
+        count = 0
+        positives = []
+        for b in range(nb):
+            rows = [r for r in range(len(tg)) if int(tg[r, 0]) == b]
+            truths = [(tg[r, 2], tg[r, 3], tg[r, 4], tg[r, 5]) for r in rows]
+            for j in range(lh):
+                for i in range(lw):
+                    for n in range(na):
+                        pred = _yolo_box(out, bias[mask[n]], b, n, j, i, lw, lh, net_w, net_h)
+                        best_iou, best_t = f32(0), 0
+                        for t, truth in enumerate(truths):
+                            iou = _box_iou(pred, truth)
+                            if iou > best_iou:
+                                best_iou, best_t = iou, t
+                        avg_anyobj += out[b, n, 4, j, i]
+                        delta[b, n, 4, j, i] = f32(0) - out[b, n, 4, j, i]
+                        if best_iou > ignore_thresh:
+                            delta[b, n, 4, j, i] = 0
+                            ignore[b, n, j, i] = True
+                        if best_iou > truth_thresh:
+                            delta[b, n, 4, j, i] = f32(1) - out[b, n, 4, j, i]
+                            cls = int(tg[rows[best_t], 1])
+                            _delta_class(out, delta, b, n, j, i, cls, classes, None)
+                            truth = truths[best_t]
+                            _delta_box(truth, out, delta, bias[mask[n]], b, n, j, i, lw, lh, net_w, net_h,
+                                       f32(2) - truth[2] * truth[3])
+            for t, truth in enumerate(truths):
+                i = int(truth[0] * f32(lw))
+                j = int(truth[1] * f32(lh))
+                best_iou, best_n = f32(0), 0
+                for k in range(len(ANCHORS)):
+                    iou = _box_iou((f32(0), f32(0), bias[k][0] / f32(net_w), bias[k][1] / f32(net_h)),
+                                   (f32(0), f32(0), truth[2], truth[3]))
+                    if iou > best_iou:
+                        best_iou, best_n = iou, k
+                if best_n not in mask:
+                    continue
+                n = mask.index(best_n)
+                iou = _delta_box(truth, out, delta, bias[best_n], b, n, j, i, lw, lh, net_w, net_h,
+                                 f32(2) - truth[2] * truth[3])
+                avg_obj += out[b, n, 4, j, i]
+                delta[b, n, 4, j, i] = f32(1) - out[b, n, 4, j, i]
+                _delta_class(out, delta, b, n, j, i, int(tg[rows[t], 1]), classes, avg_cat)
+                count += 1
+                recall += f32(iou > 0.5)
+                recall75 += f32(iou > 0.75)
+                avg_iou += iou
+                positives.append((b, n, j, i, rows[t]))
+        div = (lambda v: float(v) / count) if count else (lambda v: None)
+        stats = {"avg_iou": div(avg_iou), "class": div(avg_cat[0]), "obj": div(avg_obj),
+                 "no_obj": float(avg_anyobj) / (lw * lh * na * nb), "recall50": div(recall),
+                 "recall75": div(recall75), "count": count}
+        results.append((delta.reshape(x.shape), stats, positives, ignore))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# random cases
+
+
+def make_case(seed, layout, batch, classes, net_hw, per_image, shared, saturate, near):
+    rng = np.random.default_rng(seed)
+    masks, strides = LAYOUTS[layout]
+    net_h, net_w = net_hw
+    rows = []
+    for b in range(batch):
+        for _ in range(per_image):
+            rows.append([b, rng.integers(classes), *rng.uniform(0.02, 0.98, 2), *rng.uniform(0.03, 0.9, 2)])
+            if shared and rng.random() < 0.6:  # a second truth in the same cell (same centre, close size)
+                r = list(rows[-1])
+                r[1] = rng.integers(classes)
+                r[4:6] = [min(0.95, v * rng.uniform(0.9, 1.1)) for v in r[4:6]]
+                rows.append(r)
+    targets = torch.tensor(np.array(rows, dtype=np.float32).reshape(-1, 6))
+    inputs = []
+    for mask, s in zip(masks, strides):
+        h, w = net_h // s, net_w // s
+        x = rng.normal(0.0, 1.0, (batch, len(mask), 5 + classes, h, w)).astype(np.float32)
+        if near:  # predicted sizes near the anchors' scale so that IoUs reach the thresholds
+            x[:, :, 2:4] *= 0.3
+        if saturate:  # class-0 probability exactly 1 or 0 in float32
+            x[:, :, 5] = rng.choice([40.0, -200.0], size=x[:, :, 5].shape)
+        inputs.append(torch.tensor(x.reshape(batch, -1, h, w), requires_grad=True))
+    loss_fn_kwargs = dict(anchors=ANCHORS, masks=masks, strides=strides, img_size=net_hw)
+    return inputs, targets, loss_fn_kwargs
+
+
+case_args = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**31 - 1),
+    "layout": st.sampled_from(sorted(LAYOUTS)),
+    "batch": st.integers(1, 2),
+    "classes": st.integers(1, 4),
+    "net_hw": st.tuples(st.sampled_from([32, 64, 96]), st.sampled_from([32, 64, 96])),
+    "per_image": st.integers(0, 4),
+    "shared": st.booleans(),
+    "saturate": st.booleans(),
+    "near": st.booleans(),
+})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=case_args, ignore_thresh=st.sampled_from([0.05, 0.3, 0.7]),
+       truth_thresh=st.sampled_from([0.1, 0.4, 1.0]))
+def test_matches_transliterated_darknet(case, ignore_thresh, truth_thresh):
+    inputs, targets, kw = make_case(**case)
+    loss_fn = YOLOv3Loss(case["classes"], ignore_thresh=ignore_thresh, truth_thresh=truth_thresh, **kw)
+    out = loss_fn(inputs, targets)
+    out.total.backward()
+    ref = darknet_forward(inputs, targets, kw["masks"], kw["img_size"], case["classes"], ignore_thresh, truth_thresh)
+    asg = assign_darknet(inputs, targets, ANCHORS, kw["masks"], kw["img_size"], ignore_thresh, truth_thresh)
+    for x, (delta, stats, positives, ignore), got, a in zip(inputs, ref, out.stats["layers"], asg):
+        torch.testing.assert_close(-x.grad, torch.from_numpy(delta), rtol=1e-4, atol=1e-5)
+        for key, want in stats.items():
+            if want is None:
+                assert got[key] is None
+            else:
+                assert got[key] == pytest.approx(want, rel=1e-5, abs=1e-6), key
+        mine = list(zip(*(t.tolist() for t in (a.image, a.anchor, a.gy, a.gx, a.truth))))
+        assert mine == positives
+        assert torch.equal(a.ignore, torch.from_numpy(ignore))
+    assert torch.isfinite(out.total)
+
+
+def test_reset_branch_of_delta_yolo_class():
+    """Two truths in one cell and anchor: classes 0 then 1. With p_0 < 1 darknet keeps both classes
+    positive; with p_0 == 1.0f the class-0 delta is 0 when the second truth comes, so darknet
+    rewrites the whole vector and class 0 becomes a negative."""
+    masks, strides = ((0, 1, 2),), (8,)
+    targets = torch.tensor([[0, 0, 0.30, 0.30, 0.2, 0.25], [0, 1, 0.30, 0.30, 0.2, 0.25]])
+    loss_fn = YOLOv3Loss(3, anchors=ANCHORS, masks=masks, strides=strides, img_size=32)
+    a = assign_darknet([torch.zeros(1, 24, 4, 4)], targets, ANCHORS, masks, (32, 32))[0]
+    n, j, i = int(a.anchor[0]), int(a.gy[0]), int(a.gx[0])
+    assert a.anchor.tolist() == [n, n] and a.gy.tolist() == [j, j]  # same cell and anchor
+    for class0_logit, want0 in ((0.5, 1.0), (40.0, 0.0)):
+        x = torch.zeros(1, 3, 8, 4, 4)
+        x[0, n, 5, j, i] = class0_logit
+        x = x.reshape(1, 24, 4, 4).requires_grad_()
+        loss_fn([x], targets).total.backward()
+        g = x.grad.reshape(1, 3, 8, 4, 4)[0, n, 5:, j, i]
+        p = torch.sigmoid(torch.tensor([class0_logit, 0.0, 0.0]))
+        torch.testing.assert_close(-g, torch.tensor([want0, 1.0, 0.0]) - p)
+
+
+def test_gradcheck_float64():
+    inputs, targets, kw = make_case(3, "yolov3", 1, 2, (64, 96), 3, True, False, True)
+    inputs = [x.detach().double().requires_grad_() for x in inputs]
+    loss_fn = YOLOv3Loss(2, ignore_thresh=0.3, truth_thresh=0.4, **kw)
+    a = assign_darknet(inputs, targets, ANCHORS, kw["masks"], kw["img_size"], 0.3, 0.4)
+    assert sum(int(l.thresh.sum()) for l in a) > 0 and sum(int(l.ignore.sum()) for l in a) > 0
+    assert torch.autograd.gradcheck(lambda *xs: loss_fn(list(xs), targets.double()).total, inputs, fast_mode=True)
+
+
+def test_box_scale_none_removes_two_minus_wh():
+    inputs, targets, kw = make_case(5, "yolov3", 1, 3, (64, 64), 3, False, False, False)
+    grads = {}
+    for scale in ("2-wh", "none"):
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        YOLOv3Loss(3, box_scale=scale, **kw)(xs, targets).total.backward()
+        grads[scale] = xs
+    a = assign_darknet(inputs, targets, ANCHORS, kw["masks"], kw["img_size"])
+    for l, layer in enumerate(a):
+        for b, n, j, i, r in zip(layer.image, layer.anchor, layer.gy, layer.gx, layer.truth):
+            s = 2 - float(targets[r, 4]) * float(targets[r, 5])
+            g2 = grads["2-wh"][l].grad.reshape(1, 3, 8, *inputs[l].shape[2:])[b, n, :4, j, i]
+            g1 = grads["none"][l].grad.reshape(1, 3, 8, *inputs[l].shape[2:])[b, n, :4, j, i]
+            torch.testing.assert_close(g2, s * g1)
+
+
+def test_transposed_problem_gives_the_same_loss():
+    """Non-square grids: swapping the image axes (x <-> y everywhere) changes nothing."""
+    inputs, targets, kw = make_case(11, "yolov3", 2, 3, (64, 128), 4, True, False, True)
+    out = YOLOv3Loss(3, ignore_thresh=0.3, truth_thresh=0.5, **kw)(inputs, targets)
+    out.total.backward()
+    perm = [1, 0, 3, 2, 4] + list(range(5, 8))
+    tx = [x.detach().reshape(2, 3, 8, *x.shape[2:])[:, :, perm].transpose(-1, -2).reshape(2, 24, x.shape[3], x.shape[2])
+          .requires_grad_() for x in inputs]
+    tt = targets[:, [0, 1, 3, 2, 5, 4]]
+    kw_t = dict(kw, anchors=[(h, w) for w, h in ANCHORS], img_size=(128, 64))
+    out_t = YOLOv3Loss(3, ignore_thresh=0.3, truth_thresh=0.5, **kw_t)(tx, tt)
+    out_t.total.backward()
+    assert float(out_t.total.detach()) == pytest.approx(float(out.total.detach()), rel=1e-5)
+    for x, xt in zip(inputs, tx):
+        g = xt.grad.reshape(2, 3, 8, *xt.shape[2:])[:, :, perm].transpose(-1, -2).reshape(x.shape)
+        torch.testing.assert_close(g, x.grad)
+
+
+def test_empty_targets():
+    inputs, _, kw = make_case(2, "yolov3", 2, 3, (64, 64), 0, False, False, False)
+    out = YOLOv3Loss(3, **kw)(inputs, torch.zeros(0, 6))
+    out.total.backward()
+    for x in inputs:
+        g = x.grad.reshape(2, 3, 8, *x.shape[2:])
+        xr = x.detach().reshape(2, 3, 8, *x.shape[2:])
+        torch.testing.assert_close(g[:, :, 4], torch.sigmoid(xr[:, :, 4]))  # no-object everywhere
+        assert not g[:, :, [0, 1, 2, 3, 5, 6, 7]].any()
+    assert out.stats["num_pos"] == 0 and all(s["count"] == 0 and s["avg_iou"] is None for s in out.stats["layers"])
+    want = sum(torch.nn.functional.softplus(x.detach().reshape(2, 3, 8, *x.shape[2:])[:, :, 4]).sum() for x in inputs)
+    assert float(out.total.detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_half_precision_and_extreme_logits():
+    inputs, targets, kw = make_case(7, "yolov3", 2, 3, (64, 96), 3, True, False, False)
+    loss_fn = YOLOv3Loss(3, **kw)
+    half = [x.detach().half().requires_grad_() for x in inputs]
+    out_h = loss_fn(half, targets)
+    out_h.total.backward()
+    assert out_h.total.dtype == torch.float32 and all(x.grad.dtype == torch.float16 for x in half)
+    out_f = loss_fn([x.detach().float() for x in half], targets)
+    assert float(out_h.total.detach()) == pytest.approx(float(out_f.total.detach()), rel=1e-6)
+    bf = [x.detach().bfloat16().requires_grad_() for x in inputs]
+    loss_fn(bf, targets).total.backward()
+    assert all(torch.isfinite(x.grad.float()).all() for x in bf)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        big = [(torch.randint(0, 2, x.shape, generator=g) * 2 - 1).to(dtype).mul(1e4).requires_grad_() for x in inputs]
+        out = loss_fn(big, targets)
+        out.total.backward()
+        assert torch.isfinite(out.total) and all(torch.isfinite(x.grad.float()).all() for x in big)
+
+
+def test_assignment_alone():
+    """assign_darknet needs no loss: positives per layer and the ignore mask, documented shapes."""
+    inputs, targets, kw = make_case(1, "yolov3", 2, 3, (96, 64), 4, True, False, True)
+    layers = assign_darknet(inputs, targets, ANCHORS, kw["masks"], kw["img_size"], ignore_thresh=0.5)
+    assert len(layers) == 3
+    assigned = torch.cat([a.truth for a in layers]).sort().values
+    assert torch.equal(assigned, torch.arange(len(targets)))  # every truth in exactly one layer (all 9 anchors used)
+    for a, x, mask in zip(layers, inputs, kw["masks"]):
+        grid = (2, 3) + tuple(x.shape[2:])
+        for name in ("best_iou", "best_truth", "ignore", "thresh", "positive", "box_truth"):
+            assert tuple(getattr(a, name).shape) == grid, name
+        assert a.ignore.dtype == torch.bool and a.truth.dtype == torch.int64
+        assert torch.equal(a.anchor_index, torch.tensor(mask)[a.anchor])
+        assert torch.equal(a.ignore, a.best_iou > 0.5)
+        assert a.positive[a.image, a.anchor, a.gy, a.gx].all()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x, t: ([x[0], x[1]], t), r"inputs: expected 3 layer tensors"),
+        (lambda x, t: (x[0], t), r"inputs: expected a list"),
+        (lambda x, t: ([x[0][:, :-1], x[1], x[2]], t), r"inputs\[0\]: expected shape \[B, 24, H, W\]"),
+        (lambda x, t: ([x[0], x[1][..., :-1], x[2]], t), r"inputs\[1\]: expected grid \(4, 4\)"),
+        (lambda x, t: ([x[0], x[1], x[2][:1]], t), r"inputs\[2\]: expected batch size 2"),
+        (lambda x, t: ([x[0].long(), x[1], x[2]], t), r"inputs\[0\]: expected a floating-point tensor"),
+        (lambda x, t: (x, t[:, :5]), r"targets: expected shape \[N, 6\]"),
+        (lambda x, t: (x, t.long()), r"targets: expected a floating-point"),
+        (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 3.0, .5, .5, .1, .1]])])), r"class.*row 3"),
+        (lambda x, t: (x, torch.cat([t, torch.tensor([[2, 0.0, .5, .5, .1, .1]])])), r"image index.*row 3"),
+        (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, 1.2, .5, .1, .1]])])), r"\[0, 1\].*row 3"),
+        (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, .5, .5, 0.0, .1]])])), r"w, h > 0.*row 3"),
+        (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, float("nan"), .5, .1, .1]])])), r"finite.*3"),
+    ],
+)
+def test_bad_input(make, match):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 24, s, s, generator=g) for s in (2, 4, 8)]
+    targets = torch.tensor([[0, 1, .3, .3, .2, .2], [1, 2, .6, .4, .1, .3], [1, 0, .5, .5, .5, .5]])
+    with pytest.raises((ValueError, TypeError), match=match):
+        YOLOv3Loss(3, img_size=64)(*make(inputs, targets))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=0), "num_classes"),
+        (dict(flavor="yolov4"), "flavor"),
+        (dict(masks=((0, 1, 9),)), "masks"),
+        (dict(strides=(32, 16)), "strides"),
+        (dict(img_size=(416, 400)), "img_size"),
+        (dict(anchors=((10, -1),)), "anchors"),
+        (dict(box_scale="wh"), "box_scale"),
+        (dict(ignore_thresh=float("nan")), "ignore_thresh"),
+        (dict(noobj_scale=50), "obj_scale, noobj_scale"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    kwargs = {"num_classes": 3, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        YOLOv3Loss(**kwargs)

@@ -221,8 +221,14 @@ def _index_names(shape: torch.Size) -> List[str]:
     n = int(torch.tensor(shape).prod().item()) if len(shape) else 1
     if len(shape) <= 1:
         return [f"[{i}]" for i in range(n)]
-    idx = torch.arange(n).reshape(shape)
-    return ["[" + ",".join(str(int(k)) for k in torch.nonzero(idx == i)[0]) + "]" for i in range(n)]
+    out = []
+    for i in range(n):
+        idx, rest = [], i
+        for d in reversed(shape):
+            idx.append(rest % d)
+            rest //= d
+        out.append("[" + ",".join(str(k) for k in reversed(idx)) + "]")
+    return out
 
 
 def _details(shape: torch.Size, fn: Callable[[int], str]) -> List[str]:
@@ -286,6 +292,11 @@ def parse_numbers(name: str, text: str, dtype: torch.dtype = torch.float64) -> t
     return torch.tensor(parsed, dtype=dtype)
 
 
+def _logsig(x: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(x)) = -softplus(-x), stable for any logit."""
+    return -F.softplus(-x)
+
+
 def _fn(name: str) -> Callable[..., torch.Tensor]:
     from . import functional
 
@@ -307,15 +318,11 @@ class _Spec:
     variants: Optional[Callable[..., List[Tuple[str, torch.Tensor]]]] = None
 
 
-def _opt(opts: Dict[str, Any], key: str) -> Any:
-    return opts.get(key)
-
-
 # --- binary cross-entropy family
 def _work_bce_with_logits(x, y, o, fmt):
     w, pw = o.get("weight"), o.get("pos_weight")
     p = torch.sigmoid(x)
-    logp, log1mp = F.logsigmoid(x), F.logsigmoid(-x)
+    logp, log1mp = _logsig(x), _logsig(-x)
     pwt = torch.ones_like(x) if pw is None else torch.as_tensor(pw, dtype=x.dtype).expand_as(x)
     wt = torch.ones_like(x) if w is None else torch.as_tensor(w, dtype=x.dtype).expand_as(x)
     term = -(pwt * y * logp + (1 - y) * log1mp)
@@ -342,7 +349,7 @@ def _work_bce_with_logits(x, y, o, fmt):
             + ("-[pos_weight * y * log(p) + (1 - y) * log(1 - p)]" if pw is not None else "-[y * log(p) + (1 - y) * log(1 - p)]"),
             elem,
             _details(x.shape, detail),
-            note="log(p) is computed as logsigmoid(x), stable for any logit",
+            note="log(p) is computed as -softplus(-x), stable for any logit",
         ),
     ]
     n = _divisor_count(elem, o)
@@ -528,7 +535,7 @@ def _v_cross_entropy(call, x, y, o):
 def _work_sigmoid_focal(x, y, o, fmt):
     alpha, gamma = float(o["alpha"]), float(o["gamma"])
     p = torch.sigmoid(x)
-    ce = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
+    ce = -(y * _logsig(x) + (1 - y) * _logsig(-x))
     pt = p * y + (1 - p) * (1 - y)
     mod = (1 - pt) ** gamma
     at = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else torch.ones_like(x)
@@ -604,7 +611,7 @@ def _call_softmax_focal(x, y, o):
 def _work_qfl(x, y, o, fmt):
     gamma, alpha = float(o["gamma"]), o.get("alpha")
     p = torch.sigmoid(x)
-    ce = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
+    ce = -(y * _logsig(x) + (1 - y) * _logsig(-x))
     mod = (y - p).abs() ** gamma
     steps = [Step("p", "sigmoid(x)", p), Step("ce", "-[y * log(p) + (1 - y) * log(1 - p)]  (y is the soft IoU-quality target)", ce),
              Step("|y - p|^gamma", f"modulating factor, gamma={fmt(gamma)}", mod)]
@@ -621,7 +628,7 @@ def _work_varifocal(x, y, o, fmt):
     label = o["label"]
     alpha, gamma = float(o["alpha"]), float(o["gamma"])
     p = torch.sigmoid(x)
-    ce = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
+    ce = -(y * _logsig(x) + (1 - y) * _logsig(-x))
     weight = alpha * p ** gamma * (1 - label) + y * label
     elem = ce * weight
     steps = [
@@ -637,7 +644,7 @@ def _work_varifocal(x, y, o, fmt):
 def _work_bce_blur(x, y, o, fmt):
     alpha = float(o["alpha"])
     p = torch.sigmoid(x)
-    ce = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
+    ce = -(y * _logsig(x) + (1 - y) * _logsig(-x))
     dx = p - y
     af = 1 - torch.exp((dx - 1) / (alpha + 1e-4))
     elem = ce * af
@@ -769,7 +776,7 @@ def _work_iou(x, y, o, fmt):
                       Step("alpha", "v / (1 - IoU + v + eps)  (aspect weight" + (", no gradient)" if yolo else ")"), alpha),
                       Step("CIoU", "IoU - rho^2 / c^2 - alpha * v", metric)]
     elem = 1 - metric
-    steps.append(Step("l", f"1 - {kind.upper() if kind != 'iou' else 'IoU'}", elem))
+    steps.append(Step("l", "1 - " + {"iou": "IoU", "giou": "GIoU", "diou": "DIoU", "ciou": "CIoU"}[kind], elem))
     return {"steps": steps, "elementwise": elem, "gradient": None}
 
 

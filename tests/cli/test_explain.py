@@ -186,7 +186,7 @@ def test_every_loss_covered():
     assert set(LOSSES) <= covered
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     st.lists(st.floats(-30, 30), min_size=1, max_size=6),
     st.floats(0, 1),
@@ -203,7 +203,7 @@ def test_focal_property(xs, y0, alpha, gamma, reduction):
     assert torch.allclose(e.elementwise.sum(), DF.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma).sum(), rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.integers(1, 4), st.integers(2, 5), st.floats(0, 1), st.integers(0, 2**31 - 1))
 def test_cross_entropy_property(n, c, eps, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -101,18 +101,18 @@ def test_public_name_and_yolo_rows_give_the_same_loss():
 
 def test_gradcheck_float64():
     torch.manual_seed(0)
-    sizes = [(4, 4), (2, 2), (1, 1), (1, 1), (1, 1)]
+    sizes = [(2, 2), (1, 1), (1, 1), (1, 1), (1, 1)]
     p = sum(h * w for h, w in sizes)
     targets = [
-        {"boxes": torch.tensor([[3.0, 2.0, 20.0, 25.0], [10.0, 12.0, 30.0, 31.0]], dtype=torch.float64),
-         "labels": torch.tensor([0, 2])},
-        {"boxes": torch.tensor([[1.0, 1.0, 9.0, 7.0]], dtype=torch.float64), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[1.0, 1.0, 12.0, 10.0], [2.0, 3.0, 15.0, 14.0]], dtype=torch.float64),
+         "labels": torch.tensor([0, 1])},
+        {"boxes": torch.tensor([[3.0, 1.0, 13.0, 11.0]], dtype=torch.float64), "labels": torch.tensor([1])},
     ]
-    cls = torch.randn(2, p, 3, dtype=torch.float64, requires_grad=True)
+    cls = torch.randn(2, p, 2, dtype=torch.float64, requires_grad=True)
     reg = (torch.rand(2, p, 4, dtype=torch.float64) + 0.2).requires_grad_()
     ctr = torch.randn(2, p, 1, dtype=torch.float64, requires_grad=True)
-    loss_fn = FCOSLoss(3)
-    assert loss_fn(cls, reg, ctr, sizes, targets).stats["num_pos"] > 0
+    loss_fn = FCOSLoss(2)
+    assert loss_fn(cls, reg, ctr, sizes, targets).stats["num_pos"] >= 2
     assert torch.autograd.gradcheck(lambda c, r, z: loss_fn(c, r, z, sizes, targets).total, (cls, reg, ctr))
 
 
@@ -182,7 +182,7 @@ def test_boxes_over_1e8_square_pixels_are_never_matched_as_in_torchvision():
     # torchvision scores candidates by 1e8 - area and drops scores under 1e-5
     targets = [{"boxes": torch.tensor([[-2e4, -2e4, 2e4, 2e4]], dtype=torch.float64), "labels": torch.tensor([0])}]
     assert (FCOSLoss(2).assign(SIZES_64, targets).matched_idxs == -1).all()
-    targets[0]["boxes"] = targets[0]["boxes"] / 4
+    targets[0]["boxes"] = targets[0]["boxes"] / 5
     assert (FCOSLoss(2).assign(SIZES_64, targets).matched_idxs == 0).any()
 
 

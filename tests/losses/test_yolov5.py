@@ -385,3 +385,11 @@ def test_bad_constructor_arguments(kw, name):
     args = {"num_classes": 3, **kw}
     with pytest.raises(ValueError, match=name):
         YOLOv5Loss(**args)
+
+
+def test_benchmark_quick(capsys):
+    from detloss.bench.yolov5 import main
+
+    assert main(["--quick", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "fwd+bwd" in out and "speedup" in out

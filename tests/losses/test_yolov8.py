@@ -100,14 +100,17 @@ def small_problem(seed=0, bs=2, nc=3, reg_max=4, hw=(64, 64), n=5, dtype=torch.f
 
 
 def test_gradcheck_float64():
-    """The class and DFL terms are differentiated exactly. (The box term is not a true derivative by
-    design: CIoU's aspect weight is held constant, as in the reference; its gradient is checked
-    against the reference above.)"""
+    """Gradients of the class and DFL terms are exact for a fixed assignment. (TAL's soft targets are
+    computed without gradient, and CIoU's aspect weight is held constant as in the reference, so the
+    total is not differentiated exactly on purpose; those gradients are checked against the reference.)"""
     feats, targets = small_problem(reg_max=4, hw=(32, 32), n=3, bs=1, nc=2)
     loss_fn = YOLOv8Loss(2, reg_max=4, box=0.0)
+    captured = []
+    assign = loss_fn.assigner.assign
+    loss_fn.assigner.assign = lambda *a: captured[0] if captured else captured.append(assign(*a)) or captured[0]
     assert loss_fn(feats, targets).stats["num_pos"] > 0
     feats = [f.requires_grad_(True) for f in feats]
-    assert torch.autograd.gradcheck(lambda *f: loss_fn(list(f), targets).total, feats, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *f: loss_fn(list(f), targets).total, feats, fast_mode=True)
 
 
 def test_no_targets_and_empty_images():

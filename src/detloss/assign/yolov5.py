@@ -168,15 +168,15 @@ def check_yolo_targets(
 
 
 def _last_writer(key: torch.Tensor) -> torch.Tensor:
-    """Bool mask: True where this element is the last occurrence of its key."""
+    """Bool mask: True where this element is the last occurrence of its key (one stable sort)."""
     n = key.shape[0]
-    if n == 0:
-        return torch.zeros(0, dtype=torch.bool, device=key.device)
-    _, inverse = torch.unique(key, return_inverse=True)
-    pos = torch.arange(n, device=key.device)
-    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=key.device)
-    last.scatter_reduce_(0, inverse, pos, reduce="amax")
-    return last[inverse] == pos
+    owner = torch.ones(n, dtype=torch.bool, device=key.device)
+    if n > 1:
+        sorted_key, order = torch.sort(key, stable=True)  # equal keys keep their order
+        last_in_run = torch.ones_like(owner)
+        last_in_run[:-1] = sorted_key[1:] != sorted_key[:-1]
+        owner[order] = last_in_run
+    return owner
 
 
 def _assign_level(

@@ -317,7 +317,7 @@ class YOLOv3Loss(torch.nn.Module):
                 target[uu] = onehot
                 continue
             cur = target[uu].clone()
-            reset = torch.zeros_like(p0[uu], dtype=torch.bool)  # darknet: if (delta[index]) ... with delta = t0 - p0
+            reset = cur[:, 0].float() == p0[uu]  # darknet: if (delta[index]) ... with delta = t0 - p0
             cur[torch.arange(cc.numel(), device=x.device), cc] = 1
             target[uu] = torch.where(reset[:, None], onehot, cur)
         return target
@@ -359,7 +359,7 @@ class YOLOv3Loss(torch.nn.Module):
         slot = torch.full((nb * na * h * w,), -1, dtype=torch.long, device=pr.device)
         slot[((bi * na + ai) * h + yi) * w + xi] = torch.arange(n_obj, device=pr.device)
         tcls = torch.zeros((n_obj, nc), dtype=dtype, device=pr.device)
-        tcls[slot[((a.image * na + a.anchor) * h + a.gy) * w + a.gx], tgt[a.truth, 1].long()] = 1
+        tcls[torch.arange(n_obj), t[:, 1].long()] = 1
 
         lx, ly = box_term(sx[obj], tx), box_term(sy[obj], ty)
         lw, lh = box_term(pr[..., 2][obj], tw), box_term(pr[..., 3][obj], th)

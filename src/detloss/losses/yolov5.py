@@ -290,8 +290,7 @@ class YOLOv5Loss(torch.nn.Module):
         return F.bce_with_logits(logits, target, pos_weight=pw, reduction="mean")
 
     def forward(self, preds: Sequence[torch.Tensor], targets: torch.Tensor) -> LossOutput:
-        preds = self._check_preds(preds)
-        assignment = self.assign(preds, targets)
+        assignment = self.assign(preds, targets)  # checks preds and targets
         cd = compute_dtype(*preds)
         dev = preds[0].device
         zero = torch.zeros((), dtype=cd, device=dev)

@@ -1,0 +1,29 @@
+"""Shared helpers: run a fused loss and its plain autograd formula on the same input."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+
+def loss_and_grad(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad_output: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``fn(x)`` and the gradient of ``(fn(x) * grad_output).sum()`` with respect to ``x``."""
+    xr = x.detach().clone().requires_grad_(True)
+    loss = fn(xr)
+    go = torch.ones_like(loss) if grad_output is None else grad_output
+    loss.backward(go)
+    return loss.detach(), xr.grad
+
+
+def assert_parity(fused, formula, x, grad_output=None, rtol=1e-10, atol=1e-12):
+    """Loss and gradient of the fused path equal the formula's."""
+    lf, gf = loss_and_grad(fused, x, grad_output)
+    lr, gr = loss_and_grad(formula, x, grad_output)
+    assert lf.shape == lr.shape and lf.dtype == lr.dtype
+    assert gf.shape == gr.shape and gf.dtype == gr.dtype == x.dtype
+    assert torch.isfinite(lf).all() and torch.isfinite(gf).all()
+    torch.testing.assert_close(lf, lr, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gf, gr, rtol=rtol, atol=atol)
+    return lf, gf

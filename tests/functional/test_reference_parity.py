@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import detloss.functional as F
-from conftest import assert_close, load_npz, t64, value_and_grads
+from functional_helpers import assert_close, load_npz, t64, value_and_grads
 
 # ----------------------------------------------------------------------------- torchvision
 OPS = load_npz("torchvision_fcos", "ops.npz")

@@ -46,6 +46,8 @@ def _losses(t, label=None):
          lambda r: (lambda x: fbce._bce_with_logits_formula(x, t, w, pw, r))),
         ("focal", lambda r: (lambda x: kernels.fused_sigmoid_focal_loss(x, t, 0.25, 2.0, r)),
          lambda r: (lambda x: ffocal._sigmoid_focal_loss_formula(x, t, 0.25, 2.0, r))),
+        ("focal_pw", lambda r: (lambda x: kernels.fused_sigmoid_focal_loss(x, t, 0.25, 1.5, r, pw)),
+         lambda r: (lambda x: ffocal._sigmoid_focal_loss_formula(x, t, 0.25, 1.5, r, pw))),
         ("qfl", lambda r: (lambda x: kernels.fused_quality_focal_loss(x, t, 2.0, None, r)),
          lambda r: (lambda x: ffocal._quality_focal_loss_formula(x, t, 2.0, None, r))),
         ("vfl", lambda r: (lambda x: kernels.fused_varifocal_loss(x, score, lab, 0.75, 2.0, r)),

@@ -161,29 +161,25 @@ def _random_case(bs=2, nc=3, img=64, n=6, dtype=torch.float64, seed=0, levels=3)
 def test_gradcheck_float64_objectness_and_class_terms():
     # The box term's gradient is not the true derivative in the original (CIoU's alpha under
     # no_grad, objectness target detached) and is checked against the reference instead.
-    # Only the two coarse levels (2x2 and 1x1 cells) vary, to keep gradcheck small.
+    # Only parts of the two coarse levels (2x2 and 1x1 cells) vary, to keep gradcheck small.
     preds, _, _ = _random_case(bs=1, img=32, n=0, seed=1)
     # large boxes, so that the 2x2 level (anchors 1.9-7.4 cells) has positives
     targets = torch.tensor([[0, 1, 0.4, 0.6, 0.6, 0.8], [0, 2, 0.7, 0.3, 0.8, 0.6]], dtype=torch.float64)
     empty = torch.zeros(0, 6, dtype=torch.float64)
     loss_obj = YOLOv5Loss(3, obj_pw=1.3)
 
-    def f_obj(*ps):
-        full = [preds[0]] + [torch.cat((p, q[..., 6:]), -1) for p, q in zip(ps, preds[1:])]
-        return loss_obj(full, empty).total
+    def f_obj(p):  # the 1x1 level varies
+        return loss_obj(preds[:2] + [torch.cat((p, preds[2][..., 6:]), -1)], empty).total
 
-    leaves = tuple(p[..., :6].detach().clone().requires_grad_(True) for p in preds[1:])
-    assert torch.autograd.gradcheck(f_obj, leaves, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f_obj, (preds[2][..., :6].detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
     loss_cls = YOLOv5Loss(3, box=0.0, obj=0.0, cls_pw=1.7, label_smoothing=0.2, fl_gamma=1.5)
 
-    def f_cls(*ps):
-        full = [preds[0]] + [torch.cat((q[..., :5], p), -1) for p, q in zip(ps, preds[1:])]
-        out = loss_cls(full, targets)
+    def f_cls(p):  # the class logits of the 2x2 level vary
+        out = loss_cls([preds[0], torch.cat((preds[1][..., :5], p), -1), preds[2]], targets)
         assert out.stats["num_pos_per_level"][1] > 0
         return out.total
 
-    leaves = tuple(p[..., 5:].detach().clone().requires_grad_(True) for p in preds[1:])
-    assert torch.autograd.gradcheck(f_cls, leaves, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f_cls, (preds[1][..., 5:].detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
 
 
 def test_gather_head_gradcheck():
@@ -393,3 +389,27 @@ def test_benchmark_quick(capsys):
     assert main(["--quick", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "original" in out and "fwd+bwd" in out and "speedup" in out
+
+
+def test_last_writer_rule_is_what_the_reference_checks(monkeypatch):
+    """With the first writer owning shared cells instead, the reference totals are missed."""
+    import detloss.losses.yolov5 as mod
+    from detloss.assign.yolov5 import _last_writer
+
+    real = mod.assign_yolov5
+
+    def first_writer(*args, **kwargs):
+        levels = real(*args, **kwargs)
+        for lvl in levels:
+            key = ((lvl.image * 3 + lvl.anchor) * lvl.grid_size[0] + lvl.gy) * lvl.grid_size[1] + lvl.gx
+            rev = torch.flip(key, [0])
+            lvl.obj_owner = torch.flip(_last_writer(rev), [0])  # first occurrence of each key
+        return levels
+
+    monkeypatch.setattr(mod, "assign_yolov5", first_writer)
+    missed = 0
+    for name in CASES:
+        d, cfg = _load(name)
+        out = _loss_from_config(cfg)([torch.from_numpy(d[f"p{i}"]) for i in range(3)], torch.from_numpy(d["targets"]))
+        missed += not np.isclose(float(out.total), float(d["loss"]), rtol=1e-6, atol=0)
+    assert missed > 0

@@ -123,7 +123,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
 
 
 def postprocess(boxes: torch.Tensor, scores: torch.Tensor, img_size: int, conf_threshold: float = 0.001,
-                iou_threshold: float = 0.6, max_candidates: int = 1000, max_det: int = 100
+                iou_threshold: float = 0.6, max_candidates: int = 300, max_det: int = 100
                 ) -> List[Dict[str, torch.Tensor]]:
     """Per image: every (prediction, class) above ``conf_threshold`` (at most ``max_candidates``),
     boxes clipped to the image, class-wise NMS, the best ``max_det`` kept.

@@ -84,17 +84,16 @@ def build_loss(model: Detector) -> Callable:
         return detloss.YOLOv3Loss(nc, anchors=cfg["anchors"], masks=cfg["masks"], strides=cfg["strides"],
                                   img_size=(size, size))
     if model.loss == "fcos":
-        from ..boxes import yolo_rows_to_targets
-
+        # torchvision's convention; its normalizers are reduced across ranks when distributed.
         loss = detloss.FCOSLoss(nc, strides=cfg["strides"])
 
         def fcos(outputs, rows):
             cls_logits, bbox_reg, ctr, sizes = outputs
-            targets = yolo_rows_to_targets(rows, cls_logits.shape[0], (size, size))
-            return loss(cls_logits, bbox_reg, ctr, sizes, targets)
+            return loss(cls_logits, bbox_reg, ctr, sizes, rows, image_size=(size, size))
 
         return fcos
-    return detloss.YOLOv8Loss(nc, strides=cfg["strides"], reg_max=cfg["reg_max"])
+    return detloss.YOLOv8Loss(nc, strides=cfg["strides"], reg_max=cfg["reg_max"],
+                              reduce_across_ranks=dist_utils.is_initialized())
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from .._checks import (
     check_broadcastable_to,
     check_floating,
@@ -95,10 +96,12 @@ def _bce_with_logits_formula(
     else:
         lw = 1 + (pos_weight - 1) * y  # log_weight
         pwy = pos_weight * y
-    log_sig = torch.nn.functional.logsigmoid(x)
-    value = (1 - y) * x - (log_sig if lw is None else lw * log_sig)
     xp = x.clamp(min=0)
     xn = x.clamp(max=0)
+    # log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), as torch's log_sigmoid kernel computes it
+    # (torch.nn.functional.logsigmoid itself has a large fixed cost per call on some CPU builds).
+    log_sig = xn - torch.log1p(torch.exp(-x.abs()))
+    value = (1 - y) * x - (log_sig if lw is None else lw * log_sig)
     sp_pos = torch.log1p(torch.exp(-xp))
     sp_neg = torch.log1p(torch.exp(xn))
     if lw is not None:
@@ -140,6 +143,8 @@ def bce_with_logits(
     _check_weight("weight", weight, input)
     _check_weight("pos_weight", pos_weight, input)
     check_reduction(reduction)
+    if kernels.use_fused(input, target, weight, pos_weight):
+        return kernels.fused_bce_with_logits(input, target, weight, pos_weight, reduction)
     dtype = compute_dtype(input, target, weight, pos_weight)
     return _bce_with_logits_formula(
         upcast(input, dtype),
@@ -175,6 +180,8 @@ def bce_blur(
     check_reduction(reduction)
     if not alpha > 0:
         raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
+    if kernels.use_fused(input, target):
+        return kernels.fused_bce_blur(input, target, alpha, reduction)
     dtype = compute_dtype(input, target)
     return _bce_blur_formula(upcast(input, dtype), upcast(target, dtype), alpha=alpha, reduction=reduction)
 

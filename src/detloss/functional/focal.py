@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .. import kernels
 from .._checks import (
     check_broadcastable_to,
     check_floating,
@@ -97,6 +98,8 @@ def sigmoid_focal_loss(
     if pos_weight is not None:
         check_floating("pos_weight", pos_weight)
         check_broadcastable_to("pos_weight", pos_weight, input.shape, "input")
+    if kernels.use_fused(input, target, pos_weight):
+        return kernels.fused_sigmoid_focal_loss(input, target, float(alpha), gamma, reduction, pos_weight)
     dtype = compute_dtype(input, target, pos_weight)
     return _sigmoid_focal_loss_formula(
         upcast(input, dtype), upcast(target, dtype), alpha=float(alpha), gamma=gamma, reduction=reduction,
@@ -176,6 +179,8 @@ def quality_focal_loss(
     _check_logits_targets(input, target)
     check_reduction(reduction)
     gamma = _check_gamma(gamma)
+    if kernels.use_fused(input, target):
+        return kernels.fused_quality_focal_loss(input, target, gamma, alpha, reduction)
     dtype = compute_dtype(input, target)
     return _quality_focal_loss_formula(
         upcast(input, dtype),
@@ -226,6 +231,8 @@ def varifocal_loss(
     check_same_shape("input", input, "label", label)
     check_reduction(reduction)
     gamma = _check_gamma(gamma)
+    if kernels.use_fused(input, target_score, label):
+        return kernels.fused_varifocal_loss(input, target_score, label, float(alpha), gamma, reduction)
     dtype = compute_dtype(input, target_score, label)
     return _varifocal_loss_formula(
         upcast(input, dtype),

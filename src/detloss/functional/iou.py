@@ -24,6 +24,7 @@ from typing import Tuple
 
 import torch
 
+from .. import kernels
 from .._checks import check_choice, check_floating, check_reduction, compute_dtype, upcast
 from ._common import first_bad, reduce
 
@@ -288,5 +289,7 @@ def iou_loss(
         raise ValueError(
             f"target: expected the same shape as pred {tuple(pred.shape)}, got {tuple(target.shape)}"
         )
+    if kind in kernels.FUSED_IOU_KINDS and kernels.use_fused(pred, target):
+        return kernels.fused_iou_loss(pred, target, kind, box_format, convention, reduction, eps)
     return _iou_loss_formula(p, t, kind=kind, box_format=box_format, convention=convention,
                              reduction=reduction, eps=eps)

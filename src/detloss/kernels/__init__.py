@@ -50,6 +50,7 @@ from .dense import (
     fused_sigmoid_focal_loss,
     fused_varifocal_loss,
 )
+from .iou import FUSED_KINDS as FUSED_IOU_KINDS
 from .iou import fused_iou_loss
 
 __all__ = [
@@ -67,4 +68,5 @@ __all__ = [
     "fused_quality_focal_loss",
     "fused_varifocal_loss",
     "fused_iou_loss",
+    "FUSED_IOU_KINDS",
 ]

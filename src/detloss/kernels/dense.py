@@ -116,12 +116,13 @@ def bce_with_logits_closed_form(
 
 
 def sigmoid_focal_closed_form(
-    x: torch.Tensor, y: torch.Tensor, *, alpha: float, gamma: float
+    x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor], *, alpha: float, gamma: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise sigmoid focal loss (torchvision semantics) and its derivative in ``x``."""
+    """Elementwise sigmoid focal loss (torchvision semantics; ``pos_weight`` on the BCE term as
+    YOLOv5's FocalLoss) and its derivative in ``x``."""
     parts = _logistic(x)
     p = parts[1]
-    ce, dce = _bce(x, y, parts)
+    ce, dce = _bce(x, y, parts, pos_weight)
     one_m_p = 1 - p
     m = 1 - (p * y + one_m_p * (1 - y))
     inside = m >= 0
@@ -215,11 +216,16 @@ def fused_bce_with_logits(
 
 
 def fused_sigmoid_focal_loss(
-    input: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"
+    input: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    pos_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused :func:`detloss.functional.sigmoid_focal_loss` (same arguments, validated)."""
     run = get_pass("sigmoid_focal_loss", reduction, alpha=float(alpha), gamma=float(gamma))
-    return FusedLoss.apply(run, input, target)
+    return FusedLoss.apply(run, input, target, pos_weight)
 
 
 def fused_quality_focal_loss(

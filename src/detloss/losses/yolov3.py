@@ -204,7 +204,7 @@ class YOLOv3Loss(torch.nn.Module):
     def forward(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> LossOutput:
         check_yolo_layers(inputs, self.masks, self.num_classes, self.img_size, self.strides)
         check_darknet_targets(targets, inputs[0].shape[0], self.num_classes)
-        dtype = compute_dtype(*inputs, targets)
+        dtype = compute_dtype(*inputs)
         tgt = targets.detach().to(device=inputs[0].device, dtype=dtype)
         if self.flavor == "darknet":
             asg = assign_darknet(
@@ -263,16 +263,16 @@ class YOLOv3Loss(torch.nn.Module):
         }
 
         # darknet's printed figures (its float outputs: sigmoid in double, stored as float)
-        p = torch.sigmoid(x.detach().double()).float()
         count = int(a.truth.numel())
-        p_cells = p[a.image, a.anchor, :, a.gy, a.gx]  # [count, 5 + C]
+        p_cells = torch.sigmoid(x.detach()[a.image, a.anchor, :, a.gy, a.gx].double()).float()  # [count, 5 + C]
+        p_obj = torch.sigmoid(obj_logit.detach().double()).float()
         cls_of = tgt[a.truth, 1].long()
         iou = a.iou.double()
         stats = {
             "avg_iou": _mean_or_none(float(iou.sum()), count),
             "class": _mean_or_none(float(p_cells[torch.arange(count), 5 + cls_of].double().sum()), count),
             "obj": _mean_or_none(float(p_cells[:, 4].double().sum()), count),
-            "no_obj": float(p[:, :, 4].double().mean()),
+            "no_obj": float(p_obj.double().mean()),
             "recall50": _mean_or_none(float((iou > 0.5).sum()), count),
             "recall75": _mean_or_none(float((iou > 0.75).sum()), count),
             "count": count,
@@ -359,7 +359,7 @@ class YOLOv3Loss(torch.nn.Module):
         slot = torch.full((nb * na * h * w,), -1, dtype=torch.long, device=pr.device)
         slot[((bi * na + ai) * h + yi) * w + xi] = torch.arange(n_obj, device=pr.device)
         tcls = torch.zeros((n_obj, nc), dtype=dtype, device=pr.device)
-        tcls[torch.arange(n_obj), t[:, 1].long()] = 1
+        tcls[slot[((a.image * na + a.anchor) * h + a.gy) * w + a.gx], tgt[a.truth, 1].long()] = 1
 
         lx, ly = box_term(sx[obj], tx), box_term(sy[obj], ty)
         lw, lh = box_term(pr[..., 2][obj], tw), box_term(pr[..., 3][obj], th)

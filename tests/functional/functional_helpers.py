@@ -1,4 +1,4 @@
-"""Helpers for the functional tests."""
+"""Helpers for the functional tests (reference loading, value-and-gradient, comparison)."""
 from __future__ import annotations
 
 import pathlib

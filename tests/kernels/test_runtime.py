@@ -1,0 +1,139 @@
+"""The fused path's machinery: when it is used, the environment switches, the autograd Function
+(grad_output scaling, retained graphs, accumulation, double backward), the compile fallback, and
+the dispatch from detloss.functional."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _kernel_helpers import loss_and_grad
+from detloss import functional as F
+from detloss import kernels
+from detloss.functional import focal as ffocal
+from detloss.kernels import _runtime
+
+
+def _xt(shape=(64, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    t = (torch.rand(shape, generator=g, dtype=torch.float64) > 0.7).double()
+    return x, t
+
+
+def test_use_fused_decision(monkeypatch):
+    monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "100")
+    monkeypatch.delenv("DETLOSS_FUSED", raising=False)
+    big = torch.zeros(10, 10, requires_grad=True)
+    small = torch.zeros(9, 11, requires_grad=True)
+    t = torch.zeros(10, 10)
+    assert kernels.use_fused(big, t)
+    assert not kernels.use_fused(small, t)  # below the threshold
+    assert not kernels.use_fused(big.detach(), t)  # no gradient wanted
+    assert not kernels.use_fused(big, t.clone().requires_grad_())  # target needs a gradient
+    with torch.no_grad():
+        assert not kernels.use_fused(big, t)
+    monkeypatch.setenv("DETLOSS_FUSED", "0")
+    assert not kernels.use_fused(big, t)
+
+
+def test_threshold_default_and_bad_value(monkeypatch):
+    monkeypatch.delenv("DETLOSS_FUSED_MIN_NUMEL", raising=False)
+    assert kernels.min_numel() == kernels.DEFAULT_MIN_NUMEL == 1 << 18
+    monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "lots")
+    with pytest.raises(ValueError, match="DETLOSS_FUSED_MIN_NUMEL.*integer.*'lots'"):
+        kernels.min_numel()
+
+
+def test_grad_output_scaling_and_accumulation(eager):
+    x, t = _xt()
+    xr = x.clone().requires_grad_()
+    (kernels.fused_sigmoid_focal_loss(xr, t, reduction="sum") * 3.0).backward()
+    (kernels.fused_sigmoid_focal_loss(xr, t, reduction="sum") * -0.5).backward()  # accumulates
+    ref = x.clone().requires_grad_()
+    (ffocal._sigmoid_focal_loss_formula(ref, t, reduction="sum") * 2.5).backward()
+    torch.testing.assert_close(xr.grad, ref.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_non_leaf_input_and_retained_graph(eager):
+    x, t = _xt()
+    w = x.clone().requires_grad_()
+    h = w * 2.0  # non-leaf: the gradient flows on through the Function
+    loss = kernels.fused_bce_with_logits(h, t, reduction="mean")
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    loss.backward()  # the graph is retained: the gradient is recomputed, not reused after scaling
+    torch.testing.assert_close(w.grad, 2 * first, rtol=1e-12, atol=0)
+    ref = x.clone().requires_grad_()
+    F.bce_with_logits(ref * 2.0, t, reduction="mean").backward()
+    torch.testing.assert_close(first, ref.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_double_backward_raises_clear_error(eager):
+    x, t = _xt()
+    xr = x.clone().requires_grad_()
+    loss = kernels.fused_sigmoid_focal_loss(xr, t, reduction="sum")
+    with pytest.raises(RuntimeError, match="double backward.*DETLOSS_FUSED=0"):
+        torch.autograd.grad(loss, xr, create_graph=True)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    monkeypatch.setenv("DETLOSS_COMPILE", "1")
+
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("no compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x, t = _xt()
+    cp = _runtime.CompiledPass(_runtime.make_pass(lambda a, b: (a * b, b), "sum"), "test_fallback")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*eager closed-form"):
+        loss, grad = cp(x, t)
+    assert cp.failed
+    torch.testing.assert_close(loss, (x * t).sum())
+    loss2, _ = cp(x, t)  # remembered: no second warning, no second attempt
+    torch.testing.assert_close(loss2, loss)
+
+
+def test_functional_dispatches_when_large(eager, monkeypatch):
+    """Above the threshold the public functions run the fused Function; below, the formula."""
+    x, t = _xt((32, 8))
+    xr = x.clone().requires_grad_()
+    monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "256")
+    cases = [
+        lambda a, y: F.sigmoid_focal_loss(a, y, reduction="sum"),
+        lambda a, y: F.bce_with_logits(a, y),
+        lambda a, y: F.bce_blur(a, y),
+        lambda a, y: F.quality_focal_loss(a, y),
+        lambda a, y: F.varifocal_loss(a, y, y),
+    ]
+    for fn in cases:
+        assert type(fn(xr, t).grad_fn).__name__ == "FusedLossBackward"
+        assert type(fn(xr[:16], t[:16]).grad_fn).__name__ != "FusedLossBackward"
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64).repeat(64, 1)
+    pred = (boxes + 0.1).requires_grad_()
+    assert type(F.iou_loss(pred, boxes, kind="ciou").grad_fn).__name__ == "FusedLossBackward"
+    assert type(F.iou_loss(pred, boxes, kind="siou").grad_fn).__name__ != "FusedLossBackward"
+    monkeypatch.setenv("DETLOSS_FUSED", "0")
+    assert type(F.sigmoid_focal_loss(xr, t).grad_fn).__name__ != "FusedLossBackward"
+
+
+def test_functional_validation_runs_before_dispatch(eager):
+    x = torch.zeros(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="target"):
+        F.sigmoid_focal_loss(x, torch.zeros(4, 2))
+    with pytest.raises(TypeError, match="input"):
+        F.bce_with_logits(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="pred"):
+        F.iou_loss(torch.tensor([[2.0, 0.0, 1.0, 1.0]], requires_grad=True), torch.zeros(1, 4))
+
+
+def test_dispatched_result_equals_formula(eager, monkeypatch):
+    x, t = _xt((40, 10), seed=3)
+    monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "1")
+    lf, gf = loss_and_grad(lambda a: F.sigmoid_focal_loss(a, t, gamma=1.5, reduction="mean"), x)
+    monkeypatch.setenv("DETLOSS_FUSED", "0")
+    lr, gr = loss_and_grad(lambda a: F.sigmoid_focal_loss(a, t, gamma=1.5, reduction="mean"), x)
+    torch.testing.assert_close(lf, lr, rtol=1e-10, atol=0)
+    torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-15)

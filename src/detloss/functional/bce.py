@@ -96,12 +96,10 @@ def _bce_with_logits_formula(
     else:
         lw = 1 + (pos_weight - 1) * y  # log_weight
         pwy = pos_weight * y
+    log_sig = torch.nn.functional.logsigmoid(x)
+    value = (1 - y) * x - (log_sig if lw is None else lw * log_sig)
     xp = x.clamp(min=0)
     xn = x.clamp(max=0)
-    # log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), as torch's log_sigmoid kernel computes it
-    # (torch.nn.functional.logsigmoid itself has a large fixed cost per call on some CPU builds).
-    log_sig = xn - torch.log1p(torch.exp(-x.abs()))
-    value = (1 - y) * x - (log_sig if lw is None else lw * log_sig)
     sp_pos = torch.log1p(torch.exp(-xp))
     sp_neg = torch.log1p(torch.exp(xn))
     if lw is not None:

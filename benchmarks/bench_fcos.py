@@ -1,0 +1,7 @@
+"""FCOSLoss vs torchvision's dense FCOS matcher + head loss: time and peak memory (see detloss.bench.fcos)."""
+import sys
+
+from detloss.bench.fcos import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

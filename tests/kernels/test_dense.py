@@ -200,6 +200,7 @@ LOGIT = st.one_of(st.floats(-1e4, 1e4, allow_nan=False, width=32), st.sampled_fr
 def test_no_nan_or_inf_for_finite_input(rows, cols, data, dtype, reduction, gamma):
     import os
 
+    saved = {k: os.environ.get(k) for k in ("DETLOSS_COMPILE", "DETLOSS_FUSED_MIN_NUMEL", "DETLOSS_FUSED")}
     os.environ.update(DETLOSS_COMPILE="0", DETLOSS_FUSED_MIN_NUMEL="0", DETLOSS_FUSED="1")
     try:
         vals = data.draw(st.lists(LOGIT, min_size=rows * cols, max_size=rows * cols))
@@ -219,5 +220,8 @@ def test_no_nan_or_inf_for_finite_input(rows, cols, data, dtype, reduction, gamm
             assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
             assert grad.dtype == dtype
     finally:
-        for k in ("DETLOSS_COMPILE", "DETLOSS_FUSED_MIN_NUMEL", "DETLOSS_FUSED"):
-            os.environ.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -99,20 +99,28 @@ def test_public_name_and_yolo_rows_give_the_same_loss():
     torch.testing.assert_close(a.total, b.total, rtol=1e-12, atol=1e-12)
 
 
+def test_centerness_may_come_without_its_last_dimension():
+    d, cfg, targets = _load("fcos_04_empty_image.npz")
+    size = (cfg["img_h"], cfg["img_w"])
+    cls, reg, ctr = _heads(d)
+    a = FCOSLoss(3)(cls, reg, ctr, cfg["feature_sizes"], targets, image_size=size)
+    b = FCOSLoss(3)(cls, reg, ctr.squeeze(2), cfg["feature_sizes"], targets, image_size=size)
+    assert a.total.item() == b.total.item()
+
+
 def test_gradcheck_float64():
     torch.manual_seed(0)
     sizes = [(2, 2), (1, 1), (1, 1), (1, 1), (1, 1)]
     p = sum(h * w for h, w in sizes)
     targets = [
-        {"boxes": torch.tensor([[1.0, 1.0, 12.0, 10.0], [2.0, 3.0, 15.0, 14.0]], dtype=torch.float64),
-         "labels": torch.tensor([0, 1])},
-        {"boxes": torch.tensor([[3.0, 1.0, 13.0, 11.0]], dtype=torch.float64), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[1.0, 1.0, 12.0, 10.0], [4.0, -5.0, 14.0, 6.0], [-3.0, 2.0, 6.0, 14.0]],
+                               dtype=torch.float64), "labels": torch.tensor([0, 1, 1])},
     ]
-    cls = torch.randn(2, p, 2, dtype=torch.float64, requires_grad=True)
-    reg = (torch.rand(2, p, 4, dtype=torch.float64) + 0.2).requires_grad_()
-    ctr = torch.randn(2, p, 1, dtype=torch.float64, requires_grad=True)
+    cls = torch.randn(1, p, 2, dtype=torch.float64, requires_grad=True)
+    reg = (torch.rand(1, p, 4, dtype=torch.float64) + 0.2).requires_grad_()
+    ctr = torch.randn(1, p, 1, dtype=torch.float64, requires_grad=True)
     loss_fn = FCOSLoss(2)
-    assert loss_fn(cls, reg, ctr, sizes, targets).stats["num_pos"] >= 2
+    assert loss_fn(cls, reg, ctr, sizes, targets).stats["num_pos"] == 3
     assert torch.autograd.gradcheck(lambda c, r, z: loss_fn(c, r, z, sizes, targets).total, (cls, reg, ctr))
 
 
@@ -315,3 +323,11 @@ def test_bad_constructor_arguments():
         FCOSLoss(2, strides=(8, 16, 32), convention="mmdet")
     with pytest.raises(ValueError, match="anchor_sizes"):
         FCOSLoss(2, anchor_sizes=(8, 16))
+
+
+def test_benchmark_quick_smoke(capsys):
+    from detloss.bench import fcos as bench
+
+    assert bench.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "FCOSLoss" in out and "torchvision dense (baseline)" in out and "growth" in out

@@ -177,7 +177,7 @@ def scenes(draw):
     return (h, w), images
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scene=scenes(), radius=st.sampled_from([1.0, 1.5, 2.5]))
 def test_torchvision_matches_dense(scene, radius):
     (h, w), images = scene
@@ -189,7 +189,7 @@ def test_torchvision_matches_dense(scene, radius):
         assert torch.equal(ours[i], ref)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scene=scenes(), center_sampling=st.booleans(), radius=st.sampled_from([1.0, 1.5, 2.5]))
 def test_mmdet_matches_dense(scene, center_sampling, radius):
     (h, w), images = scene

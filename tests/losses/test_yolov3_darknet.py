@@ -315,6 +315,10 @@ def test_half_precision_and_extreme_logits():
     bf = [x.detach().bfloat16().requires_grad_() for x in inputs]
     loss_fn(bf, targets).total.backward()
     assert all(torch.isfinite(x.grad.float()).all() for x in bf)
+    x = inputs[2].detach().clone().reshape(2, 3, 8, *inputs[2].shape[2:])
+    x[0, 0, 2], x[0, 0, 3] = 200.0, -200.0  # decoded w = inf, h = 0: darknet's IoU is NaN, never "best"
+    layers = assign_darknet([inputs[0], inputs[1], x.reshape(inputs[2].shape)], targets, ANCHORS, kw["masks"], kw["img_size"])
+    assert torch.isfinite(layers[2].best_iou).all() and not layers[2].best_iou[0, 0].any()
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16):
         big = [(torch.randint(0, 2, x.shape, generator=g) * 2 - 1).to(dtype).mul(1e4).requires_grad_() for x in inputs]
@@ -356,6 +360,7 @@ def test_assignment_alone():
         (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, 1.2, .5, .1, .1]])])), r"\[0, 1\].*row 3"),
         (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, .5, .5, 0.0, .1]])])), r"w, h > 0.*row 3"),
         (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, float("nan"), .5, .1, .1]])])), r"finite.*3"),
+        (lambda x, t: (x, torch.cat([t, torch.tensor([[0, 0.0, .5, .5, 1e-30, 1e-30]])])), r"float32 area.*row 3"),
     ],
 )
 def test_bad_input(make, match):

@@ -169,10 +169,14 @@ def check_darknet_targets(targets: object, batch_size: int, num_classes: int) ->
     coordinates in [0, 1]), and sizes ``w, h > 0``: YOLOv3's targets ``log(w img_w / anchor_w)``
     have no value for an empty box."""
     t = check_yolo_targets(targets, num_classes=num_classes, batch_size=batch_size)
-    bad = (t[:, 4:6] <= 0).any(1)
+    wh = t[:, 4:6].detach().float()
+    bad = (wh <= 0).any(1) | (wh[:, 0] * wh[:, 1] <= 0)
     if bool(bad.any()):
         r = int(bad.nonzero()[0])
-        raise ValueError(f"targets: expected w, h > 0 (YOLOv3 takes log(w)), got {t[r, 2:6].tolist()} in row {r}")
+        raise ValueError(
+            f"targets: expected w, h > 0 with a float32 area w*h > 0 (YOLOv3 takes log(w)), "
+            f"got {t[r, 2:6].tolist()} in row {r}"
+        )
     return t
 
 
@@ -228,6 +232,12 @@ def _best_truth_iou(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor
     pred ``[B, P, 4]``, truth ``[B, T, 4]``, valid ``[B, T]`` -> (best_iou ``[B, P]``, slot ``[B, P]``).
     All truths at once; predictions in blocks so that one block holds at most
     ``_IOU_BLOCK_ELEMENTS`` IoUs. Ties keep the first truth, as darknet's strict ``>`` does.
+
+    The same float32 operations as :func:`darknet_iou` (edges ``x -/+ w/2``, overlap
+    ``min(right) - max(left)``, intersection 0 when an overlap is negative, union
+    ``area_pred + area_truth - inter``), with the per-box terms computed once. Padding slots get
+    an empty box and an infinite area, so their IoU is exactly 0; valid truths have a positive
+    area (checked on input), so a 0/0 cannot occur.
     """
     b, p, _ = pred.shape
     t = truth.shape[1]
@@ -235,13 +245,25 @@ def _best_truth_iou(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor
     slot = torch.zeros((b, p), dtype=torch.long, device=pred.device)
     if t == 0 or p == 0:
         return best, slot
+
+    def edges(box):
+        x, y, w, h = box.unbind(-1)
+        return x - w / 2, x + w / 2, y - h / 2, y + h / 2, w * h
+
+    tx1, tx2, ty1, ty2, ta = (v[:, None, :] for v in edges(truth))
+    ta = ta.masked_fill(~valid[:, None, :], float("inf"))
+    px1, px2, py1, py2, pa = (v[:, :, None] for v in edges(pred))
     step = max(1, _IOU_BLOCK_ELEMENTS // max(1, b * t))
-    tr = truth[:, None, :, :]
     for s in range(0, p, step):
-        iou = darknet_iou(pred[:, s : s + step, None, :], tr)
-        iou = iou.masked_fill_(~valid[:, None, :], 0.0)
-        best[:, s : s + step], slot[:, s : s + step] = iou.max(dim=2)
-    return best, slot
+        blk = slice(s, s + step)
+        ow = torch.minimum(px2[:, blk], tx2).sub_(torch.maximum(px1[:, blk], tx1)).clamp_(min=0)
+        oh = torch.minimum(py2[:, blk], ty2).sub_(torch.maximum(py1[:, blk], ty1)).clamp_(min=0)
+        inter = ow.mul_(oh)
+        iou = inter.div_((pa[:, blk] + ta).sub_(inter))
+        best[:, blk], slot[:, blk] = iou.max(dim=2)
+    # a prediction of area inf * 0 (NaN) has NaN IoU with every truth; darknet's `iou > best` then
+    # never holds and its best IoU stays 0
+    return best.nan_to_num_(nan=0.0), slot
 
 
 def _decode_darknet(x: torch.Tensor, anchors_px: torch.Tensor, net_hw: Tuple[int, int]) -> torch.Tensor:

@@ -433,10 +433,10 @@ class TaskAlignedAssigner:
         box_label = gt_labels[img, row]
         box, anchor = _candidate_pairs(enlarge_small_boxes(boxes, self.min_side), levels, self.eps)
         flat = img[box] * n_anchor + anchor  # anchor index over the batch
-        overlap = fn.box_iou(
-            boxes[box], pd_bboxes.reshape(-1, 4)[flat], kind="ciou", convention="yolov5"
-        ).clamp(min=0)
-        score = pd_scores.reshape(-1)[flat * nc + box_label[box]]
+        cand_img = img[box]
+        overlap = fn.box_iou(boxes[box], pd_bboxes[cand_img, anchor], kind="ciou", convention="yolov5").clamp(min=0)
+        score = pd_scores[cand_img, anchor, box_label[box]]  # no copy of pd_scores, even if a strided view
+        del cand_img
         metric = score.pow(self.alpha) * overlap.pow(self.beta)
         del score
 

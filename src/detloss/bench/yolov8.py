@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch_size, args.size, args.classes, args.boxes, args.repeats = 2, 128, 4, [3, 20], 1
+        args.batch_size, args.size, args.classes, args.boxes, args.repeats = 2, 64, 4, [12], 1
     if args.threads:
         torch.set_num_threads(args.threads)
 

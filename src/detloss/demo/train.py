@@ -193,17 +193,24 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
-    _check_args(args)
+    """Train, evaluate and write the outputs; returns the exit status (2 for bad arguments or data)."""
     wall0 = time.perf_counter()
     _init_distributed()
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size: expected a multiple of the number of processes ({world}), got {args.batch_size}")
+    try:
+        _check_args(args)
+        if args.batch_size % world:
+            raise ValueError(f"--batch-size: expected a multiple of the number of processes ({world}), "
+                             f"got {args.batch_size}")
+        train_set, val_set, synthetic = _datasets(args, rank)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"detloss train: error: {e}", file=sys.stderr)
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-
-    train_set, val_set, synthetic = _datasets(args, rank)
     names = train_set.names
     model = Detector(args.loss, len(names), args.img_size, args.width)
     loss_fn = build_loss(model)
@@ -306,7 +313,7 @@ def _finish(args, model, val_set, names, history, last, steps, train_s, wall0, w
     k = min(16, len(val_set))
     items = [val_set[i] for i in range(k)]
     predictions_grid([im for im, _ in items], preds[:k], [l for _, l in items], names, out_dir / files["predictions"])
-    note = _assignment_picture(args.loss, items[0], out_dir / files["assignment"])
+    note = _assignment_picture(model, items[0], out_dir / files["assignment"])
     if note:
         files.pop("assignment")
         print(f"note: {note}")
@@ -341,7 +348,7 @@ def _finish(args, model, val_set, names, history, last, steps, train_s, wall0, w
     return 0
 
 
-def _assignment_picture(loss: str, item, path: Path) -> Optional[str]:
+def _assignment_picture(model: Detector, item, path: Path) -> Optional[str]:
     """Draw which cells/anchors/points the first validation image's boxes are assigned to,
     with :func:`detloss.viz.assignment_picture`; returns a note when that is not possible."""
     try:
@@ -357,5 +364,13 @@ def _assignment_picture(loss: str, item, path: Path) -> Optional[str]:
     rows = torch.cat((torch.zeros(len(labels), 1), labels), 1)
     h, w = image.shape[-2:]
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    fn(loss, rows, image=pil, size=(h, w)).save(path)
+    cfg = model.config
+    kw = {"strides": tuple(cfg["strides"])}  # the assigner's settings as the demo's loss uses them
+    if model.loss == "yolov5":
+        kw["anchors"] = cfg["anchors"]
+    elif model.loss == "yolov3":
+        kw.update(anchors=cfg["anchors"], masks=cfg["masks"], num_classes=model.num_classes)
+    elif model.loss == "yolov8":
+        kw.update(reg_max=cfg["reg_max"], num_classes=model.num_classes)
+    fn(model.loss, rows, image=pil, size=(h, w), **kw).save(path)
     return None

@@ -234,6 +234,10 @@ class FCOSLoss(torch.nn.Module):
         targets: Union[Sequence[Dict[str, Tensor]], Tensor],
         image_size: Optional[Tuple[int, int]] = None,
     ) -> LossOutput:
+        """Check inputs, assign points, gather positives, compute the three terms, normalize.
+
+        See the class docstring for the shapes; returns a :class:`~detloss.LossOutput`.
+        """
         sizes = self._check_heads(cls_logits, bbox_regression, centerness, feature_sizes)
         batch, num_points, num_classes = cls_logits.shape
         pairs = self._targets(targets, batch, image_size)

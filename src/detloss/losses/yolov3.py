@@ -333,9 +333,11 @@ class YOLOv3Loss(torch.nn.Module):
         img_h, img_w = self.img_size
         pr = x_in.reshape(nb, na, 5 + nc, h, w).permute(0, 1, 3, 4, 2)  # [B, A, H, W, 5 + C]
         dtype = pr.dtype
-        sx, sy = torch.sigmoid(pr[..., 0]), torch.sigmoid(pr[..., 1])
-        conf, pcls = torch.sigmoid(pr[..., 4]), torch.sigmoid(pr[..., 5:])
         obj, noobj = a.obj_mask, a.noobj_mask
+        # sigmoid of the whole confidence map; of the other entries only at the object cells
+        conf = torch.sigmoid(pr[..., 4])
+        p_obj = torch.sigmoid(pr[obj])  # [n_obj, 5 + C]
+        sx, sy, pcls = p_obj[:, 0], p_obj[:, 1], p_obj[:, 5:]
 
         bi, ai, yi, xi = obj.nonzero(as_tuple=True)
         n_obj = int(bi.numel())
@@ -361,21 +363,21 @@ class YOLOv3Loss(torch.nn.Module):
         tcls = torch.zeros((n_obj, nc), dtype=dtype, device=pr.device)
         tcls[slot[((a.image * na + a.anchor) * h + a.gy) * w + a.gx], tgt[a.truth, 1].long()] = 1
 
-        lx, ly = box_term(sx[obj], tx), box_term(sy[obj], ty)
+        lx, ly = box_term(sx, tx), box_term(sy, ty)
         lw, lh = box_term(pr[..., 2][obj], tw), box_term(pr[..., 3][obj], th)
         c_obj, c_noobj = conf[obj], conf[noobj]
         l_obj = self.obj_scale * binary_cross_entropy(c_obj, torch.ones_like(c_obj), reduction="mean")
         l_noobj = self.noobj_scale * binary_cross_entropy(c_noobj, torch.zeros_like(c_noobj), reduction="mean")
-        l_cls = binary_cross_entropy(pcls[obj], tcls, reduction="mean")
+        l_cls = binary_cross_entropy(pcls, tcls, reduction="mean")
         terms = {"xy": lx + ly, "wh": lw + lh, "obj": l_obj, "noobj": l_noobj, "cls": l_cls}
 
         # the layer's metrics, as YOLOLayer computes them (grid units, +1 pixel IoU convention)
         with torch.no_grad():
             labels = t[:, 1].long()
-            class_ok = (pcls[obj].argmax(-1) == labels).to(dtype)
+            class_ok = (pcls.argmax(-1) == labels).to(dtype)
             anchor_grid = scaled[ai]
             pbox = torch.stack(
-                (sx[obj] + xi.to(dtype), sy[obj] + yi.to(dtype),
+                (sx + xi.to(dtype), sy + yi.to(dtype),
                  torch.exp(pr[..., 2][obj]) * anchor_grid[:, 0], torch.exp(pr[..., 3][obj]) * anchor_grid[:, 1]), -1
             )
             iou = _iou_plus_one(pbox, torch.stack((gx, gy, gw, gh), -1))

@@ -209,7 +209,7 @@ class YOLOv8Loss(torch.nn.Module):
         pred = torch.cat([upcast(f, dt).reshape(bsz, f.shape[1], -1) for f in feats], 2)
         pred_dist, pred_logits = pred.split((4 * reg_max, nc), 1)
         pred_dist = pred_dist.permute(0, 2, 1).contiguous()  # [B, A, 4 * reg_max]
-        pred_logits = pred_logits.permute(0, 2, 1).contiguous()  # [B, A, nc]
+        pred_logits = pred_logits.permute(0, 2, 1)  # [B, A, nc], a view: no copy of the class logits
         del pred
         anchor_points, stride_tensor = make_anchors(levels, dt, dev)
         pred_bboxes = decode_distances(pred_dist, anchor_points)  # xyxy, grid units

@@ -71,7 +71,7 @@ class _GatherHead(torch.autograd.Function):
         no = pi.shape[-1]
         ctx.shape, ctx.dtype = pi.shape, pi.dtype
         ctx.save_for_backward(flat_index)
-        obj = pi[..., 4]
+        obj = pi[..., 4].contiguous()
         rows = pi.reshape(-1, no).index_select(0, flat_index)
         return obj, rows
 

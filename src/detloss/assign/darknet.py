@@ -34,7 +34,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .._checks import check_floating
-from .yolov5 import check_yolo_targets
+from ..boxes import check_yolo_targets
 
 __all__ = [
     "DarknetLayerAssignment",
@@ -164,7 +164,7 @@ def check_yolo_layers(
 
 
 def check_darknet_targets(targets: object, batch_size: int, num_classes: int) -> torch.Tensor:
-    """YOLO rows ``(image_index, class, cx, cy, w, h)`` as :func:`detloss.assign.yolov5.check_yolo_targets`
+    """YOLO rows ``(image_index, class, cx, cy, w, h)`` as :func:`detloss.boxes.check_yolo_targets`
     checks them (finite, integer image index < ``batch_size``, integer class < ``num_classes``,
     coordinates in [0, 1]), and sizes ``w, h > 0``: YOLOv3's targets ``log(w img_w / anchor_w)``
     have no value for an empty box."""

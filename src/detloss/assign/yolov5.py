@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import check_tensor
+from ..boxes import check_yolo_targets
 
 __all__ = [
     "YOLOv5LevelAssignment",
@@ -113,58 +113,6 @@ def grid_anchors(
     if len(na) != 1:
         raise ValueError(f"anchors: expected the same number of anchors on every level, got {[t.shape[0] for t in out]}")
     return out
-
-
-def _bad_rows(mask: torch.Tensor, limit: int = 5) -> str:
-    rows = mask.nonzero().flatten()[:limit].tolist()
-    return ", ".join(str(r) for r in rows)
-
-
-def check_yolo_targets(
-    targets: object, num_classes: Optional[int] = None, batch_size: Optional[int] = None, name: str = "targets"
-) -> torch.Tensor:
-    """Validate YOLO target rows ``[N, 6]`` (image_index, class, cx, cy, w, h), normalized.
-
-    Raises TypeError/ValueError naming ``name``, the expectation and the offending rows: NaN or
-    inf, negative or non-integer image index or class, class >= ``num_classes``, image index
-    >= ``batch_size``, coordinates outside [0, 1].
-    """
-    t = check_tensor(name, targets)
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor of rows (image, class, cx, cy, w, h), got dtype {t.dtype}")
-    if t.ndim != 2 or t.shape[1] != 6:
-        raise ValueError(f"{name}: expected shape [N, 6] (image, class, cx, cy, w, h), got {tuple(t.shape)}")
-    if t.shape[0] == 0:
-        return t
-    bad = ~torch.isfinite(t).all(1)
-    if bool(bad.any()):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf in row(s) {_bad_rows(bad)}")
-    for col, what, limit in ((0, "image index", batch_size), (1, "class", num_classes)):
-        v = t[:, col]
-        bad = (v < 0) | (v != v.floor())
-        if bool(bad.any()):
-            r = int(bad.nonzero()[0])
-            raise ValueError(
-                f"{name}: expected a non-negative integer {what} in column {col}, got {float(v[r])} in row {r}"
-            )
-        if limit is not None:
-            bad = v >= limit
-            if bool(bad.any()):
-                r = int(bad.nonzero()[0])
-                bound = "num_classes" if col == 1 else "the batch size (preds' first dimension)"
-                raise ValueError(
-                    f"{name}: expected {what} < {bound} = {limit}, got {int(v[r])} in row {r}"
-                    + (f" (rows {_bad_rows(bad)})" if int(bad.sum()) > 1 else "")
-                )
-    xywh = t[:, 2:6]
-    bad = ((xywh < 0) | (xywh > 1)).any(1)
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{name}: expected normalized coordinates cx, cy, w, h in [0, 1], got {t[r, 2:6].tolist()} in row {r}"
-            + (f" (rows {_bad_rows(bad)})" if int(bad.sum()) > 1 else "")
-        )
-    return t
 
 
 def _last_writer(key: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch
 
 from .. import functional as F
 from .._checks import check_tensor, compute_dtype, upcast
-from ..assign.yolov5 import YOLOv5LevelAssignment, assign_yolov5, check_yolo_targets, grid_anchors
+from ..assign.yolov5 import YOLOv5LevelAssignment, assign_yolov5, grid_anchors
+from ..boxes import check_yolo_targets
 from ..output import LossOutput
 
 __all__ = ["YOLOv5Loss", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "default_balance"]

@@ -24,7 +24,7 @@ from .. import distributed
 from .. import functional as F
 from .._checks import check_tensor, compute_dtype, upcast
 from ..assign.tal import Level, TaskAlignedAssigner
-from ..assign.yolov5 import check_yolo_targets
+from ..boxes import check_yolo_targets
 from ..output import LossOutput
 
 __all__ = ["YOLOv8Loss", "make_anchors", "decode_distances", "preprocess_targets"]

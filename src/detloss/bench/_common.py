@@ -1,9 +1,12 @@
 """Timing and memory measurement shared by the benchmark suites."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,13 +24,27 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) ->
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ side logs a line at every start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by torch on the CPU during ``fn()`` beyond what was live before it.
 
     Measured with the profiler's allocation events: the running sum of allocations and frees
     in event order, its maximum. Tensors that exist before the call (the inputs) do not count.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         fn()
     events = []
     for e in prof.profiler.kineto_results.events():  # type: ignore[union-attr]

@@ -3,3 +3,9 @@
 import torch
 
 torch.set_num_threads(1)
+
+import os
+
+# Fused kernels run their eager closed-form pass in tests unless a test asks for the compiled one
+# (tests/kernels/test_compiled.py), so large inputs in other tests don't pay a compile.
+os.environ.setdefault("DETLOSS_COMPILE", "0")

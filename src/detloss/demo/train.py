@@ -39,7 +39,7 @@ from .. import distributed as dist_utils
 from .data import SyntheticShapes, Subset, collate, hflip, open_dataset
 from .models import LOSSES, Detector
 
-DEFAULT_STEPS = 1200
+DEFAULT_STEPS = 1000
 VAL_SEED_OFFSET = 1_000_003
 
 

@@ -123,3 +123,24 @@ def test_two_ranks_ddp_gloo(tmp_path):
     assert all(np.isfinite(m["history"]["total"]))
     for f in FILES:
         assert (tmp_path / "ddp" / f).is_file()
+
+
+def test_trains_on_a_coco_json(tmp_path):
+    from detloss.demo.data import SyntheticShapes
+
+    ds = SyntheticShapes(3, 64, seed=2)
+    doc = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "c"}, {"id": 1, "name": "a"},
+                                                           {"id": 2, "name": "b"}]}
+    for i in range(3):
+        img, lab = ds[i]
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+        doc["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+        for c, cx, cy, w, h in lab.tolist():
+            doc["annotations"].append({"id": len(doc["annotations"]), "image_id": i, "category_id": int(c) + 1,
+                                       "bbox": [(cx - w / 2) * 64, (cy - h / 2) * 64, w * 64, h * 64]})
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    code, out = _train(tmp_path, "--data", str(tmp_path / "ann.json"), "--steps", "2", "--loss", "yolov8")
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classes"] == ["a", "b", "c"] and m["val_images"] == 3
+    assert m["val_objects"] == len(doc["annotations"])

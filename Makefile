@@ -10,21 +10,22 @@ TORCH_PIN := torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
 
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so a machine busy with
+# other work does not stall the two training threads.
 demo: $(VENV)/.installed
-	$(VENV)/bin/detloss train
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/detloss train
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/detloss bench
+	$(VENV)/bin/detloss bench all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detloss.assign.fcos import _candidate_pairs, assign_fcos, make_point_grid
+from detloss.bench.fcos import torchvision_dense_match_image  # the dense matcher, transcribed
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -40,33 +41,6 @@ def tv_anchors(feature_sizes, image_size, dtype=torch.float64):
         out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
         counts.append(gh * gw)
     return torch.cat(out), counts
-
-
-def tv_dense_match(anchors, num_anchors_per_level, gt_boxes, center_sampling_radius=1.5):
-    """torchvision FCOS.compute_loss, the matcher, for one image."""
-    if gt_boxes.numel() == 0:
-        return torch.full((anchors.size(0),), -1, dtype=torch.int64)
-    gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
-    anchor_sizes = anchors[:, 2] - anchors[:, 0]
-    pairwise_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(
-        dim=2
-    ).values < center_sampling_radius * anchor_sizes[:, None]
-    x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)
-    x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)
-    pairwise_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)
-    pairwise_match &= pairwise_dist.min(dim=2).values > 0
-    lower_bound = anchor_sizes * 4
-    lower_bound[: num_anchors_per_level[0]] = 0
-    upper_bound = anchor_sizes * 8
-    upper_bound[-num_anchors_per_level[-1]:] = float("inf")
-    pairwise_dist = pairwise_dist.max(dim=2).values
-    pairwise_match &= (pairwise_dist > lower_bound[:, None]) & (pairwise_dist < upper_bound[:, None])
-    gt_areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-    pairwise_match = pairwise_match.to(torch.float32) * (1e8 - gt_areas[None, :])
-    min_values, matched_idx = pairwise_match.max(dim=1)
-    matched_idx[min_values < 1e-5] = -1
-    return matched_idx
 
 
 MMDET_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, 1e8))
@@ -185,7 +159,7 @@ def test_torchvision_matches_dense(scene, radius):
     anchors, counts = tv_anchors(fs, (h, w))
     ours = assign_fcos(images, fs, STRIDES, center_sampling_radius=radius, image_size=(h, w)).matched_idxs
     for i, boxes in enumerate(images):
-        ref = tv_dense_match(anchors, counts, boxes, center_sampling_radius=radius)
+        ref = torchvision_dense_match_image(anchors, counts, boxes, center_sampling_radius=radius)
         assert torch.equal(ours[i], ref)
 
 
@@ -214,7 +188,7 @@ def test_torchvision_without_center_sampling_matches_dense(scene):
     anchors, counts = tv_anchors(fs, (h, w))
     ours = assign_fcos(images, fs, STRIDES, center_sampling_radius=None, image_size=(h, w)).matched_idxs
     for i, boxes in enumerate(images):
-        assert torch.equal(ours[i], tv_dense_match(anchors, counts, boxes, center_sampling_radius=math.inf))
+        assert torch.equal(ours[i], torchvision_dense_match_image(anchors, counts, boxes, center_sampling_radius=math.inf))
 
 
 def test_float32_boxes_follow_torchvision_float32_rounding():
@@ -222,7 +196,7 @@ def test_float32_boxes_follow_torchvision_float32_rounding():
     boxes = torch.tensor([[0.0, 0.0, 40.0, 25.075], [0.0, 0.0, 40.0, 25.0]], dtype=torch.float32)
     fs = _feature_sizes(64, 64)
     anchors, counts = tv_anchors(fs, (64, 64), dtype=torch.float32)
-    ref = tv_dense_match(anchors, counts, boxes)
+    ref = torchvision_dense_match_image(anchors, counts, boxes)
     ours = assign_fcos([boxes], fs, STRIDES).matched_idxs[0]
     assert (ref == 0).any()
     assert torch.equal(ours, ref)

@@ -34,36 +34,39 @@ def _torchvision_anchors(feature_sizes, dtype) -> torch.Tensor:
     return torch.cat(out)
 
 
+def torchvision_dense_match_image(anchors, num_anchors_per_level, gt_boxes, center_sampling_radius=1.5):
+    """BASELINE: torchvision FCOS.compute_loss's matcher for one image, dense points x boxes."""
+    if gt_boxes.numel() == 0:
+        return torch.full((anchors.size(0),), -1, dtype=torch.int64)
+    gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
+    anchor_sizes = anchors[:, 2] - anchors[:, 0]
+    pairwise_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(
+        dim=2
+    ).values < center_sampling_radius * anchor_sizes[:, None]
+    x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)
+    x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)
+    pairwise_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)
+    pairwise_match &= pairwise_dist.min(dim=2).values > 0
+    lower_bound = anchor_sizes * 4
+    lower_bound[: num_anchors_per_level[0]] = 0
+    upper_bound = anchor_sizes * 8
+    upper_bound[-num_anchors_per_level[-1]:] = float("inf")
+    pairwise_dist = pairwise_dist.max(dim=2).values
+    pairwise_match &= (pairwise_dist > lower_bound[:, None]) & (pairwise_dist < upper_bound[:, None])
+    gt_areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
+    pairwise_match = pairwise_match.to(torch.float32) * (1e8 - gt_areas[None, :])
+    min_values, matched_idx = pairwise_match.max(dim=1)
+    matched_idx[min_values < 1e-5] = -1
+    return matched_idx
+
+
 def torchvision_dense_match(anchors, num_anchors_per_level, targets, center_sampling_radius=1.5):
     """BASELINE: torchvision FCOS.compute_loss's matcher, dense points x boxes, per image."""
-    matched_idxs = []
-    for targets_per_image in targets:
-        if targets_per_image["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((anchors.size(0),), -1, dtype=torch.int64))
-            continue
-        gt_boxes = targets_per_image["boxes"]
-        gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-        anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
-        anchor_sizes = anchors[:, 2] - anchors[:, 0]
-        pairwise_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(
-            dim=2
-        ).values < center_sampling_radius * anchor_sizes[:, None]
-        x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)
-        x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)
-        pairwise_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)
-        pairwise_match &= pairwise_dist.min(dim=2).values > 0
-        lower_bound = anchor_sizes * 4
-        lower_bound[: num_anchors_per_level[0]] = 0
-        upper_bound = anchor_sizes * 8
-        upper_bound[-num_anchors_per_level[-1]:] = float("inf")
-        pairwise_dist = pairwise_dist.max(dim=2).values
-        pairwise_match &= (pairwise_dist > lower_bound[:, None]) & (pairwise_dist < upper_bound[:, None])
-        gt_areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-        pairwise_match = pairwise_match.to(torch.float32) * (1e8 - gt_areas[None, :])
-        min_values, matched_idx = pairwise_match.max(dim=1)
-        matched_idx[min_values < 1e-5] = -1
-        matched_idxs.append(matched_idx)
-    return matched_idxs
+    return [
+        torchvision_dense_match_image(anchors, num_anchors_per_level, t["boxes"], center_sampling_radius)
+        for t in targets
+    ]
 
 
 def torchvision_dense_loss(cls_logits, bbox_regression, bbox_ctrness, anchors, num_anchors_per_level, targets):

@@ -16,10 +16,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so a machine busy with
-# other work does not stall the two training threads.
 demo: $(VENV)/.installed
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/detloss train
+	$(VENV)/bin/detloss train
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

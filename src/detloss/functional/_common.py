@@ -27,6 +27,9 @@ def check_in_range(name: str, t: torch.Tensor, low: float, high: float, what: st
     """ValueError naming ``name`` when some element of ``t`` lies outside [low, high] (or is NaN)."""
     if t.numel() == 0:
         return
+    lo, hi = torch.aminmax(t)  # one pass, no full-size temporaries; NaN propagates and fails below
+    if bool((lo >= low) & (hi <= high)):
+        return
     bad = ~((t >= low) & (t <= high))
     if bool(bad.any()):
         pos = first_bad(bad)

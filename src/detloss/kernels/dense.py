@@ -121,17 +121,14 @@ def sigmoid_focal_closed_form(
     """Elementwise sigmoid focal loss (torchvision semantics; ``pos_weight`` on the BCE term as
     YOLOv5's FocalLoss) and its derivative in ``x``."""
     parts = _logistic(x)
-    p = parts[1]
+    p, q = parts[1], parts[2]  # sigmoid(x), sigmoid(-x)
     ce, dce = _bce(x, y, parts, pos_weight)
-    one_m_p = 1 - p
-    m = 1 - (p * y + one_m_p * (1 - y))
-    inside = m >= 0
-    m = m.clamp(min=0)
+    # m = 1 - p_t = p (1 - y) + (1 - p) y: non-negative for y in [0, 1], no cancellation
+    m = p * (1 - y) + q * y
     mod, slope = _pow_and_slope(m, gamma)
     loss, grad = ce * mod, dce * mod
     if slope is not None:
-        dm = torch.where(inside, p * one_m_p * (1 - 2 * y), 0.0)
-        grad = grad + ce * slope * dm
+        grad = grad + ce * slope * (p * q * (1 - 2 * y))
     if alpha >= 0:
         at = _alpha_t(y, alpha)
         loss, grad = at * loss, at * grad

@@ -733,8 +733,9 @@ def _work_iou(x, y, o, fmt):
     ax1, ay1, ax2, ay2 = a.unbind(-1)
     bx1, by1, bx2, by2 = b.unbind(-1)
     yolo = conv == "yolov5"
-    w1, h1 = ax2 - ax1, ay2 - ay1 + (eps if yolo else 0)
-    w2, h2 = bx2 - bx1, by2 - by1 + (eps if yolo else 0)
+    h_eps = eps if yolo and o["box_format"] == "xyxy" else 0  # bbox_iou adds eps to heights of xyxy boxes only
+    w1, h1 = ax2 - ax1, ay2 - ay1 + h_eps
+    w2, h2 = bx2 - bx1, by2 - by1 + h_eps
     inter = (torch.min(ax2, bx2) - torch.max(ax1, bx1)).clamp(min=0) * (torch.min(ay2, by2) - torch.max(ay1, by1)).clamp(min=0)
     if yolo:
         union = w1 * h1 + w2 * h2 - inter + eps
@@ -775,8 +776,35 @@ def _work_iou(x, y, o, fmt):
             steps += [Step("v", "(4 / pi^2) * (atan(w_b / h_b) - atan(w_a / h_a))^2  (aspect term)", v),
                       Step("alpha", "v / (1 - IoU + v + eps)  (aspect weight" + (", no gradient)" if yolo else ")"), alpha),
                       Step("CIoU", "IoU - rho^2 / c^2 - alpha * v", metric)]
+    elif kind == "eiou":
+        c2 = cw ** 2 + ch ** 2 + eps
+        rho2 = ((bx1 + bx2 - ax1 - ax2) ** 2 + (by1 + by2 - ay1 - ay2) ** 2) / 4
+        dist, wterm, hterm = rho2 / c2, (w1 - w2) ** 2 / (cw ** 2 + eps), (h1 - h2) ** 2 / (ch ** 2 + eps)
+        metric = iou - (dist + wterm + hterm)
+        steps += [Step("rho^2 / c^2", "centre distance over the enclosing diagonal (+ eps)", dist),
+                  Step("(w_a - w_b)^2 / C_w^2", "width term (enclosing width, + eps)", wterm),
+                  Step("(h_a - h_b)^2 / C_h^2", "height term (enclosing height, + eps)", hterm),
+                  Step("EIoU", "IoU - rho^2 / c^2 - width term - height term  (Zhang et al. 2021)", metric)]
+    elif kind == "siou":
+        from .functional.iou import SIOU_THETA
+
+        dx = (bx1 + bx2 - ax1 - ax2) / 2
+        dy = (by1 + by2 - ay1 - ay2) / 2
+        angle = 2 * (dx * dy).abs() / (dx ** 2 + dy ** 2 + eps)
+        gamma = 2 - angle
+        rho_x, rho_y = dx ** 2 / (cw ** 2 + eps), dy ** 2 / (ch ** 2 + eps)
+        distance = (1 - torch.exp(-gamma * rho_x)) + (1 - torch.exp(-gamma * rho_y))
+        omega_w = (w1 - w2).abs() / (torch.maximum(w1, w2) + eps)
+        omega_h = (h1 - h2).abs() / (torch.maximum(h1, h2) + eps)
+        shape = (1 - torch.exp(-omega_w)) ** SIOU_THETA + (1 - torch.exp(-omega_h)) ** SIOU_THETA
+        metric = iou - 0.5 * (distance + shape)
+        steps += [Step("Lambda", "angle cost 1 - 2 sin^2(arcsin(|dy| / sigma) - pi/4) = 2 |dx dy| / sigma^2", angle),
+                  Step("Delta", "distance cost sum over x, y of 1 - exp(-(2 - Lambda) (d / C)^2)", distance),
+                  Step("Omega", f"shape cost sum over w, h of (1 - exp(-|a - b| / max(a, b)))^{SIOU_THETA:g}", shape),
+                  Step("SIoU", "IoU - (Delta + Omega) / 2  (Gevorgyan 2022)", metric)]
     elem = 1 - metric
-    steps.append(Step("l", "1 - " + {"iou": "IoU", "giou": "GIoU", "diou": "DIoU", "ciou": "CIoU"}[kind], elem))
+    names = {"iou": "IoU", "giou": "GIoU", "diou": "DIoU", "ciou": "CIoU", "eiou": "EIoU", "siou": "SIoU"}
+    steps.append(Step("l", "1 - " + names[kind], elem))
     return {"steps": steps, "elementwise": elem, "gradient": None}
 
 
@@ -788,7 +816,7 @@ def _call_iou(x, y, o):
 
 def _v_iou(call, x, y, o):
     v = _reduction_variants(call, x, y, o)
-    for k in ("iou", "giou", "diou", "ciou"):
+    for k in ("iou", "giou", "diou", "ciou", "eiou", "siou"):
         if k != o["kind"]:
             v.append((f"the {k} loss (kind='{k}')", call(x, y, {**o, "kind": k})))
     v.append((f"the {o['kind']} value itself (1 - loss)", 1 - call(x, y, {**o, "reduction": "none"})))
@@ -908,7 +936,8 @@ LOSSES: Dict[str, _Spec] = {
                  _work_mse, _generic_call("mse_loss", ("reduction",)), variants=_v_regression),
     "iou-loss": _Spec(
         "detloss.functional.iou_loss", "l = 1 - IoU_kind(a, b)",
-        "GIoU: Rezatofighi et al. 2019; DIoU/CIoU: Zheng et al. 2020; torchvision.ops / YOLOv5 bbox_iou",
+        "GIoU: Rezatofighi et al. 2019; DIoU/CIoU: Zheng et al. 2020; EIoU: Zhang et al. 2021; SIoU: Gevorgyan 2022; "
+        "torchvision.ops / YOLOv5 bbox_iou",
         {"kind": "giou", "box_format": "xyxy", "convention": "torchvision", "eps": None, "reduction": "none"},
         _work_iou, _call_iou, target_kind="box", variants=_v_iou),
     "dfl": _Spec(
@@ -919,6 +948,7 @@ LOSSES: Dict[str, _Spec] = {
 # Short names for the IoU kinds: `detloss explain ciou ...` == `detloss explain iou-loss --kind ciou ...`.
 ALIASES = {"giou": ("iou-loss", {"kind": "giou"}), "diou": ("iou-loss", {"kind": "diou"}),
            "ciou": ("iou-loss", {"kind": "ciou"}), "iou": ("iou-loss", {"kind": "iou"}),
+           "eiou": ("iou-loss", {"kind": "eiou"}), "siou": ("iou-loss", {"kind": "siou"}),
            "sigmoid-focal": ("focal", {}), "binary-cross-entropy": ("bce", {}), "smooth_l1": ("smooth-l1", {}),
            "quality-focal": ("qfl", {}), "distribution-focal": ("dfl", {}), "vfl": ("varifocal", {})}
 
@@ -1158,7 +1188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", dest="label_smoothing", type=float)
     parser.add_argument("--ignore-index", dest="ignore_index", type=int)
     parser.add_argument("--label", help="varifocal: 0/1 label per element")
-    parser.add_argument("--kind", choices=("iou", "giou", "diou", "ciou"))
+    parser.add_argument("--kind", choices=("iou", "giou", "diou", "ciou", "eiou", "siou"))
     parser.add_argument("--box-format", dest="box_format", choices=("xyxy", "cxcywh"))
     parser.add_argument("--convention", choices=("torchvision", "yolov5"))
     parser.add_argument("--expect", help="a claimed value (or one per element) to check")

@@ -99,6 +99,28 @@ def test_ciou_terms_by_hand(convention):
                                              kind="ciou", convention=convention))
 
 
+def test_eiou_and_siou_terms_by_hand():
+    a, b = [0.0, 0.0, 4.0, 2.0], [1.0, 0.0, 3.0, 4.0]  # centres (2, 1), (2, 2); enclosing box 4 x 4
+    iou = 4.0 / 12.0
+    e = explain("eiou", a, b)
+    s = {st_.symbol: float(st_.values) for st_ in e.steps}
+    # EIoU = IoU - rho^2 / c^2 - (w_a - w_b)^2 / C_w^2 - (h_a - h_b)^2 / C_h^2
+    assert s["rho^2 / c^2"] == pytest.approx(1.0 / 32.0, rel=1e-6)
+    assert s["(w_a - w_b)^2 / C_w^2"] == pytest.approx((4 - 2) ** 2 / 16, rel=1e-6)
+    assert s["(h_a - h_b)^2 / C_h^2"] == pytest.approx((2 - 4) ** 2 / 16, rel=1e-6)
+    assert float(e.result) == pytest.approx(1 - (iou - 1 / 32 - 0.25 - 0.25), rel=1e-6)
+    e = explain("siou", a, b)
+    s = {st_.symbol: float(st_.values) for st_ in e.steps}
+    # centres differ along y only: angle cost 0, so gamma = 2; rho_y = (1 / 4)^2, rho_x = 0
+    delta = 1 - math.exp(-2 * (1 / 4) ** 2)
+    omega = 2 * (1 - math.exp(-(2 / 4))) ** 4  # |4 - 2| / 4 for the widths and for the heights
+    assert s["Lambda"] == pytest.approx(0.0, abs=1e-12)
+    assert s["Delta"] == pytest.approx(delta, rel=1e-6)
+    assert s["Omega"] == pytest.approx(omega, rel=1e-6)
+    assert float(e.result) == pytest.approx(1 - (iou - 0.5 * (delta + omega)), rel=1e-6)
+    assert e.consistent
+
+
 def test_dfl_two_bins_by_hand():
     logits = [0.5, 1.0, -0.3, 2.0, 0.0]
     e = explain("dfl", logits, [2.3])
@@ -158,6 +180,11 @@ CASES = [
     ("diou", BA, BB, {"convention": "yolov5"}, lambda: DF.iou_loss(BA, BB, kind="diou", convention="yolov5")),
     ("ciou", BA, BB, {}, lambda: DF.iou_loss(BA, BB, kind="ciou")),
     ("iou-loss", BA, BB, {"kind": "giou", "convention": "yolov5"}, lambda: DF.iou_loss(BA, BB, kind="giou", convention="yolov5")),
+    ("eiou", BA, BB, {}, lambda: DF.iou_loss(BA, BB, kind="eiou")),
+    ("siou", BA, BB, {"convention": "yolov5", "box_format": "cxcywh"},
+     lambda: DF.iou_loss(BA, BB, kind="siou", convention="yolov5", box_format="cxcywh")),
+    ("ciou", BA, BB, {"convention": "yolov5", "box_format": "cxcywh"},
+     lambda: DF.iou_loss(BA, BB, kind="ciou", convention="yolov5", box_format="cxcywh")),
     ("dfl", DL, DT, {}, lambda: DF.distribution_focal_loss(DL, DT)),
 ]
 

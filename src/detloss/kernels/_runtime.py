@@ -99,7 +99,9 @@ def _fresh_code(fn: Callable, tag: str) -> Callable:
     (loss, reduction, hyperparameters) gets its own, so that configurations never evict each other.
     """
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    fresh.__kwdefaults__ = fn.__kwdefaults__
+    return fresh
 
 
 class CompiledPass:
@@ -111,9 +113,10 @@ class CompiledPass:
     runs instead; a failure warns once and is remembered.
     """
 
-    def __init__(self, fn: Pass, tag: str) -> None:
+    def __init__(self, fn: Pass, tag: str, into_buffer: bool = True) -> None:
         self.eager = fn
         self.tag = tag
+        self.into_buffer = into_buffer
         self._compiled: Optional[Callable] = None
         self.failed = False
 
@@ -122,6 +125,8 @@ class CompiledPass:
             if self._compiled is None:
                 self._compiled = torch.compile(_fresh_code(self.eager, self.tag), dynamic=True)
             try:
+                if not self.into_buffer:
+                    return self._compiled(*args)
                 # The compiled loop writes the gradient into a buffer allocated here (see
                 # empty_gradient) instead of one Inductor allocates: same values, fewer page faults.
                 out = empty_gradient(*args)  # type: ignore[arg-type]
@@ -270,13 +275,19 @@ def empty_gradient(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tor
 _PASSES: Dict[tuple, CompiledPass] = {}
 
 
-def cached_pass(name: str, closed_form: Callable, reduction: str, **params) -> CompiledPass:
-    """The :class:`CompiledPass` of ``closed_form`` for this reduction and hyperparameters, made once."""
+def cached_pass(
+    name: str, closed_form: Callable, reduction: str, into_buffer: bool = True, **params
+) -> CompiledPass:
+    """The :class:`CompiledPass` of ``closed_form`` for this reduction and hyperparameters, made once.
+
+    ``into_buffer``: the compiled loop stores the gradient into :func:`empty_gradient` (for
+    elementwise passes; a pass whose gradient Inductor assembles from parts, like the box losses'
+    ``[..., 4]``, would copy it there instead, so it keeps its own output)."""
     key = (name, reduction) + tuple(sorted(params.items()))
     cp = _PASSES.get(key)
     if cp is None:
         tag = "_".join([name, reduction] + [f"{k}{v}" for k, v in sorted(params.items())])
         tag = "".join(c if c.isalnum() else "_" for c in tag)
-        cp = CompiledPass(make_pass(closed_form, reduction, **params), tag)
+        cp = CompiledPass(make_pass(closed_form, reduction, **params), tag, into_buffer)
         _PASSES[key] = cp
     return cp

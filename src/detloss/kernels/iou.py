@@ -163,7 +163,7 @@ def iou_closed_form(
 def get_iou_pass(kind: str, box_format: str, convention: str, eps: float, reduction: str) -> CompiledPass:
     """The cached compiled pass of one IoU-loss configuration."""
     return cached_pass(
-        "iou_loss", iou_closed_form, reduction,
+        "iou_loss", iou_closed_form, reduction, into_buffer=False,
         kind=kind, box_format=box_format, convention=convention, eps=float(eps),
     )
 

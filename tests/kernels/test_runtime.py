@@ -137,3 +137,14 @@ def test_dispatched_result_equals_formula(eager, monkeypatch):
     lr, gr = loss_and_grad(lambda a: F.sigmoid_focal_loss(a, t, gamma=1.5, reduction="mean"), x)
     torch.testing.assert_close(lf, lr, rtol=1e-10, atol=0)
     torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype, grad_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                               (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("numel", [10, 3 << 20])  # below and above the huge-page advice threshold
+def test_empty_gradient_shape_dtype_and_usable(dtype, grad_dtype, numel):
+    x = torch.zeros(numel // 4, 4, dtype=dtype)
+    g = _runtime.empty_gradient(x, torch.zeros_like(x))
+    assert g.shape == x.shape and g.dtype == grad_dtype and g.is_contiguous()
+    g.fill_(2.0)  # the advised memory is ordinary memory
+    assert float(g.sum()) == 2.0 * g.numel()

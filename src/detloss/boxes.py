@@ -6,7 +6,9 @@ targets are a list (one per image) of ``{"boxes": [n, 4] xyxy pixels, "labels": 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -119,3 +121,47 @@ def check_yolo_targets(
             + (f" (rows {_bad_rows(bad)})" if int(bad.sum()) > 1 else "")
         )
     return t
+
+
+def read_yolo_labels(path: Union[str, os.PathLike], num_classes: Optional[int] = None) -> torch.Tensor:
+    """Read a YOLO label file: one ``class cx cy w h`` line per box (normalized 0..1) -> ``[N, 5]`` float64.
+
+    Blank lines and ``#`` comments are skipped. Errors name the file and the line: a missing file
+    (FileNotFoundError), a line that is not five numbers, a value that is not finite, a class
+    that is not a non-negative integer (below ``num_classes`` if given), a centre outside [0, 1],
+    or a width/height outside (0, 1].
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels: no such file: {path}")
+    rows: List[List[float]] = []
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            where = f"{path}:{lineno}"
+            if len(parts) != 5:
+                raise ValueError(f"{where}: expected 5 values 'class cx cy w h', got {len(parts)}: {raw.strip()!r}")
+            try:
+                vals = [float(v) for v in parts]
+            except ValueError:
+                raise ValueError(f"{where}: expected numbers 'class cx cy w h', got {raw.strip()!r}") from None
+            if not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"{where}: expected finite numbers, got {raw.strip()!r}")
+            c, cx, cy, w, h = vals
+            if c < 0 or c != int(c) or (num_classes is not None and c >= num_classes):
+                limit = f" below {num_classes}" if num_classes is not None else ""
+                raise ValueError(f"{where}: expected a non-negative integer class{limit}, got {parts[0]!r}")
+            if not (0 <= cx <= 1 and 0 <= cy <= 1):
+                raise ValueError(
+                    f"{where}: expected a centre cx, cy normalized to 0..1, i.e. in [0, 1], got {cx:g}, {cy:g}"
+                )
+            if not (0 < w <= 1 and 0 < h <= 1):
+                raise ValueError(
+                    f"{where}: expected a positive width and height normalized to 0..1, i.e. w, h in (0, 1], "
+                    f"got {w:g}, {h:g}"
+                )
+            rows.append(vals)
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 5)

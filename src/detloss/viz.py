@@ -33,9 +33,11 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .boxes import read_yolo_labels
 
 __all__ = [
     "SCHEMES",
@@ -65,43 +67,6 @@ IGNORED_COLOUR = (128, 128, 128)
 
 
 # ----------------------------------------------------------------------------- inputs
-def read_yolo_labels(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """Read a YOLO label file: one ``class cx cy w h`` line per box (normalized 0..1).
-
-    Returns ``[N, 5]`` float64. Blank lines and ``#`` comments are skipped. Errors name the file
-    and the line: missing file, wrong number of values, a value that is not a number, a class
-    that is not a non-negative integer, coordinates outside [0, 1] or a size that is not positive.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels: no such file: {path}")
-    rows: List[List[float]] = []
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
-            where = f"{path}:{lineno}"
-            if len(parts) != 5:
-                raise ValueError(f"{where}: expected 5 values 'class cx cy w h', got {len(parts)}: {raw.strip()!r}")
-            try:
-                vals = [float(p) for p in parts]
-            except ValueError:
-                raise ValueError(f"{where}: expected numbers 'class cx cy w h', got {raw.strip()!r}") from None
-            if not all(math.isfinite(v) for v in vals):
-                raise ValueError(f"{where}: expected finite numbers, got {raw.strip()!r}")
-            c, cx, cy, w, h = vals
-            if c < 0 or c != int(c):
-                raise ValueError(f"{where}: expected a non-negative integer class, got {parts[0]!r}")
-            if not (0 <= cx <= 1 and 0 <= cy <= 1):
-                raise ValueError(f"{where}: expected a normalized centre cx, cy in [0, 1], got {cx:g}, {cy:g}")
-            if not (0 < w <= 1 and 0 < h <= 1):
-                raise ValueError(f"{where}: expected a normalized size w, h in (0, 1], got {w:g}, {h:g}")
-            rows.append(vals)
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 5)
-
-
 def _as_rows(rows: Any) -> torch.Tensor:
     """``[N, 5]`` (class, cx, cy, w, h) or ``[N, 6]`` (image, class, cx, cy, w, h) -> ``[N, 6]`` of image 0."""
     t = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows, dtype=torch.float64)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..boxes import read_yolo_labels
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 SHAPES = ("circle", "square", "triangle")
@@ -135,37 +137,9 @@ def _list_images(folder: Path) -> List[Path]:
 
 
 def parse_yolo_label_file(path: Path, num_classes: Optional[int] = None) -> torch.Tensor:
-    """Read one YOLO txt label file -> ``[n, 5]`` float32 rows (class, cx, cy, w, h).
-
-    Blank lines are skipped. Raises ValueError naming the file and line for a line that is not
-    five numbers, a class that is not a non-negative integer (below ``num_classes`` if given),
-    coordinates outside 0..1, or a non-positive width/height.
-    """
-    rows = []
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        parts = line.split()
-        if len(parts) != 5:
-            raise ValueError(f"{where}: expected 5 values 'class cx cy w h', got {len(parts)}: {line.strip()!r}")
-        try:
-            vals = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"{where}: expected numbers 'class cx cy w h', got {line.strip()!r}") from None
-        cls, cx, cy, w, h = vals
-        if not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"{where}: expected finite numbers, got {line.strip()!r}")
-        if cls < 0 or cls != int(cls) or (num_classes is not None and cls >= num_classes):
-            limit = f" below {num_classes}" if num_classes is not None else ""
-            raise ValueError(f"{where}: expected a non-negative integer class{limit}, got {parts[0]!r}")
-        if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
-            raise ValueError(f"{where}: expected cx, cy, w, h normalized to 0..1, got {line.strip()!r}")
-        if w <= 0 or h <= 0:
-            raise ValueError(f"{where}: expected a positive width and height, got {line.strip()!r}")
-        rows.append(vals)
-    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
+    """Read one YOLO txt label file -> ``[n, 5]`` float32 rows (class, cx, cy, w, h); the rules and
+    the errors (naming the file and line) are :func:`detloss.boxes.read_yolo_labels`'."""
+    return read_yolo_labels(path, num_classes).to(torch.float32)
 
 
 def _load_resized(path: Path, img_size: int) -> torch.Tensor:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detloss
+from reference_cases import case_names, load_case
 from detloss.assign.tal import (
     TaskAlignedAssigner,
     _candidate_pairs,
@@ -27,13 +27,11 @@ from detloss.assign.tal import (
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ultralytics"
-CASES = sorted(p.name for p in DATA.glob("c*.npz"))
+CASES = case_names("ultralytics")
 
 
 def load(name):
-    d = np.load(DATA / name)
-    cfg = json.loads(str(d["config"]))
-    return {k: torch.from_numpy(d[k]) for k in d.files if k != "config" and not k.endswith("version")}, cfg
+    return load_case("ultralytics", name)
 
 
 def assigner_inputs(d, cfg):

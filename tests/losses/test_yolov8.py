@@ -9,7 +9,6 @@ generator), the release without the small-box widening.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,16 @@ import pytest
 import torch
 
 import detloss
+from reference_cases import case_names, load_case
 from detloss import YOLOv8Loss
 from detloss.losses import yolov8 as y8
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ultralytics"
-CASES = sorted(p.name for p in DATA.glob("c*.npz"))
+CASES = case_names("ultralytics")
 
 
 def load(name):
-    d = np.load(DATA / name)
-    cfg = json.loads(str(d["config"]))
-    return {k: torch.from_numpy(d[k]) for k in d.files if k != "config" and not k.endswith("version")}, cfg
+    return load_case("ultralytics", name)
 
 
 def build(cfg, **kw):

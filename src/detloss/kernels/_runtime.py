@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import types
@@ -234,22 +235,18 @@ def gradient_dtype(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tor
 
 _HUGE_PAGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14  # Linux
-_madvise: Optional[Callable[..., int]] = None
-
-
-def _load_madvise() -> Optional[Callable[..., int]]:
-    global _madvise
-    if _madvise is None:
-        fn: Callable[..., int] = lambda *a: -1  # noqa: E731  (not Linux / no libc: do nothing)
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                fn = libc.madvise
-                fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            except (OSError, AttributeError):
-                pass
-        _madvise = fn
-    return _madvise
+@functools.lru_cache(maxsize=None)
+def _madvise() -> Callable[..., int]:
+    """libc's ``madvise`` on Linux; elsewhere (or without libc) a stand-in that does nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            return fn
+        except (OSError, AttributeError):
+            pass
+    return lambda *args: -1
 
 
 def empty_gradient(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
@@ -268,7 +265,7 @@ def empty_gradient(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tor
         start = -(-ptr // _HUGE_PAGE) * _HUGE_PAGE
         end = (ptr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if end > start:
-            _load_madvise()(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
+            _madvise()(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
     return grad
 
 

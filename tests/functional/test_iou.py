@@ -118,3 +118,17 @@ def test_dfl_last_bin_and_integer_target():
     out = F.distribution_focal_loss(logits, torch.tensor([7.0, 3.0, 2.25], dtype=torch.float64), reduction="none")
     expected = torch.stack([-logp[0, 7], -logp[1, 3], -(0.75 * logp[2, 2] + 0.25 * logp[2, 3])])
     torch.testing.assert_close(out, expected)
+
+
+def test_ciou_flat_box_angle_is_pi_over_two_in_float64():
+    """A box of zero height has the limit angle pi/2 in the computing dtype (a float32 constant
+    would put the float64 CIoU 4e-8 off the value computed by hand)."""
+    pred = torch.tensor([[0.0, 0.0, 2.0, 0.0]], dtype=torch.float64)  # w = 2, h = 0
+    target = torch.tensor([[0.0, -1.0, 1.0, 2.0]], dtype=torch.float64)  # w = 1, h = 3
+    got = F.box_iou(pred, target, kind="ciou", convention="torchvision")
+    # IoU = 0 (no area in common), centre distance^2 = 0.5^2 + 0.5^2, enclosing diagonal^2 =
+    # 2^2 + 3^2, eps = 1e-7 on the diagonal and in alpha's denominator (torchvision)
+    v = 4 / math.pi**2 * (math.atan(1 / 3) - math.pi / 2) ** 2
+    alpha = v / (1 - 0.0 + v + 1e-7)
+    want = 0.0 - 0.5 / (13 + 1e-7) - alpha * v
+    assert got.item() == pytest.approx(want, rel=1e-14, abs=1e-15)

@@ -3,13 +3,18 @@ detloss.functional.iou_loss, the ground truth: iou/giou/diou/ciou, both conventi
 formats, every reduction, with identical, disjoint, nested, touching and zero-size boxes."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _kernel_helpers import assert_parity, loss_and_grad
 from detloss import kernels
 from detloss.boxes import xyxy_to_cxcywh
 from detloss.functional import iou as fiou
+from detloss.kernels import iou as kiou
 from detloss.kernels.iou import FUSED_KINDS
 
 
@@ -93,3 +98,88 @@ def test_unfused_kind_rejected(eager):
     pred, target = _pairs(10)
     with pytest.raises(ValueError, match="kind"):
         kernels.fused_iou_loss(pred.requires_grad_(), target, kind="siou")
+
+
+_SIDES = (0.0, 1e-3, 0.5, 2.0, 7.0, 1e3)
+
+
+def _formula_angle_difference(w1, h1, w2, h2):
+    return fiou._atan_ratio(w2, h2) - fiou._atan_ratio(w1, h1)
+
+
+def test_aspect_angle_difference_every_side_case():
+    """One atan of the angle between (h, w) vectors equals the formula's two atans, including
+    points, zero heights, zero widths and (unvalidated) negative widths."""
+    sides = torch.tensor(_SIDES + (-0.5, -3.0), dtype=torch.float64)
+    w1, h1, w2, h2 = torch.cartesian_prod(sides, sides, sides, sides).unbind(1)
+    keep = (h1 >= 0) & (h2 >= 0)  # negative heights cannot pass validation and xyxy adds eps only
+    w1, h1, w2, h2 = w1[keep], h1[keep], w2[keep], h2[keep]
+    w1.requires_grad_(), h1.requires_grad_()
+    got, dw, dh = kiou._aspect_angle_difference(w1, h1, w2, h2)
+    want = _formula_angle_difference(w1, h1, w2, h2)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-14, atol=1e-15)
+    assert float(want.detach().abs().max()) > 3.0  # the +-pi correction branch was exercised
+    want_dw, want_dh = torch.autograd.grad(-want.sum(), (w1, h1))  # slopes of atan(w1 / h1)
+    torch.testing.assert_close(dw, want_dw, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(dh, want_dh, rtol=1e-13, atol=1e-15)
+
+
+_side = st.one_of(st.just(0.0), st.floats(1e-6, 1e4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_side, _side, _side, _side), min_size=1, max_size=16))
+def test_aspect_angle_difference_property(rows):
+    w1, h1, w2, h2 = torch.tensor(rows, dtype=torch.float64).unbind(1)
+    got = kiou._aspect_angle_difference(w1, h1, w2, h2)[0]
+    torch.testing.assert_close(got, _formula_angle_difference(w1, h1, w2, h2), rtol=1e-12, atol=1e-13)
+    w1, h1, w2, h2 = w1.float(), h1.float(), w2.float(), h2.float()
+    got32 = kiou._aspect_angle_difference(w1, h1, w2, h2)[0]
+    torch.testing.assert_close(got32, _formula_angle_difference(w1, h1, w2, h2), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(*[st.floats(0.0, 3.0000000054977558e38, width=32)] * 4), min_size=1, max_size=16),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_aspect_angle_difference_finite_for_any_sides(rows, dtype):
+    """Subnormal, tiny and huge sides (whose products underflow or overflow) still give a finite
+    angle in [-pi, pi], and finite slopes wherever the larger side is a normal float."""
+    w1, h1, w2, h2 = torch.tensor(rows, dtype=dtype).unbind(1)
+    got, dw, dh = kiou._aspect_angle_difference(w1, h1, w2, h2)
+    assert torch.isfinite(got).all() and float(got.abs().max()) <= math.pi + 1e-6
+    normal = w1.abs().maximum(h1) >= torch.finfo(dtype).tiny  # slopes ~1/side: finite for normal sides
+    assert torch.isfinite(dw[normal]).all() and torch.isfinite(dh[normal]).all()
+
+
+def test_compiled_box_pass_vectorizes_strided_boxes():
+    """The box passes ask Inductor to vectorize loops whose loads are strided ([N, 4] boxes), with
+    8-lane vectors where the widest are 16 lanes; options this torch lacks are dropped."""
+    import torch._inductor.config as inductor_config
+
+    cp = kiou.get_iou_pass("giou", "xyxy", "torchvision", 1e-7, "sum")
+    opts = cp.compile_options()
+    assert opts == kiou.box_pass_options()
+    if hasattr(inductor_config.cpp, "enable_tiling_heuristics"):
+        assert opts["cpp.enable_tiling_heuristics"] is False
+    assert set(opts) <= {"cpp.enable_tiling_heuristics", "cpp.simdlen"}
+    if "cpp.simdlen" in opts:
+        from torch._inductor import cpu_vec_isa
+
+        assert opts["cpp.simdlen"] == 256 and cpu_vec_isa.pick_vec_isa().bit_width() == 512
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-15, 1e15])
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_tiny_and_huge_boxes_float32_finite_and_equal_formula(eager, kind, scale):
+    """Boxes of 1e-30 to 1e15 units in float32 (squares of sides under- and overflow the float32
+    range at the ends) give finite losses and gradients equal to the formula's."""
+    pred, target = _pairs(200, dtype=torch.float32, seed=4)
+    pred, target = pred * scale, target * scale
+    pred = torch.cat([pred[:, :2], torch.maximum(pred[:, 2:], pred[:, :2])], 1)
+    lf, gf = loss_and_grad(lambda p: kernels.fused_iou_loss(p, target, kind, reduction="none"), pred)
+    lr, gr = loss_and_grad(lambda p: fiou._iou_loss_formula(p, target, kind, reduction="none"), pred)
+    assert torch.isfinite(lf).all() and torch.isfinite(gf).all()
+    torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gf * scale, gr * scale, rtol=1e-4, atol=1e-5)

@@ -148,3 +148,35 @@ def test_empty_gradient_shape_dtype_and_usable(dtype, grad_dtype, numel):
     assert g.shape == x.shape and g.dtype == grad_dtype and g.is_contiguous()
     g.fill_(2.0)  # the advised memory is ordinary memory
     assert float(g.sum()) == 2.0 * g.numel()
+
+
+def test_inductor_options_keep_only_known_keys():
+    import torch._inductor.config as inductor_config
+
+    opts = _runtime.inductor_options(cpp__no_such_option=1, no_such_section__x=2)
+    assert opts == {}
+    assert _runtime.inductor_options(cpp__simdlen=None) == (
+        {"cpp.simdlen": None} if hasattr(inductor_config.cpp, "simdlen") else {}
+    )
+
+
+def test_compiled_pass_hands_its_options_to_torch_compile(monkeypatch):
+    monkeypatch.setenv("DETLOSS_COMPILE", "1")
+    seen = {}
+
+    def fake_compile(fn, **kw):
+        seen.update(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x, t = _xt()
+    cp = _runtime.CompiledPass(
+        _runtime.make_pass(lambda a, b: (a * b, b), "sum"), "test_options", into_buffer=False,
+        options={"cpp.simdlen": None},
+    )
+    cp(x, t)
+    assert seen == {"dynamic": True, "options": {"cpp.simdlen": None}}
+    seen.clear()
+    cp_plain = _runtime.CompiledPass(_runtime.make_pass(lambda a, b: (a * b, b), "sum"), "t2", into_buffer=False)
+    cp_plain(x, t)
+    assert seen == {"dynamic": True, "options": None}

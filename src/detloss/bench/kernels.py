@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=("dense", "box"), default=None,
+                        help="run only the dense (logit) losses or only the box losses")
 
 
 def _dense_inputs(shape: Sequence[int], seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,6 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ratio_rows: List[List[object]] = []
     first_calls: Dict[str, float] = {}
 
+    if args.only == "box":
+        dense_shapes = []
     for si, shape in enumerate(dense_shapes):
         x0, t, q = _dense_inputs(shape, args.seed + si)
         x = x0.clone().requires_grad_()
@@ -189,33 +193,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ]
         del x, x0, t, q
 
-    pred0, target = _box_inputs(n_boxes, args.seed)
-    pred = pred0.clone().requires_grad_()
-    grad_mb = pred.numel() * pred.element_size()
-    bound = _bound([pred0, target], pred0, m)
-    fresh = _bound_fresh(pred0, target, m)
-    shape_s = f"{n_boxes} pairs"
-    for convention, kinds in (("torchvision", ("giou", "diou", "ciou")), ("yolov5", ("ciou",))):
-        for kind in kinds:
-            key = f"iou_loss/{kind}/{convention}"
-            fused = lambda p, k=kind, c=convention: kernels.fused_iou_loss(p, target, k, "xyxy", c, "sum")  # noqa: E731
-            formula = lambda p, k=kind, c=convention: fiou._iou_loss_formula(p, target, k, "xyxy", c, "sum")  # noqa: E731
-            first_calls[key] = _first_call(fused, pred)
-            f_fwd = m.fwd(fused, pred)
-            f_fb, f_mem = m.fwd_bwd(fused, pred)
-            p_fwd = m.fwd(formula, pred)
-            p_fb, p_mem = m.fwd_bwd(formula, pred)
-            label = f"iou_loss {kind} {convention} (sum)"
-            timing_rows += [
-                [label, shape_s, "fused", fmt_ms(f_fwd), fmt_ms(f_fb), fmt_mb(f_mem)],
-                [label, shape_s, "formula", fmt_ms(p_fwd), fmt_ms(p_fb), fmt_mb(p_mem)],
-            ]
-            ratio_rows.append([
-                label, shape_s, _fmt_x(p_fb / f_fb), "", _fmt_x(f_fb / bound),
-                f"{f_mem / grad_mb:5.2f}", f"{p_mem / grad_mb:5.2f}", f"{first_calls[key]:6.2f} s",
-            ])
-    timing_rows.append(["bandwidth bound", shape_s, "read p,t write g", "", fmt_ms(bound), ""])
-    timing_rows.append(["bound + allocating g", shape_s, "torch.add(p, t)", "", fmt_ms(fresh), fmt_mb(grad_mb)])
+    if args.only != "dense":
+        pred0, target = _box_inputs(n_boxes, args.seed)
+        pred = pred0.clone().requires_grad_()
+        grad_mb = pred.numel() * pred.element_size()
+        bound = _bound([pred0, target], pred0, m)
+        fresh = _bound_fresh(pred0, target, m)
+        shape_s = f"{n_boxes} pairs"
+        for convention, kinds in (("torchvision", ("iou", "giou", "diou", "ciou")), ("yolov5", ("ciou",))):
+            for kind in kinds:
+                key = f"iou_loss/{kind}/{convention}"
+                fused = lambda p, k=kind, c=convention: kernels.fused_iou_loss(p, target, k, "xyxy", c, "sum")  # noqa: E731
+                formula = lambda p, k=kind, c=convention: fiou._iou_loss_formula(p, target, k, "xyxy", c, "sum")  # noqa: E731
+                first_calls[key] = _first_call(fused, pred)
+                f_fwd = m.fwd(fused, pred)
+                f_fb, f_mem = m.fwd_bwd(fused, pred)
+                p_fwd = m.fwd(formula, pred)
+                p_fb, p_mem = m.fwd_bwd(formula, pred)
+                label = f"iou_loss {kind} {convention} (sum)"
+                timing_rows += [
+                    [label, shape_s, "fused", fmt_ms(f_fwd), fmt_ms(f_fb), fmt_mb(f_mem)],
+                    [label, shape_s, "formula", fmt_ms(p_fwd), fmt_ms(p_fb), fmt_mb(p_mem)],
+                ]
+                ratio_rows.append([
+                    label, shape_s, _fmt_x(p_fb / f_fb), "", _fmt_x(f_fb / bound),
+                    f"{f_mem / grad_mb:5.2f}", f"{p_mem / grad_mb:5.2f}", f"{first_calls[key]:6.2f} s",
+                ])
+        timing_rows.append(["bandwidth bound", shape_s, "read p,t write g", "", fmt_ms(bound), ""])
+        timing_rows.append(["bound + allocating g", shape_s, "torch.add(p, t)", "", fmt_ms(fresh), fmt_mb(grad_mb)])
 
     print("\nTimes (fwd: the loss call on an input that requires grad; fwd+bwd: loss.backward() too) "
           "and peak extra memory of fwd+bwd")

@@ -65,7 +65,8 @@ def _atan_ratio(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """atan(w / h) for h > 0; its limit (pi/2, or 0 for a point) where h == 0, without NaN."""
     ok = h > 0
     r = torch.atan(w / torch.where(ok, h, torch.ones_like(h)))
-    return torch.where(ok, r, torch.where(w > 0, math.pi / 2, 0.0).to(r.dtype))
+    # pi/2 in the computing dtype (a float32 constant would be off by 4e-8 in float64)
+    return torch.where(ok, r, (w > 0).to(r.dtype) * (math.pi / 2))
 
 
 def _relu0(d: torch.Tensor) -> torch.Tensor:

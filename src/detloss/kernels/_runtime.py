@@ -16,7 +16,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -36,6 +36,8 @@ ENV_MIN_NUMEL = "DETLOSS_FUSED_MIN_NUMEL"
 DEFAULT_MIN_NUMEL = 1 << 18
 
 Pass = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+#: Inductor options of a pass: a dict, or a function returning one (called at the first compile).
+CompileOptions = Union[Dict[str, object], Callable[[], Dict[str, object]]]
 
 _OFF = ("0", "false", "no", "off")
 
@@ -114,18 +116,29 @@ class CompiledPass:
     runs instead; a failure warns once and is remembered.
     """
 
-    def __init__(self, fn: Pass, tag: str, into_buffer: bool = True) -> None:
+    def __init__(
+        self, fn: Pass, tag: str, into_buffer: bool = True, options: Optional[CompileOptions] = None
+    ) -> None:
         self.eager = fn
         self.tag = tag
         self.into_buffer = into_buffer
+        self.options = options
         self._compiled: Optional[Callable] = None
         self.failed = False
 
+    def compile_options(self) -> Dict[str, object]:
+        """The Inductor options of this pass (a callable given as ``options`` is resolved here,
+        when the pass is first compiled, so that probing the machine costs nothing otherwise)."""
+        opts = self.options() if callable(self.options) else self.options
+        return dict(opts or {})
+
     def __call__(self, *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if compile_enabled() and not self.failed:
-            if self._compiled is None:
-                self._compiled = torch.compile(_fresh_code(self.eager, self.tag), dynamic=True)
             try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(
+                        _fresh_code(self.eager, self.tag), dynamic=True, options=self.compile_options() or None
+                    )
                 if not self.into_buffer:
                     return self._compiled(*args)
                 # The compiled loop writes the gradient into a buffer allocated here (see
@@ -272,19 +285,51 @@ def empty_gradient(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tor
 _PASSES: Dict[tuple, CompiledPass] = {}
 
 
+_MISSING = object()
+
+
+def inductor_options(**options: object) -> Dict[str, object]:
+    """Those of ``options`` (Inductor config keys, ``.`` for ``__``) that this torch's Inductor has.
+
+    Options are tuning only; an older torch without one simply compiles with its defaults.
+    """
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # pragma: no cover - no Inductor at all
+        return {}
+    kept: Dict[str, object] = {}
+    for key, value in options.items():
+        dotted = key.replace("__", ".")
+        node: object = inductor_config
+        for part in dotted.split("."):
+            node = getattr(node, part, _MISSING)
+            if node is _MISSING:
+                break
+        if node is not _MISSING:
+            kept[dotted] = value
+    return kept
+
+
+
 def cached_pass(
-    name: str, closed_form: Callable, reduction: str, into_buffer: bool = True, **params
+    name: str,
+    closed_form: Callable,
+    reduction: str,
+    into_buffer: bool = True,
+    options: Optional[CompileOptions] = None,
+    **params,
 ) -> CompiledPass:
     """The :class:`CompiledPass` of ``closed_form`` for this reduction and hyperparameters, made once.
 
     ``into_buffer``: the compiled loop stores the gradient into :func:`empty_gradient` (for
     elementwise passes; a pass whose gradient Inductor assembles from parts, like the box losses'
-    ``[..., 4]``, would copy it there instead, so it keeps its own output)."""
+    ``[..., 4]``, would copy it there instead, so it keeps its own output). ``options``: Inductor
+    options for this pass (see :func:`inductor_options`)."""
     key = (name, reduction) + tuple(sorted(params.items()))
     cp = _PASSES.get(key)
     if cp is None:
         tag = "_".join([name, reduction] + [f"{k}{v}" for k, v in sorted(params.items())])
         tag = "".join(c if c.isalnum() else "_" for c in tag)
-        cp = CompiledPass(make_pass(closed_form, reduction, **params), tag, into_buffer)
+        cp = CompiledPass(make_pass(closed_form, reduction, **params), tag, into_buffer, options)
         _PASSES[key] = cp
     return cp

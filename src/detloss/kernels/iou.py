@@ -28,12 +28,13 @@ Rezatofighi et al. 2019 (GIoU), Zheng et al. 2020 (DIoU, CIoU).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._runtime import CompiledPass, FusedLoss, cached_pass
+from ._runtime import CompiledPass, FusedLoss, cached_pass, inductor_options
 
 #: The kinds with a fused pass (EIoU and SIoU run the plain formula).
 FUSED_KINDS = ("iou", "giou", "diou", "ciou")
@@ -42,13 +43,8 @@ _V_SCALE = 4 / math.pi**2
 
 
 def _sel_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d max(a, b) / da: 1 where a > b, 1/2 on a tie, else 0."""
-    return (a > b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
-
-
-def _sel_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d min(a, b) / da: 1 where a < b, 1/2 on a tie, else 0."""
-    return (a < b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
+    """d max(a, b) / da: 1 where a > b, 1/2 on a tie, else 0 (and d min(a, b) / da = 1 - this)."""
+    return torch.where(a > b, 1.0, torch.where(a == b, 0.5, 0.0)).to(a.dtype)
 
 
 def _corners(boxes: torch.Tensor, box_format: str, h_eps: float):
@@ -57,29 +53,65 @@ def _corners(boxes: torch.Tensor, box_format: str, h_eps: float):
         x1, y1, x2, y2 = boxes.unbind(-1)
         return x1, y1, x2, y2, x2 - x1, y2 - y1 + h_eps
     cx, cy, w, h = boxes.unbind(-1)
-    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, w, h
+    hw, hh = w * 0.5, h * 0.5  # halving by a product: exact, and no vector division
+    return cx - hw, cy - hh, cx + hw, cy + hh, w, h
 
 
-def _atan_ratio_and_slopes(w: torch.Tensor, h: torch.Tensor):
-    """atan(w / h) (its limit where h == 0, as the functional formula) and its derivatives in w, h (0 where h == 0)."""
-    ok = h > 0
-    hs = torch.where(ok, h, torch.ones_like(h))
-    r = w / hs
-    a = torch.where(ok, torch.atan(r), torch.where(w > 0, math.pi / 2, 0.0).to(w.dtype))
-    den = hs * (1 + r * r)
-    dw = torch.where(ok, 1 / den, 0.0)
-    dh = torch.where(ok, -r / den, 0.0)
-    return a, dw, dh
+def _angle_vector(w: torch.Tensor, h: torch.Tensor):
+    """``(w', h', m)``: a vector whose ``atan2(w', h')`` is the formula's angle ``atan(w / h)`` (its
+    limit pi/2 where h <= 0 < w, 0 for the rest), scaled by ``1 / m`` so that its larger component
+    is +-1 (``m`` = the larger of ``|w|`` and ``h``). Products of two such vectors stay in [-2, 2]:
+    no overflow, and no underflow unless an angle is within ~1e-38 of 0 or pi/2."""
+    ok, wide = h > 0, w > 0
+    w = torch.where(ok, w, wide.to(w.dtype))  # (1, 0) for pi/2, (0, 1) for 0: never a zero vector
+    h = torch.where(ok, h, (~wide).to(h.dtype))
+    tall = h >= w.abs()
+    m = torch.where(tall, h, w.abs())
+    r = torch.where(tall, w, h) / m  # the smaller side over the larger
+    return torch.where(tall, r, torch.sign(w)), torch.where(tall, 1.0, r), m
+
+
+def _aspect_angle_difference(w1: torch.Tensor, h1: torch.Tensor, w2: torch.Tensor, h2: torch.Tensor):
+    r"""The functional formula's ``atan(w2 / h2) - atan(w1 / h1)`` with one ``atan``, and the
+    derivatives of ``atan(w1 / h1)`` in w1 and h1.
+
+    With both angles as vectors (:func:`_angle_vector`, angles in (-pi/2, pi/2]) the difference
+    is the angle between them, ``atan2(cross, dot)``, :math:`\mathrm{cross} = w_2 h_1 - w_1 h_2`,
+    :math:`\mathrm{dot} = h_1 h_2 + w_1 w_2`: ``atan(cross / dot)``, plus or minus pi where
+    dot < 0, and +-pi/2 from ``cross / 0``. The derivatives :math:`h / (w^2 + h^2)` and
+    :math:`-w / (w^2 + h^2)` are taken on the scaled vector (no overflow of the squares) and are
+    0 where h1 <= 0, where the formula's angle is a constant.
+    """
+    n_w1, n_h1, m1 = _angle_vector(w1, h1)
+    n_w2, n_h2, _ = _angle_vector(w2, h2)
+    cross = n_w2 * n_h1 - n_w1 * n_h2
+    dot = n_h1 * n_h2 + n_w1 * n_w2
+    angle = torch.atan(cross / torch.where(cross == 0, 1.0, dot))  # 0 / 0 only after underflow
+    half_turn = (cross >= 0).to(angle.dtype) * (2 * math.pi) - math.pi  # +-pi in angle's dtype
+    diff = torch.where(dot < 0, angle + half_turn, angle)
+    ok = h1 > 0
+    inv = torch.where(ok, 1 / (m1 * (n_w1 * n_w1 + n_h1 * n_h1)), 0.0)
+    return diff, n_h1 * inv, -n_w1 * inv
 
 
 def iou_closed_form(
     pred: torch.Tensor, target: torch.Tensor, *, kind: str, box_format: str, convention: str, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise ``1 - IoU_kind(pred, target)`` ``[...]`` and its derivative in ``pred`` ``[..., 4]``."""
+    """Elementwise ``1 - IoU_kind(pred, target)`` ``[...]`` and its derivative in ``pred`` ``[..., 4]``.
+
+    Written for one vectorized loop: every quotient by the same denominator multiplies by one
+    reciprocal (division is the slowest vector arithmetic after ``atan``), the CIoU aspect term takes
+    one ``atan`` instead of two (``atan2`` would cost three), and each ``min``/``max`` pair shares
+    one tie selector. The values agree with the formula to rounding (a reciprocal and a product
+    can differ from the quotient in the last bit).
+    """
     h_eps = eps if (convention == "yolov5" and box_format == "xyxy") else 0.0
     x1, y1, x2, y2, w1, h1 = _corners(pred, box_format, h_eps)
     X1, Y1, X2, Y2, w2, h2 = _corners(target, box_format, h_eps)
 
+    # d max(p, q)/dp for each coordinate pair; d min(p, q)/dp = 1 - it
+    s_x1, s_y1 = _sel_max(x1, X1), _sel_max(y1, Y1)
+    s_x2, s_y2 = _sel_max(x2, X2), _sel_max(y2, Y2)
     ix1, iy1 = torch.maximum(x1, X1), torch.maximum(y1, Y1)
     ix2, iy2 = torch.minimum(x2, X2), torch.minimum(y2, Y2)
     iw, ih = ix2 - ix1, iy2 - iy1
@@ -92,14 +124,15 @@ def iou_closed_form(
         iw, ih = torch.where(keep_w, iw, 0.0), torch.where(keep_h, ih, 0.0)
         inter = iw * ih
     u = w1 * h1 + w2 * h2 - inter + eps
-    iou = inter / u
+    inv_u = 1 / u
+    iou = inter * inv_u
     value = iou
-    g_inter = 1 / u  # d value / d inter through the numerator
-    g_union = -iou / u  # d value / d (w1 h1 + w2 h2 - inter)
+    g_inter = inv_u  # d value / d inter through the numerator
+    g_union = -iou * inv_u  # d value / d (w1 h1 + w2 h2 - inter)
     g_cw: Optional[torch.Tensor] = None
     g_ch: Optional[torch.Tensor] = None
-    g_dx: Optional[torch.Tensor] = None
-    g_dy: Optional[torch.Tensor] = None
+    half_g_dx: Optional[torch.Tensor] = None
+    half_g_dy: Optional[torch.Tensor] = None
     g_w1 = g_h1 = None
 
     if kind != "iou":
@@ -107,24 +140,24 @@ def iou_closed_form(
         ch = torch.maximum(y2, Y2) - torch.minimum(y1, Y1)
     if kind == "giou":
         area = cw * ch
-        a_eps = area + eps
-        penalty = (area - (u - eps)) / a_eps
+        inv_a = 1 / (area + eps)
+        penalty = (area - (u - eps)) * inv_a
         value = iou - penalty
-        g_union = g_union + 1 / a_eps
-        g_area = -(1 - penalty) / a_eps
+        g_union = g_union + inv_a
+        g_area = (penalty - 1) * inv_a
         g_cw, g_ch = g_area * ch, g_area * cw
     elif kind in ("diou", "ciou"):
-        c2 = cw * cw + ch * ch + eps
-        dx = (x1 + x2) / 2 - (X1 + X2) / 2
-        dy = (y1 + y2) / 2 - (Y1 + Y2) / 2
-        ratio = (dx * dx + dy * dy) / c2
+        inv_c2 = 1 / (cw * cw + ch * ch + eps)
+        dx = (x1 + x2) * 0.5 - (X1 + X2) * 0.5
+        dy = (y1 + y2) * 0.5 - (Y1 + Y2) * 0.5
+        ratio = (dx * dx + dy * dy) * inv_c2
         value = iou - ratio
-        g_dx, g_dy = -2 * dx / c2, -2 * dy / c2
-        g_cw, g_ch = 2 * cw * ratio / c2, 2 * ch * ratio / c2
+        two_inv_c2 = 2 * inv_c2
+        half_g_dx, half_g_dy = -dx * inv_c2, -dy * inv_c2
+        two_ratio_inv_c2 = ratio * two_inv_c2
+        g_cw, g_ch = cw * two_ratio_inv_c2, ch * two_ratio_inv_c2
         if kind == "ciou":
-            a1, da1_dw, da1_dh = _atan_ratio_and_slopes(w1, h1)
-            a2 = _atan_ratio_and_slopes(w2, h2)[0]
-            diff = a2 - a1
+            diff, da1_dw, da1_dh = _aspect_angle_difference(w1, h1, w2, h2)  # a2 - a1, slopes of a1
             v = _V_SCALE * diff * diff
             alpha = v / (1 - iou + v + eps)  # constant, as in both originals
             value = value - alpha * v
@@ -137,33 +170,61 @@ def iou_closed_form(
     g_ih = torch.where(keep_h, g_i * iw, 0.0)
     gw1 = g_union * h1 if g_w1 is None else g_union * h1 + g_w1
     gh1 = g_union * w1 if g_h1 is None else g_union * w1 + g_h1
-    gx1 = -g_iw * _sel_max(x1, X1)
-    gy1 = -g_ih * _sel_max(y1, Y1)
-    gx2 = g_iw * _sel_min(x2, X2)
-    gy2 = g_ih * _sel_min(y2, Y2)
+    gx1 = -g_iw * s_x1
+    gy1 = -g_ih * s_y1
+    gx2 = g_iw * (1 - s_x2)
+    gy2 = g_ih * (1 - s_y2)
     if g_cw is not None and g_ch is not None:
-        gx1 = gx1 - g_cw * _sel_min(x1, X1)
-        gy1 = gy1 - g_ch * _sel_min(y1, Y1)
-        gx2 = gx2 + g_cw * _sel_max(x2, X2)
-        gy2 = gy2 + g_ch * _sel_max(y2, Y2)
-    if g_dx is not None and g_dy is not None:
-        gx1, gx2 = gx1 + g_dx / 2, gx2 + g_dx / 2
-        gy1, gy2 = gy1 + g_dy / 2, gy2 + g_dy / 2
+        gx1 = gx1 - g_cw * (1 - s_x1)
+        gy1 = gy1 - g_ch * (1 - s_y1)
+        gx2 = gx2 + g_cw * s_x2
+        gy2 = gy2 + g_ch * s_y2
+    if half_g_dx is not None and half_g_dy is not None:  # dx moves with half of x1 and half of x2
+        gx1, gx2 = gx1 + half_g_dx, gx2 + half_g_dx
+        gy1, gy2 = gy1 + half_g_dy, gy2 + half_g_dy
 
     # back to the input format; the loss is 1 - value, so every derivative changes sign
     if box_format == "xyxy":
         grad = torch.stack((gw1 - gx1, gh1 - gy1, -gx2 - gw1, -gy2 - gh1), dim=-1)
     else:
         grad = torch.stack(
-            (-(gx1 + gx2), -(gy1 + gy2), (gx1 - gx2) / 2 - gw1, (gy1 - gy2) / 2 - gh1), dim=-1
+            (-(gx1 + gx2), -(gy1 + gy2), (gx1 - gx2) * 0.5 - gw1, (gy1 - gy2) * 0.5 - gh1), dim=-1
         )
     return 1 - value, grad
+
+
+@functools.lru_cache(maxsize=None)
+def box_pass_options() -> Dict[str, object]:
+    """Inductor options of the box passes (resolved at their first compile).
+
+    The four coordinates of ``[N, 4]`` boxes are strided loads (stride 4), and Inductor's C++
+    backend leaves such a loop scalar by default; with ``cpp.enable_tiling_heuristics`` off it
+    gathers one vector of pairs per coordinate and runs the arithmetic (divisions, ``atan``) in
+    vector lanes. On an AVX-512 machine the gathers go through 16-lane stack buffers whose reload
+    stalls, so 8-lane AVX2 vectors (``cpp.simdlen=256``) are faster there. Measured at 200,000
+    pairs, 2 threads: GIoU 1.70 ms scalar, 0.80 ms with 16 lanes, 0.63 ms with 8; CIoU 4.9, 1.29
+    and 1.02 ms. The dense passes read contiguous memory and keep the widest vectors.
+    """
+    options: Dict[str, object] = {"cpp__enable_tiling_heuristics": False}
+    if _widest_vectors_are_512_bit_with_avx2():
+        options["cpp__simdlen"] = 256
+    return inductor_options(**options)
+
+
+def _widest_vectors_are_512_bit_with_avx2() -> bool:
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        widths = {isa.bit_width() for isa in cpu_vec_isa.valid_vec_isa_list()}
+        return cpu_vec_isa.pick_vec_isa().bit_width() == 512 and 256 in widths
+    except Exception:  # an Inductor without this module, or no C++ compiler: keep the defaults
+        return False
 
 
 def get_iou_pass(kind: str, box_format: str, convention: str, eps: float, reduction: str) -> CompiledPass:
     """The cached compiled pass of one IoU-loss configuration."""
     return cached_pass(
-        "iou_loss", iou_closed_form, reduction, into_buffer=False,
+        "iou_loss", iou_closed_form, reduction, into_buffer=False, options=box_pass_options,
         kind=kind, box_format=box_format, convention=convention, eps=float(eps),
     )
 

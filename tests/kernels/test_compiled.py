@@ -60,7 +60,12 @@ def test_ciou_none_compiled_parity(compiled):
     target = torch.cat([xy, xy + torch.rand(5000, 2, generator=g) * 30 + 1], 1)
     pred = target + torch.randn(5000, 4, generator=g) * 5
     pred[:, 2:] = torch.maximum(pred[:, 2:], pred[:, :2])
-    pred[:100] = target[:100]
+    pred[:100] = target[:100]  # identical: every min/max ties
+    pred[100:150, 3] = pred[100:150, 1]  # zero height: the aspect angle's limit pi/2
+    pred[150:200, 2] = pred[150:200, 0]  # zero width
+    pred[200:210] = pred[200:210, :1].repeat(1, 4)  # points
+    pred[210:260, :2] = target[210:260, 2:]  # touching at a corner
+    pred[210:260, 2:] = pred[210:260, :2] + 3
     go = torch.rand(5000)
     lf, gf = loss_and_grad(lambda p: kernels.fused_iou_loss(p, target, "ciou", reduction="none"), pred, go)
     lr, gr = loss_and_grad(lambda p: fiou._iou_loss_formula(p, target, "ciou", reduction="none"), pred, go)

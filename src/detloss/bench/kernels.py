@@ -135,6 +135,27 @@ def _fmt_x(r: float) -> str:
     return f"{r:7.2f}x"
 
 
+def _fused_vs_formula(
+    label: str, shape_s: str, fused: LossFn, formula: LossFn, x: torch.Tensor, m: _Measure, bound: float,
+    first_call: float, native_fb: Optional[float] = None,
+) -> Tuple[List[List[object]], List[object]]:
+    """Time and memory rows of the fused loss and its formula on ``x``, and their ratio row."""
+    grad_bytes = x.numel() * x.element_size()
+    f_fwd = m.fwd(fused, x)
+    f_fb, f_mem = m.fwd_bwd(fused, x)
+    p_fwd = m.fwd(formula, x)
+    p_fb, p_mem = m.fwd_bwd(formula, x)
+    rows: List[List[object]] = [
+        [label, shape_s, "fused", fmt_ms(f_fwd), fmt_ms(f_fb), fmt_mb(f_mem)],
+        [label, shape_s, "formula", fmt_ms(p_fwd), fmt_ms(p_fb), fmt_mb(p_mem)],
+    ]
+    ratio: List[object] = [
+        label, shape_s, _fmt_x(p_fb / f_fb), "" if native_fb is None else _fmt_x(f_fb / native_fb),
+        _fmt_x(f_fb / bound), f"{f_mem / grad_bytes:5.2f}", f"{p_mem / grad_bytes:5.2f}", f"{first_call:6.2f} s",
+    ]
+    return rows, ratio
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="detloss bench kernels", description=__doc__.split("\n")[0])
     add_arguments(parser)
@@ -173,19 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             key = f"{name}/{red}"
             if key not in first_calls:
                 first_calls[key] = _first_call(fused, x)
-            f_fwd = m.fwd(fused, x)
-            f_fb, f_mem = m.fwd_bwd(fused, x)
-            p_fwd = m.fwd(formula, x)
-            p_fb, p_mem = m.fwd_bwd(formula, x)
-            label = f"{name} ({red})"
-            timing_rows += [
-                [label, shape_s, "fused", fmt_ms(f_fwd), fmt_ms(f_fb), fmt_mb(f_mem)],
-                [label, shape_s, "formula", fmt_ms(p_fwd), fmt_ms(p_fb), fmt_mb(p_mem)],
-            ]
-            ratio_rows.append([
-                label, shape_s, _fmt_x(p_fb / f_fb), _fmt_x(f_fb / n_fb), _fmt_x(f_fb / bound),
-                f"{f_mem / grad_mb:5.2f}", f"{p_mem / grad_mb:5.2f}", f"{first_calls[key]:6.2f} s",
-            ])
+            rows, ratio = _fused_vs_formula(
+                f"{name} ({red})", shape_s, fused, formula, x, m, bound, first_calls[key], native_fb=n_fb
+            )
+            timing_rows += rows
+            ratio_rows.append(ratio)
         timing_rows += [
             ["native BCE-with-logits (sum)", shape_s, "torch", fmt_ms(n_fwd), fmt_ms(n_fb), fmt_mb(n_mem)],
             ["bandwidth bound", shape_s, "read x,t write g", "", fmt_ms(bound), ""],
@@ -206,19 +219,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 fused = lambda p, k=kind, c=convention: kernels.fused_iou_loss(p, target, k, "xyxy", c, "sum")  # noqa: E731
                 formula = lambda p, k=kind, c=convention: fiou._iou_loss_formula(p, target, k, "xyxy", c, "sum")  # noqa: E731
                 first_calls[key] = _first_call(fused, pred)
-                f_fwd = m.fwd(fused, pred)
-                f_fb, f_mem = m.fwd_bwd(fused, pred)
-                p_fwd = m.fwd(formula, pred)
-                p_fb, p_mem = m.fwd_bwd(formula, pred)
-                label = f"iou_loss {kind} {convention} (sum)"
-                timing_rows += [
-                    [label, shape_s, "fused", fmt_ms(f_fwd), fmt_ms(f_fb), fmt_mb(f_mem)],
-                    [label, shape_s, "formula", fmt_ms(p_fwd), fmt_ms(p_fb), fmt_mb(p_mem)],
-                ]
-                ratio_rows.append([
-                    label, shape_s, _fmt_x(p_fb / f_fb), "", _fmt_x(f_fb / bound),
-                    f"{f_mem / grad_mb:5.2f}", f"{p_mem / grad_mb:5.2f}", f"{first_calls[key]:6.2f} s",
-                ])
+                rows, ratio = _fused_vs_formula(
+                    f"iou_loss {kind} {convention} (sum)", shape_s, fused, formula, pred, m, bound, first_calls[key]
+                )
+                timing_rows += rows
+                ratio_rows.append(ratio)
         timing_rows.append(["bandwidth bound", shape_s, "read p,t write g", "", fmt_ms(bound), ""])
         timing_rows.append(["bound + allocating g", shape_s, "torch.add(p, t)", "", fmt_ms(fresh), fmt_mb(grad_mb)])
 

@@ -13,8 +13,8 @@ side by side in the same process with
 
 It also reports the first-call cost of each configuration (compilation; Inductor's on-disk cache
 makes it smaller in later processes). Run: ``python benchmarks/bench_kernels.py`` or
-``detloss bench kernels`` (``--quick`` for tiny sizes). ``DETLOSS_COMPILE=0`` benchmarks the
-eager closed-form pass instead of the compiled one.
+``detloss bench kernels`` (``--quick`` for tiny sizes, ``--only dense`` or ``--only box`` for one
+half). ``DETLOSS_COMPILE=0`` benchmarks the eager closed-form pass instead of the compiled one.
 """
 from __future__ import annotations
 

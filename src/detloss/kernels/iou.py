@@ -25,6 +25,10 @@ intersection where it is strictly positive, ``"yolov5"`` clamps each side at 0 (
 exactly 0) and adds eps to both heights of xyxy boxes. Sources: torchvision.ops ``generalized_box_iou_loss``,
 ``distance_box_iou_loss``, ``complete_box_iou_loss``; YOLOv5 v7.0 / ultralytics ``bbox_iou``;
 Rezatofighi et al. 2019 (GIoU), Zheng et al. 2020 (DIoU, CIoU).
+
+The pass is written for vector lanes (one reciprocal per denominator, CIoU's angle difference with
+one ``atan``: :func:`iou_closed_form`) and compiled with the options of :func:`box_pass_options`,
+under which Inductor vectorizes the strided loads of ``[N, 4]`` boxes.
 """
 from __future__ import annotations
 

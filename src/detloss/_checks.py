@@ -36,6 +36,14 @@ def check_floating(name: str, value: object) -> torch.Tensor:
     return t
 
 
+def check_like_first(name: str, t: torch.Tensor, first_name: str, first: torch.Tensor) -> None:
+    """One level of a multi-level input has the first level's batch size (dim 0) and device."""
+    if t.shape[0] != first.shape[0]:
+        raise ValueError(f"{name}: expected batch size {first.shape[0]} as {first_name}, got {t.shape[0]}")
+    if t.device != first.device:
+        raise ValueError(f"{name}: expected device {first.device} as {first_name}, got {t.device}")
+
+
 def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(

@@ -33,7 +33,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .._checks import check_floating
+from .._checks import check_floating, check_like_first
 from ..boxes import check_yolo_targets
 
 __all__ = [
@@ -139,7 +139,6 @@ def check_yolo_layers(
     if len(inputs) != len(masks):
         raise ValueError(f"inputs: expected {len(masks)} layer tensors (one per mask), got {len(inputs)}")
     img_h, img_w = img_size
-    batch = None
     for i, (x, mask, stride) in enumerate(zip(inputs, masks, strides)):
         name = f"inputs[{i}]"
         check_floating(name, x)
@@ -155,12 +154,7 @@ def check_yolo_layers(
                 f"{name}: expected grid {grid} (img_size {(img_h, img_w)} / stride {stride}), "
                 f"got {tuple(x.shape[2:])}"
             )
-        if batch is None:
-            batch = x.shape[0]
-        elif x.shape[0] != batch:
-            raise ValueError(f"{name}: expected batch size {batch} as inputs[0], got {x.shape[0]}")
-        if x.device != inputs[0].device:
-            raise ValueError(f"{name}: expected device {inputs[0].device} as inputs[0], got {x.device}")
+        check_like_first(name, x, "inputs[0]", inputs[0])
 
 
 def check_darknet_targets(targets: object, batch_size: int, num_classes: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .. import functional as fn
-from .._checks import check_tensor, compute_dtype
+from .._checks import check_floating, check_tensor, compute_dtype
 
 __all__ = ["TaskAlignedAssigner", "TALAssignment", "enlarge_small_boxes", "anchor_grid"]
 
@@ -330,9 +330,7 @@ class TaskAlignedAssigner:
     # ------------------------------------------------------------------ checks
     def _check(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt):
         for name, t in (("pd_scores", pd_scores), ("pd_bboxes", pd_bboxes), ("anc_points", anc_points), ("gt_bboxes", gt_bboxes)):
-            check_tensor(name, t)
-            if not t.is_floating_point():
-                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+            check_floating(name, t)
         check_tensor("gt_labels", gt_labels)
         if pd_scores.ndim != 3 or pd_scores.shape[-1] != self.num_classes:
             raise ValueError(f"pd_scores: expected shape [B, A, {self.num_classes}], got {tuple(pd_scores.shape)}")

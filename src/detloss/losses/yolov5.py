@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .. import functional as F
-from .._checks import check_tensor, compute_dtype, upcast
+from .._checks import check_floating, check_like_first, compute_dtype, upcast
 from ..assign.yolov5 import YOLOv5LevelAssignment, assign_yolov5, grid_anchors
 from ..boxes import check_yolo_targets
 from ..output import LossOutput
@@ -238,12 +238,9 @@ class YOLOv5Loss(torch.nn.Module):
                 f"preds: expected {self.num_levels} levels (one per anchors/strides entry), got {len(preds)}"
             )
         no = 5 + self.num_classes
-        bs = None
         for i, p in enumerate(preds):
             name = f"preds[{i}]"
-            check_tensor(name, p)
-            if not p.is_floating_point():
-                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {p.dtype}")
+            check_floating(name, p)
             if p.ndim != 5 or p.shape[1] != self.num_anchors:
                 raise ValueError(
                     f"{name}: expected shape [bs, {self.num_anchors}, ny, nx, {no}], got {tuple(p.shape)}"
@@ -252,12 +249,7 @@ class YOLOv5Loss(torch.nn.Module):
                 raise ValueError(
                     f"{name}: expected last dimension 5 + num_classes = {no}, got {p.shape[4]} (shape {tuple(p.shape)})"
                 )
-            if bs is None:
-                bs = p.shape[0]
-            elif p.shape[0] != bs:
-                raise ValueError(f"{name}: expected batch size {bs} as preds[0], got {p.shape[0]}")
-            if p.device != preds[0].device:
-                raise ValueError(f"{name}: expected device {preds[0].device} as preds[0], got {p.device}")
+            check_like_first(name, p, "preds[0]", preds[0])
         return list(preds)
 
     def _anchors_on(self, device: torch.device) -> List[torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 
 from .. import distributed
 from .. import functional as F
-from .._checks import check_tensor, compute_dtype, upcast
+from .._checks import check_floating, check_tensor, compute_dtype, upcast
 from ..assign.tal import Level, TaskAlignedAssigner
 from ..boxes import check_yolo_targets
 from ..output import LossOutput
@@ -181,9 +181,7 @@ class YOLOv8Loss(torch.nn.Module):
         first = check_tensor("feats[0]", feats[0])
         levels = []
         for i, (f, s) in enumerate(zip(feats, self.strides)):
-            check_tensor(f"feats[{i}]", f)
-            if not f.is_floating_point():
-                raise TypeError(f"feats[{i}]: expected a floating-point tensor, got dtype {f.dtype}")
+            check_floating(f"feats[{i}]", f)
             if f.ndim != 4 or f.shape[1] != no or f.shape[0] != first.shape[0]:
                 raise ValueError(
                     f"feats[{i}]: expected shape [{first.shape[0]}, {no} (= 4 * reg_max {self.reg_max} + nc "

@@ -153,9 +153,9 @@ def test_empty_gradient_shape_dtype_and_usable(dtype, grad_dtype, numel):
 def test_inductor_options_keep_only_known_keys():
     import torch._inductor.config as inductor_config
 
-    opts = _runtime.inductor_options(cpp__no_such_option=1, no_such_section__x=2)
+    opts = _runtime.inductor_options({"cpp.no_such_option": 1, "no_such_section.x": 2})
     assert opts == {}
-    assert _runtime.inductor_options(cpp__simdlen=None) == (
+    assert _runtime.inductor_options({"cpp.simdlen": None}) == (
         {"cpp.simdlen": None} if hasattr(inductor_config.cpp, "simdlen") else {}
     )
 

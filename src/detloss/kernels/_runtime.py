@@ -285,30 +285,23 @@ def empty_gradient(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tor
 _PASSES: Dict[tuple, CompiledPass] = {}
 
 
-_MISSING = object()
-
-
-def inductor_options(**options: object) -> Dict[str, object]:
-    """Those of ``options`` (Inductor config keys, ``.`` for ``__``) that this torch's Inductor has.
-
-    Options are tuning only; an older torch without one simply compiles with its defaults.
-    """
+def inductor_options(options: Dict[str, object]) -> Dict[str, object]:
+    """Those of ``options`` (dotted Inductor config keys, e.g. ``"cpp.simdlen"``) that this torch's
+    Inductor has. Options are tuning only; an older torch without one compiles with its defaults."""
     try:
         import torch._inductor.config as inductor_config
     except Exception:  # pragma: no cover - no Inductor at all
         return {}
-    kept: Dict[str, object] = {}
-    for key, value in options.items():
-        dotted = key.replace("__", ".")
-        node: object = inductor_config
-        for part in dotted.split("."):
-            node = getattr(node, part, _MISSING)
-            if node is _MISSING:
-                break
-        if node is not _MISSING:
-            kept[dotted] = value
-    return kept
 
+    def known(key: str) -> bool:
+        node: object = inductor_config
+        for part in key.split("."):
+            if not hasattr(node, part):
+                return False
+            node = getattr(node, part)
+        return True
+
+    return {key: value for key, value in options.items() if known(key)}
 
 
 def cached_pass(

@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/detloss bench all
+	$(PY) benchmarks/run.py all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

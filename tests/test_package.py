@@ -14,5 +14,16 @@ def test_public_names():
 def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "detloss", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for name in ("explain", "assign", "train", "bench"):
+    for name in ("explain", "assign", "train"):
         assert name in r.stdout
+
+
+def test_core_never_imports_the_tools_layer():
+    code = (
+        "import sys, detloss, detloss.functional, detloss.nn, detloss.kernels, detloss.assign.base, "
+        "detloss.losses.registry\n"
+        "print(sorted(m for m in sys.modules if m.startswith('detloss.tools')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -32,7 +32,7 @@ __all__ = [
 
 
 class _Loss(nn.Module):
-    def __init__(self, reduction: str = "mean") -> None:
+    def __init__(self, *, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
 
@@ -43,8 +43,8 @@ class _Loss(nn.Module):
 class BCELoss(_Loss):
     """Module form of :func:`detloss.functional.binary_cross_entropy` (probabilities)."""
 
-    def __init__(self, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> None:
-        super().__init__(reduction)
+    def __init__(self, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
         self.register_buffer("weight", weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -56,11 +56,12 @@ class BCEWithLogitsLoss(_Loss):
 
     def __init__(
         self,
+        *,
         weight: Optional[torch.Tensor] = None,
         pos_weight: Optional[torch.Tensor] = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction)
+        super().__init__(reduction=reduction)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
 
@@ -73,8 +74,8 @@ class BCEWithLogitsLoss(_Loss):
 class BCEBlurWithLogitsLoss(_Loss):
     """Module form of :func:`detloss.functional.bce_blur` (YOLOv5, alpha=0.05)."""
 
-    def __init__(self, alpha: float = 0.05, reduction: str = "mean") -> None:
-        super().__init__(reduction)
+    def __init__(self, *, alpha: float = 0.05, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
         self.alpha = float(alpha)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,12 +87,13 @@ class CrossEntropyLoss(_Loss):
 
     def __init__(
         self,
+        *,
         weight: Optional[torch.Tensor] = None,
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction)
+        super().__init__(reduction=reduction)
         self.register_buffer("weight", weight)
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
@@ -110,8 +112,8 @@ class CrossEntropyLoss(_Loss):
 class SigmoidFocalLoss(_Loss):
     """Module form of :func:`detloss.functional.sigmoid_focal_loss` (torchvision defaults)."""
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
-        super().__init__(reduction)
+    def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
+        super().__init__(reduction=reduction)
         self.alpha, self.gamma = float(alpha), float(gamma)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -126,13 +128,14 @@ class SoftmaxFocalLoss(_Loss):
 
     def __init__(
         self,
+        *,
         weight: Optional[torch.Tensor] = None,
         alpha: float = 0.25,
         gamma: float = 2.0,
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
-        super().__init__(reduction)
+        super().__init__(reduction=reduction)
         self.register_buffer("weight", weight)
         self.alpha, self.gamma, self.ignore_index = float(alpha), float(gamma), int(ignore_index)
 
@@ -151,8 +154,8 @@ class SoftmaxFocalLoss(_Loss):
 class QualityFocalLoss(_Loss):
     """Module form of :func:`detloss.functional.quality_focal_loss` (GFL's QFL by default)."""
 
-    def __init__(self, gamma: float = 2.0, alpha: Optional[float] = None, reduction: str = "mean") -> None:
-        super().__init__(reduction)
+    def __init__(self, *, gamma: float = 2.0, alpha: Optional[float] = None, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
         self.gamma, self.alpha = float(gamma), alpha
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -162,8 +165,8 @@ class QualityFocalLoss(_Loss):
 class VarifocalLoss(_Loss):
     """Module form of :func:`detloss.functional.varifocal_loss`."""
 
-    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "mean") -> None:
-        super().__init__(reduction)
+    def __init__(self, *, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
         self.alpha, self.gamma = float(alpha), float(gamma)
 
     def forward(self, input: torch.Tensor, target_score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -175,8 +178,8 @@ class VarifocalLoss(_Loss):
 class SmoothL1Loss(_Loss):
     """Module form of :func:`detloss.functional.smooth_l1_loss`."""
 
-    def __init__(self, beta: float = 1.0, reduction: str = "mean") -> None:
-        super().__init__(reduction)
+    def __init__(self, *, beta: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
         self.beta = float(beta)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -202,13 +205,14 @@ class IoULoss(_Loss):
 
     def __init__(
         self,
+        *,
         kind: str = "giou",
         box_format: str = "xyxy",
         convention: str = "torchvision",
         reduction: str = "none",
         eps: float = 1e-7,
     ) -> None:
-        super().__init__(reduction)
+        super().__init__(reduction=reduction)
         from .functional.iou import BOX_FORMATS, CONVENTIONS, KINDS
 
         self.kind = check_choice("kind", kind, KINDS)

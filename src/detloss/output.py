@@ -13,14 +13,23 @@ class LossOutput:
 
     Attributes:
         total: the scalar tensor to call ``backward()`` on.
-        components: detached named terms (e.g. ``"box"``, ``"obj"``, ``"cls"``), each a tensor.
-        stats: assignment and quality figures (``num_pos``, mean IoU of positives, recall, ...);
-            plain Python numbers, lists or small tensors, never part of the graph.
+        components: detached named terms, each under the original implementation's convention
+            (e.g. YOLO's ``"box"``, ``"obj"``, ``"cls"`` after the gains and before ``* batch_size``),
+            for logging.
+        stats: assignment and quality figures, never part of the graph. Every detector loss has
+            ``num_pos`` (int, positives on this rank), ``num_targets`` (int, valid target boxes on
+            this rank), ``iou_mean`` (float, mean IoU of the positives' decoded boxes with their
+            targets, 0.0 without positives) and ``normalizer`` (float, the divisor of the main
+            terms); scalars are Python ``int``/``float``, gathered with one device synchronization.
+        terms: the weighted terms *with their graph*, one per component name, whose sum is
+            ``total`` (to rounding): what a framework that sums a loss dict and backpropagates
+            (torchvision's training loop) needs.
     """
 
     total: torch.Tensor
     components: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, Any] = field(default_factory=dict)
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def backward(self, *args: Any, **kwargs: Any) -> None:
         """Shorthand for ``self.total.backward(...)``."""

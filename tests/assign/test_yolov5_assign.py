@@ -1,6 +1,6 @@
 """detloss.assign.yolov5 against the build_targets of ultralytics/yolov5 v7.0 ComputeLoss.
 
-The oracle is the benchmark baseline ``detloss.bench.yolov5.OriginalComputeLoss``, whose
+The oracle is the benchmark baseline ``detloss_bench.yolov5.OriginalComputeLoss``, whose
 ``build_targets`` is the original's line for line; that baseline is itself checked here against
 the reference data in tests/data/yolov5_v7/ (manifest SOURCE: "ultralytics/yolov5 tag v7.0
 (commit 915bbf294bb74c859f0b41f1c23bc395014ea679): utils/loss.py ComputeLoss, ...; utils/metrics.py
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detloss.assign.yolov5 import OFFSET_NAMES, YOLOv5LevelAssignment, assign_yolov5, check_yolo_targets, grid_anchors
-from detloss.bench.yolov5 import OriginalComputeLoss
+from detloss_bench.yolov5 import OriginalComputeLoss
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "yolov5_v7"
 ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))

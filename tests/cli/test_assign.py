@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detloss.cli import main
-from detloss.viz import (
+from detloss.tools.cli import main
+from detloss.tools.viz import (
     COCO_ANCHORS,
     DARKNET_MASKS,
     PALETTE,
@@ -171,7 +171,7 @@ def test_yolov8_prior_mode_topk_inside_box():
                 px, py = (gx + 0.5) * s, (gy + 0.5) * s
                 if min(px - x1, py - y1, x2 - px, y2 - py) > 1e-9:
                     prior = torch.tensor([px - 7.5 * s, py - 7.5 * s, px + 7.5 * s, py + 7.5 * s], dtype=torch.float64)
-                    ciou = DF.box_iou(torch.tensor([x1, y1, x2, y2], dtype=torch.float64), prior, kind="ciou", convention="yolov5")
+                    ciou = DF.aligned_box_iou(torch.tensor([x1, y1, x2, y2], dtype=torch.float64), prior, kind="ciou", convention="yolov5")
                     cands.append(((lvl, gy, gx), 0.5 ** 0.5 * float(ciou.clamp(min=0)) ** 6))
     got = {(r["level"], r["gy"], r["gx"]) for r in recs}
     assert len(got) == min(10, len(cands))

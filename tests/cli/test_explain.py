@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detloss.functional as DF
-from detloss.cli import main
-from detloss.explain import LOSSES, explain
+from detloss.tools.cli import main
+from detloss.tools.explain import LOSSES, explain
 
 
 def sig(x: float) -> float:
@@ -207,7 +207,7 @@ def test_result_is_functional_and_steps_reproduce_it(name, x, y, opts, ref):
 
 def test_every_loss_covered():
     covered = {c[0] for c in CASES}
-    from detloss.explain import ALIASES
+    from detloss.tools.explain import ALIASES
 
     covered |= {ALIASES[c][0] for c in covered if c in ALIASES}
     assert set(LOSSES) <= covered

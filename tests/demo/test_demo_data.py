@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detloss.demo.data import (
+from detloss.tools.demo.data import (
     CocoJsonDataset,
     SyntheticShapes,
     YoloTxtDataset,

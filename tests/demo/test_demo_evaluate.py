@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from detloss.demo.evaluate import batched_nms, coco_map, decode, nms, postprocess
-from detloss.demo.models import Detector
+from detloss.tools.demo.evaluate import batched_nms, coco_map, decode, nms, postprocess
+from detloss.tools.demo.models import Detector
 
 
 def _iou(a, b):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detloss.cli import main
+from detloss.tools.cli import main
 
 TINY = ["--img-size", "64", "--batch-size", "4", "--val-images", "4", "--no-progress", "--threads", "1"]
 FILES = ("metrics.json", "loss_curves.png", "predictions.png", "assignment.png", "weights.pt")
@@ -41,7 +41,7 @@ def test_a_few_steps_write_every_output(tmp_path, loss):
 
 def _fixed_dataset(root):
     """Four images with the same two boxes: the same data every step, so the loss must fall."""
-    from detloss.demo.data import SyntheticShapes
+    from detloss.tools.demo.data import SyntheticShapes
 
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -126,7 +126,7 @@ def test_two_ranks_ddp_gloo(tmp_path):
 
 
 def test_trains_on_a_coco_json(tmp_path):
-    from detloss.demo.data import SyntheticShapes
+    from detloss.tools.demo.data import SyntheticShapes
 
     ds = SyntheticShapes(3, 64, seed=2)
     doc = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "c"}, {"id": 1, "name": "a"},

@@ -111,14 +111,14 @@ def test_unknown_kind_format_convention():
     with raises(ValueError, "kind", "'giou'", "'wiou'"):
         F.iou_loss(b, b, kind="wiou")
     with raises(ValueError, "box_format", "'xywh'"):
-        F.box_iou(b, b, box_format="xywh")
+        F.aligned_box_iou(b, b, box_format="xywh")
     with raises(ValueError, "convention", "'mmdet'"):
-        F.box_iou(b, b, convention="mmdet")
+        F.aligned_box_iou(b, b, convention="mmdet")
     with raises(ValueError, "kind", "'wiou'"):
         __import__("detloss.nn").nn.IoULoss(kind="wiou")
 
 
-@pytest.mark.parametrize("fn", [F.box_iou, F.iou_loss, F.pairwise_box_iou])
+@pytest.mark.parametrize("fn", [F.aligned_box_iou, F.iou_loss, F.pairwise_box_iou])
 def test_negative_box_size_forbidden(fn):
     good = torch.tensor([[0.0, 0, 1, 1], [0.0, 0, 2, 2]])
     bad = torch.tensor([[0.0, 0, 1, 1], [2.0, 0, 1, 2]])  # x2 < x1 in row 1
@@ -131,9 +131,9 @@ def test_negative_box_size_forbidden(fn):
 
 def test_box_shapes():
     with raises(ValueError, "boxes1", "[..., 4]", "(2, 3)"):
-        F.box_iou(X, X)
+        F.aligned_box_iou(X, X)
     with raises(ValueError, "boxes2", "(2, 4)", "(3, 4)"):
-        F.box_iou(torch.zeros(2, 4), torch.zeros(3, 4))
+        F.aligned_box_iou(torch.zeros(2, 4), torch.zeros(3, 4))
     with raises(ValueError, "boxes1", "[N, 4]", "(1, 2, 4)"):
         F.pairwise_box_iou(torch.zeros(1, 2, 4), torch.zeros(3, 4))
     with raises(TypeError, "pred", "torch.int64"):

@@ -103,7 +103,7 @@ def test_ciou_with_frozen_alpha(convention):
     import math
     b1, b2 = boxes(6, 0), boxes(6, 1)
     with torch.no_grad():
-        iou = F.box_iou(b1, b2, kind="iou", convention=convention)
+        iou = F.aligned_box_iou(b1, b2, kind="iou", convention=convention)
         eps = 1e-7
         h1 = b1[:, 3] - b1[:, 1] + (eps if convention == "yolov5" else 0)
         h2 = b2[:, 3] - b2[:, 1] + (eps if convention == "yolov5" else 0)
@@ -114,10 +114,10 @@ def test_ciou_with_frozen_alpha(convention):
         ha = a[:, 3] - a[:, 1] + (eps if convention == "yolov5" else 0)
         hb = b[:, 3] - b[:, 1] + (eps if convention == "yolov5" else 0)
         vv = 4 / math.pi ** 2 * (torch.atan((b[:, 2] - b[:, 0]) / hb) - torch.atan((a[:, 2] - a[:, 0]) / ha)) ** 2
-        return F.box_iou(a, b, kind="diou", convention=convention) - alpha * vv
+        return F.aligned_box_iou(a, b, kind="diou", convention=convention) - alpha * vv
 
     a1, a2 = b1.detach().clone().requires_grad_(True), b2.detach().clone().requires_grad_(True)
-    g_ours = torch.autograd.grad(F.box_iou(a1, a2, kind="ciou", convention=convention).sum(), (a1, a2))
+    g_ours = torch.autograd.grad(F.aligned_box_iou(a1, a2, kind="ciou", convention=convention).sum(), (a1, a2))
     g_frozen = torch.autograd.grad(frozen(b1, b2).sum(), (b1, b2))
     for a, b in zip(g_ours, g_frozen):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -65,7 +65,7 @@ def test_eiou_siou_match_paper_formulas(kind, paper, convention):
 @pytest.mark.parametrize("convention", ["torchvision", "yolov5"])
 def test_identical_boxes_give_one_and_zero_size_is_finite(kind, convention):
     b = torch.tensor([[0.0, 0.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0], [1.0, 1.0, 1.0, 4.0]], requires_grad=True)
-    v = F.box_iou(b, b.detach().clone(), kind=kind, convention=convention)
+    v = F.aligned_box_iou(b, b.detach().clone(), kind=kind, convention=convention)
     assert v[0].item() == pytest.approx(1.0, abs=1e-6)
     v.sum().backward()
     assert torch.isfinite(v).all() and torch.isfinite(b.grad).all()
@@ -79,8 +79,8 @@ def test_box_format_consistency(kind, convention):
     wh = torch.rand(2, 20, 2, generator=g, dtype=torch.float64) * 4 + 0.1
     xyxy = torch.cat([xy, xy + wh], -1)
     cxcywh = torch.cat([xy + wh / 2, wh], -1)
-    a = F.box_iou(xyxy[0], xyxy[1], kind=kind, convention=convention, eps=0.0 if convention == "torchvision" else 1e-7)
-    b = F.box_iou(cxcywh[0], cxcywh[1], kind=kind, convention=convention, box_format="cxcywh",
+    a = F.aligned_box_iou(xyxy[0], xyxy[1], kind=kind, convention=convention, eps=0.0 if convention == "torchvision" else 1e-7)
+    b = F.aligned_box_iou(cxcywh[0], cxcywh[1], kind=kind, convention=convention, box_format="cxcywh",
                   eps=0.0 if convention == "torchvision" else 1e-7)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # yolov5 puts eps on xyxy heights only
 
@@ -94,7 +94,7 @@ def test_pairwise_equals_aligned_on_all_pairs(kind, convention):
     b2 = torch.cat([xy[3:], xy[3:] + 7], 1)
     m = F.pairwise_box_iou(b1, b2, kind=kind, convention=convention)
     assert m.shape == (3, 4)
-    aligned = F.box_iou(b1[:, None].expand(3, 4, 4).reshape(-1, 4), b2[None].expand(3, 4, 4).reshape(-1, 4),
+    aligned = F.aligned_box_iou(b1[:, None].expand(3, 4, 4).reshape(-1, 4), b2[None].expand(3, 4, 4).reshape(-1, 4),
                         kind=kind, convention=convention).view(3, 4)
     torch.testing.assert_close(m, aligned, rtol=1e-6, atol=1e-8)  # torchvision's matrices: no eps on the union
 
@@ -109,7 +109,7 @@ def test_empty_boxes():
     e = torch.zeros(0, 4, requires_grad=True)
     assert F.iou_loss(e, e, reduction="mean").item() == 0.0
     assert F.pairwise_box_iou(e, torch.zeros(3, 4)).shape == (0, 3)
-    assert F.box_iou(e, e).shape == (0,)
+    assert F.aligned_box_iou(e, e).shape == (0,)
 
 
 def test_dfl_last_bin_and_integer_target():
@@ -125,7 +125,7 @@ def test_ciou_flat_box_angle_is_pi_over_two_in_float64():
     would put the float64 CIoU 4e-8 off the value computed by hand)."""
     pred = torch.tensor([[0.0, 0.0, 2.0, 0.0]], dtype=torch.float64)  # w = 2, h = 0
     target = torch.tensor([[0.0, -1.0, 1.0, 2.0]], dtype=torch.float64)  # w = 1, h = 3
-    got = F.box_iou(pred, target, kind="ciou", convention="torchvision")
+    got = F.aligned_box_iou(pred, target, kind="ciou", convention="torchvision")
     # IoU = 0 (no area in common), centre distance^2 = 0.5^2 + 0.5^2, enclosing diagonal^2 =
     # 2^2 + 3^2, eps = 1e-7 on the diagonal and in alpha's denominator (torchvision)
     v = 4 / math.pi**2 * (math.atan(1 / 3) - math.pi / 2) ** 2

@@ -19,18 +19,18 @@ def test_modules_match_functional():
     lab = (y > 0.5).float()
     pairs = [
         (N.BCELoss(weight=w)(p, y), F.binary_cross_entropy(p, y, weight=w)),
-        (N.BCEWithLogitsLoss(w, pw, "sum")(x, y), F.bce_with_logits(x, y, w, pw, "sum")),
-        (N.BCEBlurWithLogitsLoss(0.1)(x, y), F.bce_blur(x, y, 0.1)),
-        (N.CrossEntropyLoss(w, label_smoothing=0.1)(x, t), F.cross_entropy(x, t, w, label_smoothing=0.1)),
-        (N.SigmoidFocalLoss(0.5, 1.5, "mean")(x, y), F.sigmoid_focal_loss(x, y, 0.5, 1.5, "mean")),
-        (N.SoftmaxFocalLoss(w)(x, t), F.softmax_focal_loss(x, t, w)),
-        (N.QualityFocalLoss(1.5, 0.25)(x, y), F.quality_focal_loss(x, y, 1.5, 0.25)),
+        (N.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")(x, y), F.bce_with_logits(x, y, weight=w, pos_weight=pw, reduction="sum")),
+        (N.BCEBlurWithLogitsLoss(alpha=0.1)(x, y), F.bce_blur(x, y, alpha=0.1)),
+        (N.CrossEntropyLoss(weight=w, label_smoothing=0.1)(x, t), F.cross_entropy(x, t, weight=w, label_smoothing=0.1)),
+        (N.SigmoidFocalLoss(alpha=0.5, gamma=1.5, reduction="mean")(x, y), F.sigmoid_focal_loss(x, y, alpha=0.5, gamma=1.5, reduction="mean")),
+        (N.SoftmaxFocalLoss(weight=w)(x, t), F.softmax_focal_loss(x, t, weight=w)),
+        (N.QualityFocalLoss(gamma=1.5, alpha=0.25)(x, y), F.quality_focal_loss(x, y, gamma=1.5, alpha=0.25)),
         (N.VarifocalLoss()(x, y, lab), F.varifocal_loss(x, y, lab)),
-        (N.SmoothL1Loss(0.5)(x, y), F.smooth_l1_loss(x, y, 0.5)),
-        (N.L1Loss("sum")(x, y), F.l1_loss(x, y, "sum")),
+        (N.SmoothL1Loss(beta=0.5)(x, y), F.smooth_l1_loss(x, y, beta=0.5)),
+        (N.L1Loss(reduction="sum")(x, y), F.l1_loss(x, y, reduction="sum")),
         (N.MSELoss()(x, y), F.mse_loss(x, y)),
-        (N.IoULoss("ciou", convention="yolov5")(b1, b2), F.iou_loss(b1, b2, "ciou", convention="yolov5")),
-        (N.DistributionFocalLoss("none")(x, y[:, 0] * 4), F.distribution_focal_loss(x, y[:, 0] * 4, "none")),
+        (N.IoULoss(kind="ciou", convention="yolov5")(b1, b2), F.iou_loss(b1, b2, kind="ciou", convention="yolov5")),
+        (N.DistributionFocalLoss(reduction="none")(x, y[:, 0] * 4), F.distribution_focal_loss(x, y[:, 0] * 4, reduction="none")),
     ]
     for got, expected in pairs:
         assert torch.equal(got, expected)
@@ -41,3 +41,42 @@ def test_buffers_follow_dtype_and_state_dict():
     assert m.pos_weight.dtype == torch.float64
     assert "pos_weight" in m.state_dict()
     assert "reduction='mean'" in repr(m)
+
+
+def test_hyperparameters_are_keyword_only():
+    """A positional hyperparameter is a TypeError, never a silent swap (quality_focal_loss takes
+    gamma first, sigmoid_focal_loss alpha first: positionally 0.25, 2.0 would mean different things)."""
+    import inspect
+
+    import pytest
+
+    x, y = torch.zeros(2, 3), torch.full((2, 3), 0.5)
+    with pytest.raises(TypeError):
+        F.quality_focal_loss(x, y, 0.25, 2.0)
+    with pytest.raises(TypeError):
+        F.sigmoid_focal_loss(x, y, 0.25, 2.0)
+    with pytest.raises(TypeError):
+        N.SigmoidFocalLoss(0.25, 2.0)
+    for name in F.__all__:
+        fn = getattr(F, name)
+        params = list(inspect.signature(fn).parameters.values())
+        tensors = 3 if name == "varifocal_loss" else 2
+        if name == "smooth_bce":
+            continue
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[tensors:]), name
+    for name in N.__all__:
+        params = list(inspect.signature(getattr(N, name).__init__).parameters.values())[1:]
+        assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params), name
+
+
+def test_box_iou_has_torchvision_meaning():
+    """``box_iou`` is the pairwise matrix (torchvision.ops.box_iou), even when N == M; the IoU of
+    aligned pairs is ``aligned_box_iou``."""
+    a = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 3]])
+    b = torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1]])
+    m = F.box_iou(a, b)
+    assert m.shape == (2, 2)
+    inter = torch.tensor([[4.0, 1.0], [1.0, 0.0]])
+    union = torch.tensor([[4.0, 4.0], [7.0, 5.0]])
+    torch.testing.assert_close(m, inter / union)
+    torch.testing.assert_close(F.aligned_box_iou(a, b), torch.tensor([1.0, 0.0]))

@@ -65,7 +65,7 @@ def test_yolov5_bbox_iou(kind, fmt):
     b1, b2 = t64(V5[f"box1_{fmt}"]), t64(V5[f"box2_{fmt}"])
     box_format = "cxcywh" if fmt == "xywh" else "xyxy"
     out, (g1, g2) = value_and_grads(
-        lambda a, b: F.box_iou(a, b, kind=kind, box_format=box_format, convention="yolov5"), b1, b2
+        lambda a, b: F.aligned_box_iou(a, b, kind=kind, box_format=box_format, convention="yolov5"), b1, b2
     )
     assert_close(out, V5[key], msg=key)
     assert_close(g1, V5[key + "_grad1"], msg=key + "_grad1")
@@ -109,7 +109,7 @@ UL = load_npz("ultralytics", "blocks.npz")
 def test_ultralytics_bbox_iou_xyxy(kind):
     key = f"{kind}_xyxy"
     b1, b2 = t64(UL["iou_boxes1_xyxy"]), t64(UL["iou_boxes2_xyxy"])
-    out, (g1, g2) = value_and_grads(lambda a, b: F.box_iou(a, b, kind=kind, convention="yolov5"), b1, b2)
+    out, (g1, g2) = value_and_grads(lambda a, b: F.aligned_box_iou(a, b, kind=kind, convention="yolov5"), b1, b2)
     assert_close(out, UL[key][:, 0], msg=key)
     assert_close(g1, UL[key + "_grad1"], msg=key + "_grad1")
     assert_close(g2, UL[key + "_grad2"], msg=key + "_grad2")
@@ -118,7 +118,7 @@ def test_ultralytics_bbox_iou_xyxy(kind):
 def test_ultralytics_ciou_xywh():
     b1, b2 = t64(UL["iou_boxes1_xywh"]), t64(UL["iou_boxes2_xywh"])
     out, (g1, g2) = value_and_grads(
-        lambda a, b: F.box_iou(a, b, kind="ciou", box_format="cxcywh", convention="yolov5"), b1, b2
+        lambda a, b: F.aligned_box_iou(a, b, kind="ciou", box_format="cxcywh", convention="yolov5"), b1, b2
     )
     assert_close(out, UL["ciou_xywh"][:, 0], msg="ciou_xywh")
     assert_close(g1, UL["ciou_xywh_grad1"], msg="grad1")

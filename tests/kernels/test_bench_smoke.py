@@ -1,7 +1,7 @@
 """Smoke test of the kernels benchmark: ``main(["--quick"])`` runs and prints its tables."""
 from __future__ import annotations
 
-from detloss.bench.kernels import main
+from detloss_bench.kernels import main
 
 
 def test_bench_kernels_quick(eager, capsys):

@@ -326,7 +326,7 @@ def test_bad_constructor_arguments():
 
 
 def test_benchmark_quick_smoke(capsys):
-    from detloss.bench import fcos as bench
+    from detloss_bench import fcos as bench
 
     assert bench.main(["--quick"]) == 0
     out = capsys.readouterr().out

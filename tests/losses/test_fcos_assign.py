@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detloss.assign.fcos import _candidate_pairs, assign_fcos, make_point_grid
-from detloss.bench.fcos import torchvision_dense_match_image  # the dense matcher, transcribed
+from detloss_bench.fcos import torchvision_dense_match_image  # the dense matcher, transcribed
 
 STRIDES = (8, 16, 32, 64, 128)
 

@@ -1,5 +1,5 @@
 """Smoke test of the YOLOv3 benchmark (tiny sizes): it runs, checks baseline == library, prints its table."""
-from detloss.bench.yolov3 import loop_best_truth_iou, main, make_inputs
+from detloss_bench.yolov3 import loop_best_truth_iou, main, make_inputs
 from detloss.assign import darknet
 
 

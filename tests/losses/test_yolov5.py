@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import detloss
-from detloss.bench.yolov5 import OriginalComputeLoss
+from detloss_bench.yolov5 import OriginalComputeLoss
 from detloss.losses.yolov5 import YOLOv5Loss, default_balance
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "yolov5_v7"
@@ -383,7 +383,7 @@ def test_bad_constructor_arguments(kw, name):
 
 
 def test_benchmark_quick(capsys):
-    from detloss.bench.yolov5 import main
+    from detloss_bench.yolov5 import main
 
     assert main(["--quick", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

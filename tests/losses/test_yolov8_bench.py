@@ -1,5 +1,5 @@
 """Smoke test of the YOLOv8 benchmark (tiny sizes; it also checks both assignment ways agree)."""
-from detloss.bench import yolov8
+from detloss_bench import yolov8
 
 
 def test_bench_quick(capsys):

@@ -10,7 +10,7 @@ from .bce import bce_blur, bce_with_logits, binary_cross_entropy, smooth_bce
 from .cross_entropy import cross_entropy
 from .dfl import distribution_focal_loss
 from .focal import quality_focal_loss, sigmoid_focal_loss, softmax_focal_loss, varifocal_loss
-from .iou import box_iou, iou_loss, pairwise_box_iou
+from .iou import aligned_box_iou, box_iou, iou_loss, pairwise_box_iou
 from .regression import l1_loss, mse_loss, smooth_l1_loss
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "smooth_l1_loss",
     "l1_loss",
     "mse_loss",
+    "aligned_box_iou",
     "box_iou",
     "pairwise_box_iou",
     "iou_loss",

@@ -44,6 +44,7 @@ def _check_weight(name: str, w: Optional[torch.Tensor], input: torch.Tensor) -> 
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
+    *,
     weight: Optional[torch.Tensor] = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -115,6 +116,7 @@ def _bce_with_logits_formula(
 def bce_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
+    *,
     weight: Optional[torch.Tensor] = None,
     pos_weight: Optional[torch.Tensor] = None,
     reduction: str = "mean",
@@ -189,7 +191,11 @@ def _bce_blur_formula(
 
 
 def bce_blur(
-    input: torch.Tensor, target: torch.Tensor, alpha: float = 0.05, reduction: str = "mean"
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float = 0.05,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""YOLOv5's ``BCEBlurWithLogitsLoss``: BCE-with-logits damped where the model is confident
     about a positive that the labels call negative (a missing label).

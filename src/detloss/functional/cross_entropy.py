@@ -74,6 +74,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
+    *,
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,

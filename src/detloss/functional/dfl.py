@@ -24,6 +24,7 @@ __all__ = ["distribution_focal_loss"]
 def distribution_focal_loss(
     pred_dist: torch.Tensor,
     target: torch.Tensor,
+    *,
     reduction: str = "mean",
     weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:

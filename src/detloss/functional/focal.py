@@ -74,6 +74,7 @@ def _sigmoid_focal_loss_formula(
 def sigmoid_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
+    *,
     alpha: float = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
@@ -110,6 +111,7 @@ def sigmoid_focal_loss(
 def softmax_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
+    *,
     weight: Optional[torch.Tensor] = None,
     alpha: float = 0.25,
     gamma: float = 2.0,
@@ -163,6 +165,7 @@ def _quality_focal_loss_formula(
 def quality_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
+    *,
     gamma: float = 2.0,
     alpha: Optional[float] = None,
     reduction: str = "mean",
@@ -209,6 +212,7 @@ def varifocal_loss(
     input: torch.Tensor,
     target_score: torch.Tensor,
     label: torch.Tensor,
+    *,
     alpha: float = 0.75,
     gamma: float = 2.0,
     reduction: str = "mean",

@@ -182,7 +182,7 @@ def _torchvision_iou(boxes1, boxes2, kind, box_format, eps, pairwise=False):
 
 
 def _box_iou_formula(boxes1, boxes2, kind="iou", box_format="xyxy", convention="torchvision", eps=1e-7):
-    """Eager formula of :func:`box_iou` (validated tensors in the compute dtype)."""
+    """Eager formula of :func:`aligned_box_iou` (validated tensors in the compute dtype)."""
     if convention == "yolov5":
         return _yolov5_iou(boxes1, boxes2, kind, box_format, eps)
     return _torchvision_iou(boxes1, boxes2, kind, box_format, eps)
@@ -198,15 +198,17 @@ def _prepare(name1, boxes1, name2, boxes2, kind, box_format, convention, eps):
     return upcast(boxes1, dtype), upcast(boxes2, dtype)
 
 
-def box_iou(
+def aligned_box_iou(
     boxes1: torch.Tensor,
     boxes2: torch.Tensor,
+    *,
     kind: str = "iou",
     box_format: str = "xyxy",
     convention: str = "torchvision",
     eps: float = 1e-7,
 ) -> torch.Tensor:
-    r"""IoU-kind of aligned box pairs: ``[..., 4]`` and ``[..., 4]`` (same shape) give ``[...]``.
+    r"""IoU-kind of aligned box pairs: ``[..., 4]`` and ``[..., 4]`` (same shape) give ``[...]``
+    (pair ``i`` of ``boxes1`` with pair ``i`` of ``boxes2``; for every pair use :func:`pairwise_box_iou`).
 
     .. math::
         \mathrm{IoU} = \frac{|A \cap B|}{|A \cup B|},\quad
@@ -237,6 +239,7 @@ def box_iou(
 def pairwise_box_iou(
     boxes1: torch.Tensor,
     boxes2: torch.Tensor,
+    *,
     kind: str = "iou",
     box_format: str = "xyxy",
     convention: str = "torchvision",
@@ -244,7 +247,7 @@ def pairwise_box_iou(
 ) -> torch.Tensor:
     r"""IoU-kind of every pair: ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` -> ``[N, M]``.
 
-    The formulas are those of :func:`box_iou`. With ``convention="torchvision"`` it reproduces
+    The formulas are those of :func:`aligned_box_iou`. With ``convention="torchvision"`` it reproduces
     ``torchvision.ops.box_iou`` / ``generalized_box_iou`` / ``distance_box_iou`` /
     ``complete_box_iou``: no eps on the union or the enclosing area (a pair with zero union gives
     0 instead of NaN); with ``"yolov5"`` it is ``bbox_iou`` on every pair.
@@ -259,6 +262,13 @@ def pairwise_box_iou(
     return _torchvision_iou(b1, b2, kind, box_format, eps, pairwise=kind in ("iou", "giou", "diou", "ciou"))
 
 
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair, ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` (xyxy) -> ``[N, M]``: the meaning
+    and the numbers of ``torchvision.ops.box_iou``. Same as ``pairwise_box_iou(boxes1, boxes2)``;
+    the IoU of aligned pairs is :func:`aligned_box_iou`."""
+    return pairwise_box_iou(boxes1, boxes2)
+
+
 def _iou_loss_formula(
     pred, target, kind="giou", box_format="xyxy", convention="torchvision", reduction="none", eps=1e-7
 ):
@@ -270,6 +280,7 @@ def _iou_loss_formula(
 def iou_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
+    *,
     kind: str = "giou",
     box_format: str = "xyxy",
     convention: str = "torchvision",
@@ -282,7 +293,7 @@ def iou_loss(
     ``torchvision.ops.generalized_box_iou_loss`` / ``distance_box_iou_loss`` /
     ``complete_box_iou_loss`` (eps=1e-7, reduction "none" by default, the mean of nothing is 0);
     ``convention="yolov5"`` is ``1 - bbox_iou(...)`` of YOLOv5 v7.0 / ultralytics. See
-    :func:`box_iou` for the formulas and the sources; negative box sizes raise ValueError.
+    :func:`aligned_box_iou` for the formulas and the sources; negative box sizes raise ValueError.
     """
     check_reduction(reduction)
     p, t = _prepare("pred", pred, "target", target, kind, box_format, convention, eps)

@@ -23,7 +23,11 @@ def _prepare(input: torch.Tensor, target: torch.Tensor, reduction: str):
 
 
 def smooth_l1_loss(
-    input: torch.Tensor, target: torch.Tensor, beta: float = 1.0, reduction: str = "mean"
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""Smooth L1 (Huber-like) loss.
 
@@ -44,13 +48,23 @@ def smooth_l1_loss(
     return reduce(loss, reduction)
 
 
-def l1_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def l1_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
     r"""L1 loss :math:`\ell = |x - y|` (``torch.nn.functional.l1_loss``)."""
     x, y = _prepare(input, target, reduction)
     return reduce((x - y).abs(), reduction)
 
 
-def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
     r"""Squared error :math:`\ell = (x - y)^2` (``torch.nn.functional.mse_loss``)."""
     x, y = _prepare(input, target, reduction)
     return reduce((x - y) ** 2, reduction)

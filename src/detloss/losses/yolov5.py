@@ -302,7 +302,7 @@ class YOLOv5Loss(torch.nn.Module):
                 pwh = ((ps[:, 2:4].sigmoid() * 2) ** 2 * asg.anchors.to(cd)).clamp(min=PWH_FLOOR)
                 pbox = torch.cat((pxy, pwh), 1)
                 tbox = asg.boxes.to(cd)
-                ciou = F.box_iou(pbox, tbox, kind="ciou", box_format="cxcywh", convention="yolov5")
+                ciou = F.aligned_box_iou(pbox, tbox, kind="ciou", box_format="cxcywh", convention="yolov5")
                 lbox = lbox + (1.0 - ciou).mean()
 
                 # Objectness target: detached CIoU, the last writer of each cell wins.
@@ -319,7 +319,7 @@ class YOLOv5Loss(torch.nn.Module):
                     lcls = lcls + self._bce(pcls, t, self.cls_pw)
                 cious.append(ciou.detach())
                 with torch.no_grad():
-                    ious.append(F.box_iou(pbox, tbox, kind="iou", box_format="cxcywh", convention="yolov5"))
+                    ious.append(F.aligned_box_iou(pbox, tbox, kind="iou", box_format="cxcywh", convention="yolov5"))
 
             obji = self._bce(pobj, tobj, self.obj_pw)
             lobj = lobj + obji * self.balance[i]

@@ -238,7 +238,7 @@ class YOLOv8Loss(torch.nn.Module):
             pos_stride = stride_tensor.expand(bsz, -1, -1)[fg]
             target_boxes = asg.target_bboxes[fg] / pos_stride
             pos_pred = pred_bboxes[fg]
-            ciou = F.box_iou(pos_pred, target_boxes, kind="ciou", convention="yolov5")
+            ciou = F.aligned_box_iou(pos_pred, target_boxes, kind="ciou", convention="yolov5")
             loss_box = ((1.0 - ciou) * weight).sum() / norm
             pos_anchor = anchor_points.expand(bsz, -1, -1)[fg]
             ltrb = torch.cat((pos_anchor - target_boxes[:, :2], target_boxes[:, 2:] - pos_anchor), -1)
@@ -268,8 +268,8 @@ class YOLOv8Loss(torch.nn.Module):
             matched = int(torch.unique(img * max(m, 1) + asg.target_gt_idx[fg]).numel())
             pred_px = pred_bboxes.detach()[fg] * stride_tensor.expand(bsz, -1, -1)[fg]
             tgt = asg.target_bboxes[fg]
-            iou_mean = float(F.box_iou(pred_px, tgt, kind="iou", convention="yolov5").mean())
-            ciou_mean = float(F.box_iou(pred_px, tgt, kind="ciou", convention="yolov5").mean())
+            iou_mean = float(F.aligned_box_iou(pred_px, tgt, kind="iou", convention="yolov5").mean())
+            ciou_mean = float(F.aligned_box_iou(pred_px, tgt, kind="ciou", convention="yolov5").mean())
         return {
             "num_pos": num_pos,
             "num_targets": int(mask_gt.sum()),

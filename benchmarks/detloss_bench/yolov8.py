@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..losses.yolov8 import YOLOv8Loss, decode_distances, make_anchors, preprocess_targets
+from detloss.losses.yolov8 import YOLOv8Loss, decode_distances, make_anchors, preprocess_targets
 from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .boxes import read_yolo_labels
+from ..boxes import read_yolo_labels
 
 __all__ = [
     "SCHEMES",
@@ -173,7 +173,7 @@ def _rec(level: int, lv: Level, gt: int, cls: int, gy: int, gx: int, status: str
 
 
 def _view_yolov5(v: AssignmentView, anchors=None, strides=YOLO_STRIDES, anchor_t: float = 4.0) -> None:
-    from .assign.yolov5 import OFFSET_NAMES, assign_yolov5, grid_anchors
+    from ..assign.yolov5 import OFFSET_NAMES, assign_yolov5, grid_anchors
 
     if anchors is None:
         anchors = [sum((COCO_ANCHORS[i] for i in m), ()) for m in DARKNET_MASKS]
@@ -193,7 +193,7 @@ def _view_yolov5(v: AssignmentView, anchors=None, strides=YOLO_STRIDES, anchor_t
 
 def _view_yolov3(v: AssignmentView, anchors=COCO_ANCHORS, masks=DARKNET_MASKS, strides=YOLO_STRIDES,
                  ignore_thresh: float = 0.7, truth_thresh: float = 1.0, num_classes: Optional[int] = None) -> None:
-    from .assign.darknet import assign_darknet
+    from ..assign.darknet import assign_darknet
 
     v.levels = _levels(v.size, strides, ceil=False)
     nc = int(num_classes) if num_classes is not None else (int(v.rows[:, 1].max()) + 1 if len(v.rows) else 1)
@@ -229,7 +229,7 @@ def _view_yolov3(v: AssignmentView, anchors=COCO_ANCHORS, masks=DARKNET_MASKS, s
 
 def _view_fcos(v: AssignmentView, strides=FCOS_STRIDES, convention: str = "torchvision",
                center_sampling_radius: Optional[float] = 1.5) -> None:
-    from .assign.fcos import assign_fcos
+    from ..assign.fcos import assign_fcos
 
     v.levels = _levels(v.size, strides)
     targets = [{"boxes": v.boxes, "labels": v.rows[:, 1].long()}]
@@ -258,7 +258,7 @@ def _view_fcos(v: AssignmentView, strides=FCOS_STRIDES, convention: str = "torch
 
 def _view_yolov8(v: AssignmentView, strides=YOLO_STRIDES, reg_max: int = 16, num_classes: Optional[int] = None,
                  **assigner_kw: Any) -> None:
-    from .assign import tal
+    from ..assign import tal
 
     v.levels = _levels(v.size, strides)
     nc = int(num_classes) if num_classes is not None else (int(v.rows[:, 1].max()) + 1 if len(v.rows) else 1)
@@ -319,7 +319,7 @@ def assign_view(scheme: str, rows: Any, size: Optional[Tuple[int, int]] = None, 
     t = _as_rows(rows)
     size = _size(size, None)
     h, w = size
-    from .boxes import cxcywh_to_xyxy
+    from ..boxes import cxcywh_to_xyxy
 
     boxes = cxcywh_to_xyxy(t[:, 2:6]) * t.new_tensor([w, h, w, h])
     v = AssignmentView(scheme=scheme, size=size, rows=t, boxes=boxes, levels=[])

@@ -2,7 +2,7 @@
 
 Data: by default synthetic shapes generated on the fly (a fresh image for every sample,
 deterministic by seed); ``--data DIR`` (YOLO txt: images/ and labels/) or ``--data FILE.json``
-(COCO, images next to the json or in ``--images``). Model: :class:`detloss.demo.models.Detector`
+(COCO, images next to the json or in ``--images``). Model: :class:`detloss.tools.demo.models.Detector`
 with the head the loss takes. Optimizer: AdamW (scale-free, so the four losses' different
 scalings need no per-loss learning rate), linear warm-up then cosine decay, gradient clipping,
 and an exponential moving average of the weights that is what gets evaluated.
@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .. import distributed as dist_utils
+from ... import distributed as dist_utils
 from .data import SyntheticShapes, Subset, collate, hflip, open_dataset
 from .models import LOSSES, Detector
 
@@ -350,14 +350,14 @@ def _finish(args, model, val_set, names, history, last, steps, train_s, wall0, w
 
 def _assignment_picture(model: Detector, item, path: Path) -> Optional[str]:
     """Draw which cells/anchors/points the first validation image's boxes are assigned to,
-    with :func:`detloss.viz.assignment_picture`; returns a note when that is not possible."""
+    with :func:`detloss.tools.viz.assignment_picture`; returns a note when that is not possible."""
     try:
         from .. import viz
     except ImportError as e:
-        return f"assignment.png skipped: detloss.viz is not available ({e})"
+        return f"assignment.png skipped: detloss.tools.viz is not available ({e})"
     fn = getattr(viz, "assignment_picture", None)
     if fn is None:
-        return "assignment.png skipped: detloss.viz has no assignment_picture"
+        return "assignment.png skipped: detloss.tools.viz has no assignment_picture"
     from PIL import Image
 
     image, labels = item

@@ -2,7 +2,7 @@
 
 Python API::
 
-    from detloss.explain import explain
+    from detloss.tools.explain import explain
     e = explain("bce-with-logits", [0.7, 0.2, 0.1], [1, 0, 0])
     print(e.render())          # sigmoids, each term with its formula, the reduction, the gradient
     e.result                   # the value detloss.functional.bce_with_logits returns
@@ -298,7 +298,7 @@ def _logsig(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fn(name: str) -> Callable[..., torch.Tensor]:
-    from . import functional
+    from .. import functional
 
     if not hasattr(functional, name):
         raise NotImplementedError(f"detloss.functional.{name} is not available in this installation")
@@ -725,7 +725,7 @@ def _work_iou(x, y, o, fmt):
     kind, conv = o["kind"], o["convention"]
     eps = float(o.get("eps") or 1e-7)
     if o["box_format"] == "cxcywh":
-        from .boxes import cxcywh_to_xyxy
+        from ..boxes import cxcywh_to_xyxy
 
         a, b = cxcywh_to_xyxy(x), cxcywh_to_xyxy(y)
     else:
@@ -786,7 +786,7 @@ def _work_iou(x, y, o, fmt):
                   Step("(h_a - h_b)^2 / C_h^2", "height term (enclosing height, + eps)", hterm),
                   Step("EIoU", "IoU - rho^2 / c^2 - width term - height term  (Zhang et al. 2021)", metric)]
     elif kind == "siou":
-        from .functional.iou import SIOU_THETA
+        from ..functional.iou import SIOU_THETA
 
         dx = (bx1 + bx2 - ax1 - ax2) / 2
         dy = (by1 + by2 - ay1 - ay2) / 2
@@ -980,7 +980,7 @@ def explain(loss_name: str, input: Any, target: Any, expect: Any = None, **optio
             raise ValueError(f"{k}: not an option of {name} (its options: {sorted(spec.options)})")
     opts: Dict[str, Any] = {**spec.options, **preset, **{k: v for k, v in options.items() if v is not None}}
     if "reduction" in opts:
-        from ._checks import check_reduction
+        from .._checks import check_reduction
 
         check_reduction(opts["reduction"])
     x = _as_tensor("input", input)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..boxes import read_yolo_labels
+from ...boxes import read_yolo_labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -20,5 +20,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     suites: List[str] = list(SUITES) if args.suite == "all" else [args.suite]
     for s in suites:
-        importlib.import_module(f"detloss.bench.{s}").main(list(args.rest))
+        importlib.import_module(f"detloss_bench.{s}").main(list(args.rest))
     return 0

@@ -16,8 +16,8 @@ from unittest import mock
 
 import torch
 
-from ..assign import darknet as darknet_assign
-from ..losses.yolov3 import YOLOV3_MASKS, YOLOv3Loss
+from detloss.assign import darknet as darknet_assign
+from detloss.losses.yolov3 import YOLOV3_MASKS, YOLOv3Loss
 from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 

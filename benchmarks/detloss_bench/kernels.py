@@ -26,10 +26,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as TF
 
-from .. import kernels
-from ..functional import bce as fbce
-from ..functional import focal as ffocal
-from ..functional import iou as fiou
+from detloss import kernels
+from detloss.functional import bce as fbce
+from detloss.functional import focal as ffocal
+from detloss.functional import iou as fiou
 from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]

@@ -193,7 +193,7 @@ def _runner(loss_fn, preds, targets, backward: bool, original: bool):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..losses.yolov5 import YOLOv5Loss
+    from detloss.losses.yolov5 import YOLOv5Loss
 
     ap = argparse.ArgumentParser(prog="detloss bench yolov5", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")

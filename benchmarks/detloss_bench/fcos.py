@@ -14,10 +14,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .. import functional as F
-from ..assign.fcos import assign_fcos
-from ..functional.iou import _iou_loss_formula  # unchecked: predictions may be inverted boxes
-from ..losses.fcos import FCOSLoss
+from detloss import functional as F
+from detloss.assign.fcos import assign_fcos
+from detloss.functional.iou import _iou_loss_formula  # unchecked: predictions may be inverted boxes
+from detloss.losses.fcos import FCOSLoss
 from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 STRIDES = (8, 16, 32, 64, 128)

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..functional import pairwise_box_iou
+from ...functional import pairwise_box_iou
 
 
 def _grid(h: int, w: int, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -2,10 +2,9 @@
 
 Subcommands (each implemented in its own module, imported only when used):
 
-- ``detloss explain LOSS ...``  a loss worked step by step with real numbers  (:mod:`detloss.explain`)
-- ``detloss assign SCHEME ...`` pictures and tables of target assignment       (:mod:`detloss.viz`)
-- ``detloss train ...``         train a small detector end to end (the demo)   (:mod:`detloss.demo.train`)
-- ``detloss bench SUITE ...``   benchmarks, ratios against baselines           (:mod:`detloss.bench`)
+- ``detloss explain LOSS ...``  a loss worked step by step with real numbers  (:mod:`detloss.tools.explain`)
+- ``detloss assign SCHEME ...`` pictures and tables of target assignment       (:mod:`detloss.tools.viz`)
+- ``detloss train ...``         train a small detector end to end (the demo)   (:mod:`detloss.tools.demo.train`)
 
 Each module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -17,10 +16,9 @@ import sys
 from typing import List, Optional
 
 SUBCOMMANDS = {
-    "explain": ("detloss.explain", "explain a loss step by step with real numbers"),
-    "assign": ("detloss.viz", "draw and tabulate which anchors/points a target is assigned to"),
-    "train": ("detloss.demo.train", "train a small detector end to end and evaluate it (COCO mAP)"),
-    "bench": ("detloss.bench", "run the benchmarks and print ratios against baselines"),
+    "explain": ("detloss.tools.explain", "explain a loss step by step with real numbers"),
+    "assign": ("detloss.tools.viz", "draw and tabulate which anchors/points a target is assigned to"),
+    "train": ("detloss.tools.demo.train", "train a small detector end to end and evaluate it (COCO mAP)"),
 }
 
 

@@ -1,0 +1,163 @@
+"""The one result type of every assigner: :class:`Assignment`.
+
+An assigner decides, for a batch of ``B`` images with ``A`` predictions each (anchors, points,
+anchor x cell slots or queries, flattened in an order the detector loss documents), which
+predictions learn which target. Every scheme in :mod:`detloss.assign` returns the same shape of
+answer, so a detector loss reads the same way whatever its scheme:
+
+- **positives**, flat: ``batch_index[k]``, ``pred_index[k]`` (``0 .. A-1`` within image
+  ``batch_index[k]``) and ``target_index[k]`` for ``k = 0 .. P-1``; per positive its box target
+  ``boxes[k]`` (format and units documented by the scheme), class ``labels[k]`` and
+  ``weights[k]`` (1 where a scheme has no weights);
+- **ignore**: an optional bool ``[B, A]`` mask of predictions that take part in no negative
+  (background) term although they are not positives (YOLOv3's ignore threshold, RetinaNet's
+  between-threshold band);
+- **extras**: what a scheme needs beyond that (darknet's per-layer figures, TAL's dense target
+  scores, the Hungarian cost matrices), documented by the scheme.
+
+``target_index`` refers to the targets as the loss received them: the row of ``targets`` for
+YOLO rows ``[N, 6]``, the position in the image's ``boxes`` for per-image target lists (the
+``matched_idxs`` convention of torchvision, the ``(query, target)`` pairs of DETR).
+
+A prediction may appear in several positives where a scheme says so (YOLOv5 gives one cell to
+several targets); :meth:`foreground` is then True once for it. Building an ``Assignment`` never
+synchronizes a GPU: only shapes are checked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Assignment", "BACKGROUND", "IGNORED"]
+
+#: ``matched_idxs`` value of a background prediction (torchvision's ``Matcher.BELOW_LOW_THRESHOLD``).
+BACKGROUND = -1
+#: ``matched_idxs`` value of an ignored prediction (torchvision's ``Matcher.BETWEEN_THRESHOLDS``).
+IGNORED = -2
+
+
+@dataclass
+class Assignment:
+    """Positives of a batch, flat, plus an ignore mask and scheme-specific extras.
+
+    Attributes:
+        batch_index: int64 ``[P]`` image of each positive.
+        pred_index: int64 ``[P]`` prediction of each positive within its image, ``0 .. A-1``.
+        target_index: int64 ``[P]`` target of each positive (see the module docstring).
+        boxes: ``[P, 4]`` box target of each positive (format and units: the scheme's docstring).
+        labels: int64 ``[P]`` class of each positive.
+        weights: ``[P]`` weight of each positive (ones where the scheme has none).
+        batch_size: ``B``.
+        num_preds: ``A``, predictions per image.
+        ignore: bool ``[B, A]`` predictions excluded from negative terms, or None for none.
+        extras: scheme-specific results, named and documented by the scheme.
+    """
+
+    batch_index: Tensor
+    pred_index: Tensor
+    target_index: Tensor
+    boxes: Tensor
+    labels: Tensor
+    weights: Tensor
+    batch_size: int
+    num_preds: int
+    ignore: Optional[Tensor] = None
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p = self.batch_index.shape[0] if self.batch_index.ndim == 1 else -1
+        for name in ("batch_index", "pred_index", "target_index", "labels"):
+            t = getattr(self, name)
+            if t.ndim != 1 or t.shape[0] != p or t.dtype != torch.int64:
+                raise ValueError(f"{name}: expected int64 [{p}] like batch_index, got {t.dtype} {tuple(t.shape)}")
+        if self.boxes.ndim != 2 or self.boxes.shape[0] != p:
+            raise ValueError(f"boxes: expected [{p}, K] like batch_index, got {tuple(self.boxes.shape)}")
+        if self.weights.ndim != 1 or self.weights.shape[0] != p:
+            raise ValueError(f"weights: expected [{p}] like batch_index, got {tuple(self.weights.shape)}")
+        if self.ignore is not None and tuple(self.ignore.shape) != (self.batch_size, self.num_preds):
+            raise ValueError(
+                f"ignore: expected bool [{self.batch_size}, {self.num_preds}], got {tuple(self.ignore.shape)}"
+            )
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_pos(self) -> int:
+        """Number of positives ``P`` (a shape: no device synchronization)."""
+        return int(self.batch_index.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.batch_index.device
+
+    @property
+    def flat_index(self) -> Tensor:
+        """int64 ``[P]``: ``batch_index * A + pred_index``, the positive's row in ``[B * A, ...]``."""
+        return self.batch_index * self.num_preds + self.pred_index
+
+    # ------------------------------------------------------------------ dense views
+    def foreground(self) -> Tensor:
+        """bool ``[B, A]``: predictions that are a positive at least once."""
+        fg = torch.zeros(self.batch_size * self.num_preds, dtype=torch.bool, device=self.device)
+        fg[self.flat_index] = True
+        return fg.view(self.batch_size, self.num_preds)
+
+    def matched_idxs(self) -> List[Tensor]:
+        """Per image, int64 ``[A]``: the target index of each prediction, :data:`BACKGROUND` (-1)
+        or :data:`IGNORED` (-2), torchvision's ``matched_idxs``. Where a prediction is a positive
+        of several targets, the last positive listed wins."""
+        m = torch.full((self.batch_size * self.num_preds,), BACKGROUND, dtype=torch.int64, device=self.device)
+        if self.ignore is not None:
+            m[self.ignore.reshape(-1)] = IGNORED
+        m[self.flat_index] = self.target_index
+        return list(m.view(self.batch_size, self.num_preds).unbind(0))
+
+    def background(self) -> Tensor:
+        """bool ``[B, A]``: neither a positive nor ignored (the predictions of the negative term)."""
+        bg = ~self.foreground()
+        if self.ignore is not None:
+            bg &= ~self.ignore
+        return bg
+
+    # ------------------------------------------------------------------ subsets
+    def select(self, keep: Tensor) -> "Assignment":
+        """The assignment restricted to the positives ``keep`` selects (a bool ``[P]`` mask or an
+        index tensor); ignore mask and extras unchanged."""
+        return replace(
+            self,
+            batch_index=self.batch_index[keep],
+            pred_index=self.pred_index[keep],
+            target_index=self.target_index[keep],
+            boxes=self.boxes[keep],
+            labels=self.labels[keep],
+            weights=self.weights[keep],
+        )
+
+    @classmethod
+    def empty(
+        cls,
+        batch_size: int,
+        num_preds: int,
+        *,
+        box_dim: int = 4,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+        ignore: Optional[Tensor] = None,
+        extras: Optional[Dict[str, Any]] = None,
+    ) -> "Assignment":
+        """An assignment without positives."""
+        idx = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(
+            batch_index=idx,
+            pred_index=idx.clone(),
+            target_index=idx.clone(),
+            boxes=torch.zeros((0, box_dim), dtype=dtype, device=device),
+            labels=idx.clone(),
+            weights=torch.zeros(0, dtype=dtype, device=device),
+            batch_size=batch_size,
+            num_preds=num_preds,
+            ignore=ignore,
+            extras={} if extras is None else extras,
+        )

@@ -1,0 +1,164 @@
+"""The skeleton every detector loss follows: :class:`DetectionLoss`.
+
+A detector loss reads top to bottom, one named step each::
+
+    inputs     = self.check(*args, **kwargs)          # validate, upcast, gather what the loss needs
+    prepared   = self.prepare(inputs)                 # training-time decoding (predicted boxes, grids)
+    assignment = self.assignment(inputs, prepared)    # an Assignment (detloss.assign.base)
+    raw        = self.compute_terms(inputs, prepared, assignment)   # {term: unweighted tensor}
+    output     = self.output(inputs, prepared, assignment, raw)     # gains, total, stats -> LossOutput
+
+``compute_terms`` calls one method per term, named in the class's :attr:`term_methods` table
+(DETR's ``loss_map`` idea), so a term is found by its name; ``self.gains`` holds the weight of
+each term in one dict. A loss whose terms are coupled (YOLOv5's per-level objectness with its
+autobalance) overrides ``compute_terms`` instead and says why.
+
+Every loss also has
+
+- :meth:`assign` with ``forward``'s arguments: the :class:`~detloss.assign.base.Assignment`
+  it would use, for pictures and tests;
+- :meth:`decode` turning raw head outputs into :class:`Decoded` boxes (xyxy pixels) and class
+  scores in 0..1, the detector's inference decoding: the demo, the ``assign`` pictures and the
+  evaluation use it instead of copies of their own.
+
+Stats: the keys of :data:`STAT_KEYS` mean the same in every loss and have the same Python type;
+:meth:`finalize_stats` turns the 0-dim tensors a loss computes into Python numbers with one
+device synchronization.
+
+Cross-rank normalization: one option, ``reduce_across_ranks`` (default False: no collective is
+ever issued unless asked for, so a loss computed on one rank only, e.g. validation on rank 0,
+cannot deadlock). When True and ``torch.distributed`` is initialized, batch-wide normalizers go
+through :meth:`global_mean` so that DistributedDataParallel's averaged gradient equals the
+gradient of the whole global batch; each loss's docstring says which normalizers that is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ..assign.base import Assignment
+from ..output import LossOutput
+
+__all__ = ["DetectionLoss", "Decoded", "STAT_KEYS"]
+
+#: Stats every detector loss reports, with their Python types.
+STAT_KEYS: Dict[str, type] = {"num_pos": int, "num_targets": int, "iou_mean": float, "normalizer": float}
+
+
+class Decoded(NamedTuple):
+    """Inference decoding of a head: ``boxes [B, A, 4]`` xyxy pixels, ``scores [B, A, C]`` in 0..1."""
+
+    boxes: Tensor
+    scores: Tensor
+
+
+def check_gains(gains: Mapping[str, float], names: Tuple[str, ...]) -> Dict[str, float]:
+    """Gains as a dict of finite non-negative floats, one per term name, nothing else."""
+    if set(gains) != set(names):
+        raise ValueError(f"gains: expected one gain per term {list(names)}, got {sorted(gains)}")
+    out = {}
+    for k in names:
+        v = gains[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{k}: expected a finite non-negative gain, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+class DetectionLoss(torch.nn.Module):
+    """Base of the detector losses (see the module docstring for the steps).
+
+    Subclasses set :attr:`name` (the registry key) and :attr:`term_methods`, call
+    ``super().__init__(gains, reduce_across_ranks=...)`` and implement :meth:`check`,
+    :meth:`assignment`, the term methods, :meth:`stats` and :meth:`decode`; :meth:`prepare`,
+    :meth:`compute_terms` and :meth:`combine` have defaults.
+    """
+
+    #: The loss's key in :data:`detloss.losses.registry.LOSSES` (and the CLI's ``--loss``).
+    name: ClassVar[str] = ""
+    #: Term name -> name of the method computing it, in the order of ``components``.
+    term_methods: ClassVar[Dict[str, str]] = {}
+
+    def __init__(self, gains: Mapping[str, float], *, reduce_across_ranks: bool = False) -> None:
+        super().__init__()
+        self.gains: Dict[str, float] = check_gains(gains, tuple(self.term_methods))
+        self.reduce_across_ranks = bool(reduce_across_ranks)
+
+    # ------------------------------------------------------------------ the pipeline
+    def forward(self, *args: Any, **kwargs: Any) -> LossOutput:
+        inputs = self.check(*args, **kwargs)
+        prepared = self.prepare(inputs)
+        assignment = self.assignment(inputs, prepared)
+        raw = self.compute_terms(inputs, prepared, assignment)
+        return self.output(inputs, prepared, assignment, raw)
+
+    def assign(self, *args: Any, **kwargs: Any) -> Assignment:
+        """The :class:`~detloss.assign.base.Assignment` this loss uses for ``forward``'s arguments."""
+        inputs = self.check(*args, **kwargs)
+        with torch.no_grad():
+            return self.assignment(inputs, self.prepare(inputs))
+
+    # ------------------------------------------------------------------ steps to implement
+    def check(self, *args: Any, **kwargs: Any) -> Any:
+        """Validate ``forward``'s arguments; return what the other steps read (any object)."""
+        raise NotImplementedError
+
+    def prepare(self, inputs: Any) -> Any:
+        """Training-time decoding the assignment and the terms share (default: nothing)."""
+        return None
+
+    def assignment(self, inputs: Any, prepared: Any) -> Assignment:
+        """Target assignment on checked inputs; no gradient flows through it."""
+        raise NotImplementedError
+
+    def compute_terms(self, inputs: Any, prepared: Any, assignment: Assignment) -> Dict[str, Tensor]:
+        """Unweighted terms, one per entry of :attr:`term_methods`."""
+        return {name: getattr(self, method)(inputs, prepared, assignment) for name, method in self.term_methods.items()}
+
+    def stats(self, inputs: Any, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]) -> Dict[str, Any]:
+        """The loss's stats (at least :data:`STAT_KEYS`); 0-dim tensors become Python numbers."""
+        raise NotImplementedError
+
+    def decode(self, *head_outputs: Any, **kwargs: Any) -> Decoded:
+        """Raw head outputs -> :class:`Decoded` (inference decoding of the detector)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared machinery
+    def combine(self, weighted: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``total`` and the graph-connected ``terms`` from the weighted terms (default: their sum)."""
+        total = torch.stack(list(weighted.values())).sum() if weighted else torch.zeros(())
+        return total, dict(weighted)
+
+    def output(self, inputs: Any, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:
+        weighted = {k: raw[k] * self.gains[k] for k in self.term_methods}
+        total, terms = self.combine(weighted, inputs)
+        with torch.no_grad():
+            stats = self.finalize_stats(self.stats(inputs, prepared, assignment, raw))
+        components = {k: v.detach() for k, v in weighted.items()}
+        return LossOutput(total=total, components=components, stats=stats, terms=terms)
+
+    def global_mean(self, value: Tensor) -> Tensor:
+        """``value`` (detached) averaged over ranks when ``reduce_across_ranks`` is on and
+        ``torch.distributed`` is initialized; ``value`` itself otherwise."""
+        if not self.reduce_across_ranks:
+            return value
+        return distributed.reduce_mean(value.detach())
+
+    @staticmethod
+    def finalize_stats(stats: Dict[str, Any]) -> Dict[str, Any]:
+        """0-dim tensors -> Python numbers (one ``tolist()``, so one synchronization); the keys of
+        :data:`STAT_KEYS` get their declared type."""
+        keys = [k for k, v in stats.items() if isinstance(v, Tensor) and v.ndim == 0]
+        out = dict(stats)
+        if keys:
+            values = torch.stack([stats[k].detach().to(torch.float64) for k in keys]).tolist()
+            for k, v in zip(keys, values):
+                out[k] = int(round(v)) if not stats[k].is_floating_point() else v
+        for k, typ in STAT_KEYS.items():
+            if k in out and not isinstance(out[k], bool):
+                out[k] = typ(out[k])
+        return out

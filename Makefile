@@ -6,7 +6,16 @@ PIP := $(VENV)/bin/pip
 # The local CPU build of torch; installed first so pip never reaches for a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test venv bench clean
+# The optional second environment with the real frameworks (integration tests, benchmarks
+# against the real peers): torch 2.14.1 + torchvision 0.29.1 from local disk, ultralytics,
+# yolov5 (packaged ultralytics/yolov5 v7.0). detloss is used from src/ (PYTHONPATH), not installed.
+INT_VENV ?= .venv-int
+INT_PY := $(INT_VENV)/bin/python
+INT_TORCH := torch==2.14.1 torchvision==0.29.1
+INT_PKGS := ultralytics==8.4.190 yolov5==7.0.14 "setuptools<81" scipy pytest hypothesis
+INT_ENV := PYTHONPATH=$(CURDIR)/src:$(CURDIR)/benchmarks
+
+.PHONY: demo test venv bench venv-int test-integrations bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +34,21 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py all
 
+$(INT_VENV)/.installed:
+	$(PYTHON) -m venv $(INT_VENV)
+	$(INT_VENV)/bin/pip install -q $(INT_TORCH)
+	$(INT_VENV)/bin/pip install -q $(INT_PKGS)
+	touch $@
+
+venv-int: $(INT_VENV)/.installed
+
+# Tests against the real frameworks (integration_tests/, outside the main suite).
+test-integrations: $(INT_VENV)/.installed
+	$(INT_ENV) $(INT_PY) -m pytest -q -p no:cacheprovider integration_tests
+
+# Every benchmark row against the real peer's code, in the same process.
+bench-peers: $(INT_VENV)/.installed
+	$(INT_ENV) $(INT_PY) benchmarks/run.py all --peers
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(INT_VENV) runs .pytest_cache

@@ -28,7 +28,7 @@ from .. import kernels
 from .._checks import check_choice, check_floating, check_reduction, compute_dtype, upcast
 from ._common import first_bad, reduce
 
-__all__ = ["box_iou", "pairwise_box_iou", "iou_loss", "KINDS", "CONVENTIONS", "BOX_FORMATS"]
+__all__ = ["aligned_box_iou", "box_iou", "pairwise_box_iou", "iou_loss", "KINDS", "CONVENTIONS", "BOX_FORMATS"]
 
 KINDS = ("iou", "giou", "diou", "ciou", "eiou", "siou")
 CONVENTIONS = ("torchvision", "yolov5")
@@ -37,11 +37,11 @@ BOX_FORMATS = ("xyxy", "cxcywh")
 SIOU_THETA = 4.0
 
 
-def _check_boxes(name: str, boxes: object, box_format: str) -> torch.Tensor:
+def _check_boxes(name: str, boxes: object, box_format: str, validate: bool = True) -> torch.Tensor:
     t = check_floating(name, boxes)
     if t.dim() == 0 or t.shape[-1] != 4:
         raise ValueError(f"{name}: expected boxes of shape [..., 4], got {tuple(t.shape)}")
-    if t.numel():
+    if validate and t.numel():
         d = t.detach()
         if box_format == "xyxy":
             bad = (d[..., 2] < d[..., 0]) | (d[..., 3] < d[..., 1])
@@ -188,10 +188,10 @@ def _box_iou_formula(boxes1, boxes2, kind="iou", box_format="xyxy", convention="
     return _torchvision_iou(boxes1, boxes2, kind, box_format, eps)
 
 
-def _prepare(name1, boxes1, name2, boxes2, kind, box_format, convention, eps):
+def _prepare(name1, boxes1, name2, boxes2, kind, box_format, convention, eps, validate=True):
     _check_args(kind, box_format, convention)
-    _check_boxes(name1, boxes1, box_format)
-    _check_boxes(name2, boxes2, box_format)
+    _check_boxes(name1, boxes1, box_format, validate)
+    _check_boxes(name2, boxes2, box_format, validate)
     if not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     dtype = compute_dtype(boxes1, boxes2)
@@ -206,6 +206,7 @@ def aligned_box_iou(
     box_format: str = "xyxy",
     convention: str = "torchvision",
     eps: float = 1e-7,
+    validate: bool = True,
 ) -> torch.Tensor:
     r"""IoU-kind of aligned box pairs: ``[..., 4]`` and ``[..., 4]`` (same shape) give ``[...]``
     (pair ``i`` of ``boxes1`` with pair ``i`` of ``boxes2``; for every pair use :func:`pairwise_box_iou`).
@@ -225,9 +226,12 @@ def aligned_box_iou(
     Where eps goes is set by ``convention`` (see the module docstring).
 
     Boxes must have non-negative sizes (``x2 >= x1``, ``y2 >= y1``; ``w, h >= 0``): this function,
-    :func:`pairwise_box_iou` and :func:`iou_loss` raise ValueError otherwise.
+    :func:`pairwise_box_iou` and :func:`iou_loss` raise ValueError otherwise. ``validate=False``
+    skips that check (and its device synchronization) for callers whose boxes may legitimately
+    be inverted, such as decoded predictions before a head's ReLU (FCOS): the same formula is
+    then applied to them as the originals do; shapes, dtypes and arguments are still checked.
     """
-    b1, b2 = _prepare("boxes1", boxes1, "boxes2", boxes2, kind, box_format, convention, eps)
+    b1, b2 = _prepare("boxes1", boxes1, "boxes2", boxes2, kind, box_format, convention, eps, validate)
     if boxes1.shape != boxes2.shape:
         raise ValueError(
             f"boxes2: expected the same shape as boxes1 {tuple(boxes1.shape)} (aligned pairs; "
@@ -244,6 +248,7 @@ def pairwise_box_iou(
     box_format: str = "xyxy",
     convention: str = "torchvision",
     eps: float = 1e-7,
+    validate: bool = True,
 ) -> torch.Tensor:
     r"""IoU-kind of every pair: ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` -> ``[N, M]``.
 
@@ -252,7 +257,7 @@ def pairwise_box_iou(
     ``complete_box_iou``: no eps on the union or the enclosing area (a pair with zero union gives
     0 instead of NaN); with ``"yolov5"`` it is ``bbox_iou`` on every pair.
     """
-    b1, b2 = _prepare("boxes1", boxes1, "boxes2", boxes2, kind, box_format, convention, eps)
+    b1, b2 = _prepare("boxes1", boxes1, "boxes2", boxes2, kind, box_format, convention, eps, validate)
     for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
         if b.dim() != 2:
             raise ValueError(f"{name}: expected a matrix of boxes [N, 4], got {tuple(b.shape)}")
@@ -286,6 +291,7 @@ def iou_loss(
     convention: str = "torchvision",
     reduction: str = "none",
     eps: float = 1e-7,
+    validate: bool = True,
 ) -> torch.Tensor:
     r"""Box regression loss :math:`1 - \mathrm{IoU}_{kind}(pred, target)` on aligned pairs ``[..., 4]``.
 
@@ -296,7 +302,7 @@ def iou_loss(
     :func:`aligned_box_iou` for the formulas and the sources; negative box sizes raise ValueError.
     """
     check_reduction(reduction)
-    p, t = _prepare("pred", pred, "target", target, kind, box_format, convention, eps)
+    p, t = _prepare("pred", pred, "target", target, kind, box_format, convention, eps, validate)
     if pred.shape != target.shape:
         raise ValueError(
             f"target: expected the same shape as pred {tuple(pred.shape)}, got {tuple(target.shape)}"

@@ -39,7 +39,7 @@ gradient of the whole global batch; each loss's docstring says which normalizers
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Tuple
+from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -139,11 +139,19 @@ class DetectionLoss(torch.nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared machinery
+    def batch_factor(self, inputs: Any, prepared: Any) -> Union[int, Tensor]:
+        """What ``total`` and ``terms`` are multiplied by (default 1; the YOLO losses' batch size,
+        the global one with ``reduce_across_ranks``)."""
+        return 1
+
     def combine(self, weighted: Dict[str, Tensor], inputs: Any, prepared: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
         """``total`` and the graph-connected ``terms`` (summing to ``total``) from the weighted
-        terms (default: ``total`` their sum, ``terms`` the weighted terms)."""
+        terms: ``total`` = their sum times :meth:`batch_factor`, each term times it."""
+        factor = self.batch_factor(inputs, prepared)
         total = torch.stack(list(weighted.values())).sum() if weighted else torch.zeros(())
-        return total, dict(weighted)
+        if isinstance(factor, int) and factor == 1:
+            return total, dict(weighted)
+        return total * factor, {k: v * factor for k, v in weighted.items()}
 
     def output(self, inputs: Any, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:
         weighted = {k: raw[k] * self.gains[k] for k in self.term_methods}

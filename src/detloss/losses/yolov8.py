@@ -342,11 +342,9 @@ class YOLOv8Loss(DetectionLoss):
         dfl = F.distribution_focal_loss(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), reduction="none")
         return (dfl.view(-1, 4).mean(-1) * assignment.weights).sum() / prepared.normalizer
 
-    def combine(self, weighted: Dict[str, Tensor], inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """``total = (box + cls + dfl) * B`` (ultralytics' return value); each term times ``B``."""
-        factor = prepared.batch_factor
-        total = torch.stack(list(weighted.values())).sum() * factor
-        return total, {k: v * factor for k, v in weighted.items()}
+    def batch_factor(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Union[int, Tensor]:
+        """``total = (box + cls + dfl) * B`` (ultralytics' return value)."""
+        return prepared.batch_factor
 
     def stats(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment, raw: Dict[str, Tensor]) -> Dict[str, Any]:
         n_rows = inputs.targets.shape[0]

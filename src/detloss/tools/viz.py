@@ -240,12 +240,13 @@ def _view_fcos(v: AssignmentView, strides=FCOS_STRIDES, convention: str = "torch
     for n in g.num_points_per_level[:-1]:
         starts.append(starts[-1] + n)
     cls = v.rows[:, 1].long()
-    for p in (a.matched_idxs[0] >= 0).nonzero().flatten().tolist():
+    matched = a.extras["matched_idxs"]
+    for p in (matched[0] >= 0).nonzero().flatten().tolist():
         li = int(g.levels[p])
         lv = v.levels[li]
         local = p - starts[li]
         nx = g.feature_sizes[li][1]
-        t = int(a.matched_idxs[0, p])
+        t = int(matched[0, p])
         x, y = (float(u) for u in g.points[p])
         v.records.append(_rec(li, lv, t, int(cls[t]), local // nx, local % nx, "positive", x=x, y=y))
     v.notes.append(f"{convention} convention: point inside the box (centre sampling radius "

@@ -34,7 +34,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .._checks import check_floating, check_like_first
-from ..boxes import check_yolo_targets, image_slots
+from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
 from .base import PerLevelAssignment, cell_index
 
 __all__ = [
@@ -281,8 +281,8 @@ def _best_truth_iou(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor
         return best, slot
 
     def edges(box):
-        x, y, w, h = box.unbind(-1)
-        return x - w / 2, x + w / 2, y - h / 2, y + h / 2, w * h
+        x1, y1, x2, y2 = cxcywh_to_xyxy(box).unbind(-1)
+        return x1, x2, y1, y2, box[..., 2] * box[..., 3]
 
     tx1, tx2, ty1, ty2, ta = (v[:, None, :] for v in edges(truth))
     ta = ta.masked_fill(~valid[:, None, :], float("inf"))

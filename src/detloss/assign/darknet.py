@@ -134,7 +134,9 @@ class DarknetAssignment(PerLevelAssignment):
     ``target_index`` the row of ``targets`` whose box target the cell gets (``box_truth``);
     ``boxes`` that row's ``(cx, cy, w, h)`` normalized; ``labels`` its class; ``weights`` ones;
     ``ignore`` the predictions without any objectness term (ignored and not positive).
-    ``extras``: ``levels`` (the per-layer results), ``level`` (int64 ``[P]``).
+    ``extras``: ``levels`` (the per-layer results), ``level`` (int64 ``[P]``), ``ignore_target``
+    (int64 ``[B, A]``: the truth whose IoU put each prediction above the ignore threshold,
+    ``best_truth``, -1 where none).
     """
 
 
@@ -145,9 +147,9 @@ class PyTorchYOLOv3Assignment(PerLevelAssignment):
     :class:`PyTorchYOLOv3LayerAssignment` as ``extras["levels"]``."""
 
 
-def _layers_assignment(cls, layers, positive, owner, ignore, rows: torch.Tensor, batch: int):
+def _layers_assignment(cls, layers, positive, owner, ignore, rows: torch.Tensor, batch: int, **extras):
     """The positives of per-layer masks ``positive``, ``owner`` (row per cell), ``ignore``
-    ``[B, A, H, W]``, layer after layer."""
+    ``[B, A, H, W]``, layer after layer; ``extras`` per-layer ``[B, A, H, W]`` maps, flattened."""
     shapes = [tuple(p.shape[1:]) for p in positive]
     parts = [m.nonzero(as_tuple=True) for m in positive]
     target = torch.cat([o[b, a, y, x] for o, (b, a, y, x) in zip(owner, parts)])
@@ -164,6 +166,7 @@ def _layers_assignment(cls, layers, positive, owner, ignore, rows: torch.Tensor,
         extras={
             "levels": layers,
             "level": torch.cat([torch.full_like(b, i) for i, (b, _, _, _) in enumerate(parts)]),
+            **{k: torch.cat([m.reshape(batch, -1) for m in v], 1) for k, v in extras.items()},
         },
     )
 
@@ -407,7 +410,7 @@ def assign_darknet(
         )
     return _layers_assignment(
         DarknetAssignment, out, [a.positive for a in out], [a.box_truth for a in out],
-        [a.ignore & ~a.positive for a in out], t32, batch,
+        [a.ignore & ~a.positive for a in out], t32, batch, ignore_target=[a.best_truth for a in out],
     )
 
 

@@ -41,6 +41,7 @@ positives (mmdet's ``reduce_mean`` is that too on one process).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -61,6 +62,7 @@ from ..assign.fcos import (
     match_boxes,
 )
 from ..boxes import yolo_rows_to_targets
+from ..anchors import GridLevel
 from .base import Decoded, DetectionLoss
 
 __all__ = ["FCOSLoss", "BOX_LOSSES"]
@@ -397,6 +399,27 @@ class FCOSLoss(DetectionLoss):
         ctr = upcast(centerness, dtype).reshape(*centerness.shape[:2], 1)
         scores = (upcast(cls_logits, dtype).sigmoid() * ctr.sigmoid()).sqrt()
         return Decoded(boxes, scores)
+
+    # ----------------------------------------------------------------------------- hooks for the tools
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[Any, ...]:
+        h, w = image_size
+        sizes = [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
+        p = sum(a * b for a, b in sizes)
+        zeros = [torch.zeros(batch_size, p, c, dtype=torch.float64) for c in (self.num_classes, 4, 1)]
+        return (*zeros, sizes)
+
+    def call_kwargs(self, image_size: Tuple[int, int]) -> Dict[str, Any]:
+        """``image_size``: torchvision's point spacing (``image // feature``), and the pixel
+        scale of YOLO-row targets."""
+        return {"image_size": tuple(int(v) for v in image_size)}
+
+    def prediction_levels(self, cls_logits, bbox_regression, centerness, feature_sizes, image_size=None) -> List[GridLevel]:
+        """One point per cell where the convention puts it (torchvision: the cell's corner at
+        ``image // feature`` spacing; mmdet: its centre)."""
+        sizes = check_feature_sizes(feature_sizes, len(self.strides))
+        grid = self._grid(sizes, image_size, torch.float64, torch.device("cpu"))
+        offset = 0.0 if self.convention == "torchvision" else 0.5
+        return [GridLevel(float(s), size, sp, offset) for s, size, sp in zip(self.strides, sizes, grid.spacing)]
 
 
 def _centerness_target(ltrb: Tensor) -> Tensor:

@@ -87,7 +87,7 @@ import torch
 from torch import Tensor
 
 from .._checks import as_pair, check_choice, compute_dtype, upcast
-from ..anchors import grid_points
+from ..anchors import GridLevel, grid_points
 from ..assign.base import PerLevelAssignment
 from ..assign.darknet import (
     DarknetLayerAssignment,
@@ -197,6 +197,7 @@ class YOLOv3Loss(DetectionLoss):
     #: Every term is :meth:`layer_sum` of its part: :meth:`gather` computes a layer's five parts in
     #: one pass (darknet's class targets follow the order of the layer's writes).
     term_methods = {c: "layer_sum" for c in COMPONENTS}
+    image_size_argument = "img_size"
 
     def __init__(
         self,
@@ -355,6 +356,45 @@ class YOLOv3Loss(DetectionLoss):
             boxes.append(cxcywh_to_xyxy(torch.cat((xy, wh), -1)).reshape(b, -1, 4))
             scores.append((p[..., 5:].sigmoid() * p[..., 4:5].sigmoid()).reshape(b, -1, nc))
         return Decoded(torch.cat(boxes, 1), torch.cat(scores, 1))
+
+    # ------------------------------------------------------------------ hooks for the tools
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[List[Tensor]]:
+        """Zero logits for the network input ``img_size`` (``image_size`` must be it): every
+        prediction is its anchor centred in its cell."""
+        if tuple(image_size) != tuple(self.img_size):
+            raise ValueError(f"image_size: expected the loss's img_size {self.img_size}, got {tuple(image_size)}")
+        h, w = self.img_size
+        return ([torch.zeros(batch_size, len(m) * (5 + self.num_classes), h // s, w // s, dtype=torch.float64)
+                 for m, s in zip(self.masks, self.strides)],)
+
+    def prediction_levels(self, inputs: Sequence[Tensor]) -> List[GridLevel]:
+        """The layers' anchor slots (pixels) on their grids, drawn at the cell centres."""
+        return [
+            GridLevel(float(s), (int(x.shape[2]), int(x.shape[3])), (float(s), float(s)), anchors=[self.anchors[m] for m in mask])
+            for x, mask, s in zip(inputs, self.masks, self.strides)
+        ]
+
+    def assignment_notes(self, assignment: PerLevelAssignment) -> List[str]:
+        """darknet: the truth pass's best anchor of all (and an overwritten box target), or the
+        truth_thresh branch's IoU; PyTorch-YOLOv3: the best of the layer's anchors."""
+        if self.flavor != "darknet":
+            return ["best of the layer's anchors"] * assignment.num_pos
+        notes = []
+        for a in assignment:
+            written = {}
+            for b, k, y, x, t, n in zip(*(v.tolist() for v in (a.image, a.anchor, a.gy, a.gx, a.truth, a.anchor_index))):
+                written.setdefault((b, k, y, x), []).append((t, n))
+            for b, k, y, x in a.positive.nonzero().tolist():
+                owner = int(a.box_truth[b, k, y, x])
+                entries = written.get((b, k, y, x))
+                if entries is None:
+                    notes.append(f"truth_thresh: IoU {float(a.best_iou[b, k, y, x]):.3f}")
+                    continue
+                note = "; ".join(f"best of all anchors: #{n}" for _, n in entries[:1])
+                if any(t != owner for t, _ in entries):
+                    note += f"; box target of gt {owner}"
+                notes.append(note)
+        return notes
 
     # ------------------------------------------------------------------------------------------
     # darknet

@@ -17,16 +17,17 @@ The terms, per pyramid level ``i`` with ``n_i`` positives (assignment: :mod:`det
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import functional as F
 from .._checks import check_floating, check_like_first, compute_dtype, upcast
-from ..anchors import grid_points
-from ..assign.yolov5 import YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
+from ..anchors import GridLevel, grid_points
+from ..assign.yolov5 import OFFSET_NAMES, YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy
 from .base import Decoded, DetectionLoss
 
@@ -475,3 +476,20 @@ class YOLOv5Loss(DetectionLoss):
             score = s[..., 5:] * s[..., 4:5] if self.num_classes > 1 else s[..., 4:5]
             scores.append(score.reshape(bs, -1, self.num_classes))
         return Decoded(torch.cat(boxes, 1), torch.cat(scores, 1))
+
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[List[Tensor]]:
+        h, w = image_size
+        no = 5 + self.num_classes
+        return ([torch.zeros(batch_size, self.num_anchors, math.ceil(h / s), math.ceil(w / s), no, dtype=torch.float64)
+                 for s in self.strides],)
+
+    def prediction_levels(self, preds: Sequence[Tensor]) -> List[GridLevel]:
+        """``num_anchors`` anchors per cell (pixels), drawn at the cell centre."""
+        return [
+            GridLevel(s, (int(p.shape[2]), int(p.shape[3])), (s, s), anchors=[(aw * s, ah * s) for aw, ah in a.tolist()])
+            for p, s, a in zip(preds, self.strides, self.anchors_grid)
+        ]
+
+    def assignment_notes(self, assignment: YOLOv5Assignment) -> List[str]:
+        """Which cell of the target's the positive is: its own or a neighbour."""
+        return [f"{OFFSET_NAMES[o]} cell" for o in assignment.extras["offset"].tolist()]

@@ -276,12 +276,17 @@ def _assert_grads_close(actual, expected, rtol, what):
         torch.testing.assert_close(actual[k], g, rtol=rtol, atol=rtol * scale, msg=f"{what} {k}")
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_reduce_across_ranks_gives_the_whole_batch(ranks, name):
+@pytest.fixture(params=sorted(CASES))
+def each(request, ranks):
+    """(name, case, initial model state, the ranks' results) of each case."""
     states, results = ranks
-    case = CASES[name]
-    grads, out = _step(case, states[name], case.batch(), True)
+    return request.param, CASES[request.param], states[request.param], results
+
+
+@pytest.mark.distributed
+def test_reduce_across_ranks_gives_the_whole_batch(each):
+    name, case, state, results = each
+    grads, out = _step(case, state, case.batch(), True)
     for res in results:
         _assert_grads_close(res[(name, True)]["grads"], grads, case.rtol, f"{name} reduce_across_ranks=True")
     mean_total = sum(res[(name, True)]["total"] for res in results) / WORLD
@@ -289,28 +294,24 @@ def test_reduce_across_ranks_gives_the_whole_batch(ranks, name):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_default_normalizes_each_rank_by_its_own_half(ranks, name):
-    states, results = ranks
-    case = CASES[name]
+def test_default_normalizes_each_rank_by_its_own_half(each):
+    name, case, state, results = each
     half = BATCH // WORLD
-    per_half = [_step(case, states[name], case.split(case.batch(), range(r * half, (r + 1) * half)), False)
+    per_half = [_step(case, state, case.split(case.batch(), range(r * half, (r + 1) * half)), False)
                 for r in range(WORLD)]
     mean = {k: sum(g[k] for g, _ in per_half) / WORLD for k in per_half[0][0]}
     for r, res in enumerate(results):
         _assert_grads_close(res[(name, False)]["grads"], mean, 1e-9, f"{name} default")
         torch.testing.assert_close(res[(name, False)]["total"], per_half[r][1].total.detach(), rtol=1e-12, atol=0)
     # ... which is not the whole batch's gradient (the option above is what makes it so)
-    whole, _ = _step(case, states[name], case.batch(), False)
+    whole, _ = _step(case, state, case.batch(), False)
     assert max(float((mean[k] - g).abs().max() / g.abs().max()) for k, g in whole.items()) > 1e-3
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_default_computed_on_one_rank_only_finishes(ranks, name):
-    states, results = ranks
-    case = CASES[name]
-    _, out = _step(case, states[name], case.batch(), False)
+def test_default_computed_on_one_rank_only_finishes(each):
+    name, case, state, results = each
+    _, out = _step(case, state, case.batch(), False)
     assert results[0][(name, "alone")] == pytest.approx(float(out.total.detach()), rel=1e-12)
 
 

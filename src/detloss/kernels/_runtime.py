@@ -132,7 +132,9 @@ class CompiledPass:
         opts = self.options() if callable(self.options) else self.options
         return dict(opts or {})
 
-    def __call__(self, *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, *args: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, grad)``; with ``out`` (a tensor shaped like the input, any strides, for an
+        ``into_buffer`` pass) the gradient is stored there and ``out`` is returned as ``grad``."""
         if compile_enabled() and not self.failed:
             try:
                 if self._compiled is None:
@@ -143,7 +145,8 @@ class CompiledPass:
                     return self._compiled(*args)
                 # The compiled loop writes the gradient into a buffer allocated here (see
                 # empty_gradient) instead of one Inductor allocates: same values, fewer page faults.
-                out = empty_gradient(*args)  # type: ignore[arg-type]
+                if out is None:
+                    out = empty_gradient(*args)  # type: ignore[arg-type]
                 return self._compiled(*args, out=out), out
             except Exception as exc:  # compile unavailable: keep going with the eager pass
                 self.failed = True
@@ -153,6 +156,8 @@ class CompiledPass:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+        if out is not None:
+            return self.eager(*args, out=out), out
         return self.eager(*args)
 
 

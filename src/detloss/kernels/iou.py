@@ -28,7 +28,13 @@ Rezatofighi et al. 2019 (GIoU), Zheng et al. 2020 (DIoU, CIoU).
 
 The pass is written for vector lanes (one reciprocal per denominator, CIoU's angle difference with
 one ``atan``: :func:`iou_closed_form`) and compiled with the options of :func:`box_pass_options`,
-under which Inductor vectorizes the strided loads of ``[N, 4]`` boxes.
+under which Inductor vectorizes the strided loads of ``[N, 4]`` boxes. Like the formula, it first
+scales each pair by a power of two (:func:`detloss.kernels.iou_formula.scale_pairs`), so that no
+area or squared distance overflows or underflows, and scales the gradient back.
+
+Boxes that are inverted (``x2 < x1``; accepted by ``validate=False``) go through the same
+arithmetic as in the formula, branch for branch: negative sides, an intersection that counts only
+where it is positive, the aspect angle's limit where a height is not positive.
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._runtime import CompiledPass, FusedLoss, cached_pass, inductor_options
+from ._runtime import LossPass, apply_pass, cached_pass, inductor_options
+from .iou_formula import iou_loss_formula, scale_pairs
 
 #: The kinds with a fused pass (EIoU and SIoU run the plain formula).
 FUSED_KINDS = ("iou", "giou", "diou", "ciou")
@@ -109,7 +116,8 @@ def iou_closed_form(
     one tie selector. The values agree with the formula to rounding (a reciprocal and a product
     can differ from the quotient in the last bit).
     """
-    h_eps = eps if (convention == "yolov5" and box_format == "xyxy") else 0.0
+    pred, target, e, scale = scale_pairs(pred, target, eps)
+    h_eps = e.length if (convention == "yolov5" and box_format == "xyxy") else 0.0
     x1, y1, x2, y2, w1, h1 = _corners(pred, box_format, h_eps)
     X1, Y1, X2, Y2, w2, h2 = _corners(target, box_format, h_eps)
 
@@ -127,8 +135,8 @@ def iou_closed_form(
         keep_w, keep_h = iw > 0, ih > 0
         iw, ih = torch.where(keep_w, iw, 0.0), torch.where(keep_h, ih, 0.0)
         inter = iw * ih
-    u = w1 * h1 + w2 * h2 - inter + eps
-    inv_u = 1 / u
+    union = w1 * h1 + w2 * h2 - inter
+    inv_u = 1 / (union + e.area)
     iou = inter * inv_u
     value = iou
     g_inter = inv_u  # d value / d inter through the numerator
@@ -144,14 +152,14 @@ def iou_closed_form(
         ch = torch.maximum(y2, Y2) - torch.minimum(y1, Y1)
     if kind == "giou":
         area = cw * ch
-        inv_a = 1 / (area + eps)
-        penalty = (area - (u - eps)) * inv_a
+        inv_a = 1 / (area + e.area)
+        penalty = (area - union) * inv_a
         value = iou - penalty
         g_union = g_union + inv_a
         g_area = (penalty - 1) * inv_a
         g_cw, g_ch = g_area * ch, g_area * cw
     elif kind in ("diou", "ciou"):
-        inv_c2 = 1 / (cw * cw + ch * ch + eps)
+        inv_c2 = 1 / (cw * cw + ch * ch + e.area)
         dx = (x1 + x2) * 0.5 - (X1 + X2) * 0.5
         dy = (y1 + y2) * 0.5 - (Y1 + Y2) * 0.5
         ratio = (dx * dx + dy * dy) * inv_c2
@@ -162,7 +170,7 @@ def iou_closed_form(
         if kind == "ciou":
             diff, da1_dw, da1_dh = _aspect_angle_difference(w1, h1, w2, h2)  # a2 - a1, slopes of a1
             v = _V_SCALE * diff * diff
-            alpha = v / (1 - iou + v + eps)  # constant, as in both originals
+            alpha = v / (1 - iou + v + e.unit)  # constant, as in both originals
             value = value - alpha * v
             g_a1 = 2 * _V_SCALE * alpha * diff  # d(-alpha v) / d a1
             g_w1, g_h1 = g_a1 * da1_dw, g_a1 * da1_dh
@@ -186,14 +194,14 @@ def iou_closed_form(
         gx1, gx2 = gx1 + half_g_dx, gx2 + half_g_dx
         gy1, gy2 = gy1 + half_g_dy, gy2 + half_g_dy
 
-    # back to the input format; the loss is 1 - value, so every derivative changes sign
+    # back to the input format and units; the loss is 1 - value, so every derivative changes sign
     if box_format == "xyxy":
         grad = torch.stack((gw1 - gx1, gh1 - gy1, -gx2 - gw1, -gy2 - gh1), dim=-1)
     else:
         grad = torch.stack(
             (-(gx1 + gx2), -(gy1 + gy2), (gx1 - gx2) * 0.5 - gw1, (gy1 - gy2) * 0.5 - gh1), dim=-1
         )
-    return 1 - value, grad
+    return 1 - value, grad * scale.unsqueeze(-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,11 +232,11 @@ def _widest_vectors_are_512_bit_with_avx2() -> bool:
         return False
 
 
-def get_iou_pass(kind: str, box_format: str, convention: str, eps: float, reduction: str) -> CompiledPass:
-    """The cached compiled pass of one IoU-loss configuration."""
+def get_iou_pass(kind: str, box_format: str, convention: str, eps: float, reduction: str) -> LossPass:
+    """The cached pass of one IoU-loss configuration."""
     return cached_pass(
-        "iou_loss", iou_closed_form, reduction, into_buffer=False, options=box_pass_options,
-        kind=kind, box_format=box_format, convention=convention, eps=float(eps),
+        "iou_loss", iou_closed_form, iou_loss_formula, reduction, into_buffer=False, options=box_pass_options,
+        event_dims=1, kind=kind, box_format=box_format, convention=convention, eps=float(eps),
     )
 
 
@@ -240,8 +248,10 @@ def fused_iou_loss(
     convention: str = "torchvision",
     reduction: str = "none",
     eps: float = 1e-7,
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.iou_loss` for ``kind`` in :data:`FUSED_KINDS` (validated arguments)."""
+    """:func:`detloss.functional.iou_loss` for ``kind`` in :data:`FUSED_KINDS` on validated
+    arguments; ``compiled``: the compiled pass, else the plain one."""
     if kind not in FUSED_KINDS:
         raise ValueError(f"kind: expected one of {FUSED_KINDS} for the fused IoU loss, got {kind!r}")
-    return FusedLoss.apply(get_iou_pass(kind, box_format, convention, eps, reduction), pred, target)
+    return apply_pass(get_iou_pass(kind, box_format, convention, eps, reduction), compiled, pred, target)

@@ -85,8 +85,8 @@ def _peak_extra_bytes(fn) -> int:
 
 
 def test_plain_path_keeps_one_gradient_buffer(monkeypatch):
-    """fwd+bwd of the plain focal loss at 40000 x 80 (float32) peaks at about one gradient-sized
-    buffer (plus a chunk's temporaries): autograd through the formula keeps more than ten."""
+    """fwd+bwd of the plain focal loss at 40000 x 80 (float32) peaks at one gradient-sized buffer
+    plus a chunk's temporaries: autograd through the formula keeps more than eight."""
     monkeypatch.setenv("DETLOSS_FUSED", "0")
     x, t = _inputs((40000, 80), dtype=torch.float32)
     x.requires_grad_()
@@ -101,5 +101,6 @@ def test_plain_path_keeps_one_gradient_buffer(monkeypatch):
         x.grad = None
 
     plain()
-    assert _peak_extra_bytes(plain) <= 1.5 * grad_bytes
+    chunk_bytes = _runtime.PLAIN_CHUNK_PER_THREAD * torch.get_num_threads() * x.element_size()
+    assert _peak_extra_bytes(plain) <= grad_bytes + 16 * chunk_bytes < 2 * grad_bytes
     assert _peak_extra_bytes(formula) >= 8 * grad_bytes

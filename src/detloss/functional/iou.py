@@ -43,13 +43,13 @@ def _check_boxes(name: str, boxes: object, box_format: str, validate: bool = Tru
     if validate and t.numel():
         d = values(t)
         if box_format == "xyxy":
-            bad = (d[..., 2] < d[..., 0]) | (d[..., 3] < d[..., 1])
+            bad = d[..., 2:] < d[..., :2]  # (x2 < x1, y2 < y1) in one op
             rule = "x2 >= x1 and y2 >= y1 (xyxy)"
         else:
-            bad = (d[..., 2] < 0) | (d[..., 3] < 0)
+            bad = d[..., 2:] < 0
             rule = "w >= 0 and h >= 0 (cxcywh)"
         if bool(bad.any()):
-            pos = first_bad(bad)
+            pos = first_bad(bad.any(-1))
             raise ValueError(f"{name}: expected boxes with {rule}, got {d[pos].tolist()} at row {pos}")
     return t
 

@@ -268,7 +268,7 @@ def _row_layout(input: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], 
 
 def run_in_chunks(
     closed_form: ClosedForm, reduction: str, params: Dict[str, object], event_dims: int, input: torch.Tensor,
-    *tensors: Optional[torch.Tensor], need_grad: bool = True,
+    *tensors: Optional[torch.Tensor], need_grad: bool = True, whole: Optional[Callable] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The plain path: :func:`make_pass`'s result, computed eagerly chunk by chunk.
 
@@ -279,13 +279,14 @@ def run_in_chunks(
     recycled by the allocator. The gradient of each chunk goes into one gradient buffer
     (:func:`empty_gradient`); ``need_grad=False`` skips it. On other devices the whole tensor is
     one chunk. ``event_dims``: trailing dimensions of ``input`` that one loss element reads (1 for
-    boxes ``[..., 4]``, 0 for logits).
+    boxes ``[..., 4]``, 0 for logits). ``whole``: the configuration's :func:`make_pass`, for inputs
+    of one chunk.
     """
     dtype = compute_dtype(input, *tensors)
     n = input.numel()
     chunk = PLAIN_CHUNK_PER_THREAD * max(torch.get_num_threads(), 1)
     if input.device.type != "cpu" or n <= chunk or input.dim() <= event_dims:
-        loss, grad = make_pass(closed_form, reduction, **params)(input, *tensors)
+        loss, grad = (whole or make_pass(closed_form, reduction, **params))(input, *tensors)
         return loss, (grad if need_grad else None)
     x_rows, rows = _row_layout(input, tensors, event_dims)
     loss_rows = x_rows.shape[: x_rows.dim() - event_dims]
@@ -356,7 +357,8 @@ class LossPass:
     def plain(self, input: torch.Tensor, *tensors: Optional[torch.Tensor], need_grad: bool = True):
         """The plain path (:func:`run_in_chunks`): ``(loss, grad)``, ``grad`` None without ``need_grad``."""
         return run_in_chunks(
-            self.closed_form, self.reduction, self.params, self.event_dims, input, *tensors, need_grad=need_grad
+            self.closed_form, self.reduction, self.params, self.event_dims, input, *tensors, need_grad=need_grad,
+            whole=self.eager,
         )
 
     def formula(self, input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
@@ -393,10 +395,8 @@ class LossPass:
 class FusedLoss(torch.autograd.Function):
     """A loss whose forward runs a pass and keeps only its gradient; backward scales it.
 
-    ``apply(pass_, compiled, slot, input, *tensors) -> loss``: ``compiled`` selects the compiled
-    pass, else the plain one (:class:`LossPass`); ``slot`` is a fresh :class:`_Slot` through which
-    forward hands the gradient (shaped like ``input``) to ``setup_context`` without making it an
-    output, which would keep a second reference to it. Backward multiplies the saved gradient by
+    ``apply(pass_, compiled, input, *tensors) -> loss``: ``compiled`` selects the compiled pass,
+    else the plain one (:class:`LossPass`). Backward multiplies the saved gradient by
     ``grad_output`` in place (it is not needed afterwards) and hands it on, so forward and backward
     together allocate one gradient-sized buffer, which becomes ``input.grad``; when the graph is
     retained and backward runs again, the gradient is recomputed from the saved inputs. Gradients
@@ -404,9 +404,29 @@ class FusedLoss(torch.autograd.Function):
 
     The gradients of the other tensors (targets or weights that require grad) and, under
     ``create_graph=True``, the graph of the input's gradient (double backward) come from autograd
-    through the pass's formula; the input's gradient keeps the closed form's value. Written with
-    ``setup_context``, so that ``torch.func.grad`` can differentiate it.
+    through the pass's formula; the input's gradient keeps the closed form's value.
+    :class:`FusedLossForTransforms` is the same Function written with ``setup_context``, which
+    ``torch.func.grad`` needs (and which costs an argument binding per call, so plain autograd
+    uses this one).
     """
+
+    @staticmethod
+    def forward(ctx, pass_: LossPass, compiled: bool, input: torch.Tensor,  # type: ignore[override]
+                *tensors: Optional[torch.Tensor]) -> torch.Tensor:
+        loss, grad = pass_(input, *tensors) if compiled else pass_.plain(input, *tensors)
+        _setup(ctx, pass_, grad, input, tensors)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        return (None, None) + _backward(ctx, grad_output, 2)
+
+
+class FusedLossForTransforms(torch.autograd.Function):
+    """:class:`FusedLoss` with ``setup_context`` (for ``torch.func.grad``): ``apply(pass_, compiled,
+    slot, input, *tensors)``, where ``slot`` is a fresh :class:`_Slot` through which forward hands
+    the gradient to ``setup_context`` without making it an output (which would keep a second
+    reference to it)."""
 
     @staticmethod
     def forward(pass_: LossPass, compiled: bool, slot: "_Slot", input: torch.Tensor,  # type: ignore[override]
@@ -417,39 +437,49 @@ class FusedLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         pass_, _, slot, input, *tensors = inputs
-        ctx.pass_ = pass_
-        ctx.grad, slot.grad = slot.grad, None
-        ctx.input_dtype = input.dtype
-        ctx.save_for_backward(input, *tensors)
+        grad, slot.grad = slot.grad, None
+        _setup(ctx, pass_, grad, input, tensors)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        input, *tensors = ctx.saved_tensors
-        want_input = ctx.needs_input_grad[3]
-        want_others = [bool(w) for w in ctx.needs_input_grad[4:]]
-        higher = torch.is_grad_enabled()  # backward(create_graph=True): the gradient needs a graph
-        grad, ctx.grad = ctx.grad, None  # drop our reference: the engine may then reuse the buffer
-        grad_input = None
-        if want_input:
-            if grad is None:  # a retained graph, backward again
-                grad = ctx.pass_.eager(input.detach(), *_detached(tensors))[1]
-            in_place = not higher and not is_functorch_wrapped(grad_output)
-            grad_input = _scale(grad, grad_output, in_place)
-        others: List[Optional[torch.Tensor]] = [None] * len(tensors)
-        if higher or any(want_others):
-            got = _formula_grads(ctx.pass_, input, tensors, grad_output, want_input and higher, want_others, higher)
-            if want_input and higher:
-                g = got.pop(0)
-                grad_input = g + (grad_input - g).detach()  # the closed form's value, the formula's graph
-            others = got
-        if grad_input is not None and grad_input.dtype != ctx.input_dtype:
-            grad_input = grad_input.to(ctx.input_dtype)
-        return (None, None, None, grad_input, *others)
+        return (None, None, None) + _backward(ctx, grad_output, 3)
+
+
+def _setup(ctx, pass_: LossPass, grad: torch.Tensor, input: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]):
+    ctx.pass_ = pass_
+    ctx.grad = grad
+    ctx.input_dtype = input.dtype
+    ctx.save_for_backward(input, *tensors)
+
+
+def _backward(ctx, grad_output: torch.Tensor, first: int) -> tuple:
+    """The gradients of ``(input, *tensors)``, which start at position ``first`` of ``apply``'s arguments."""
+    input, *tensors = ctx.saved_tensors
+    want_input = ctx.needs_input_grad[first]
+    want_others = [bool(w) for w in ctx.needs_input_grad[first + 1:]]
+    higher = torch.is_grad_enabled()  # backward(create_graph=True): the gradient needs a graph
+    grad, ctx.grad = ctx.grad, None  # drop our reference: the engine may then reuse the buffer
+    grad_input = None
+    if want_input:
+        if grad is None:  # a retained graph, backward again
+            grad = ctx.pass_.eager(input.detach(), *_detached(tensors))[1]
+        in_place = not higher and not is_functorch_wrapped(grad_output)
+        grad_input = _scale(grad, grad_output, in_place)
+    others: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    if higher or any(want_others):
+        got = _formula_grads(ctx.pass_, input, tensors, grad_output, want_input and higher, want_others, higher)
+        if want_input and higher:
+            g = got.pop(0)
+            grad_input = g + (grad_input - g).detach()  # the closed form's value, the formula's graph
+        others = got
+    if grad_input is not None and grad_input.dtype != ctx.input_dtype:
+        grad_input = grad_input.to(ctx.input_dtype)
+    return (grad_input, *others)
 
 
 class _Slot:
-    """Holds the gradient from :meth:`FusedLoss.forward` to ``setup_context`` (a plain object, so
-    that torch.func passes it through as it is instead of rebuilding it like a list)."""
+    """Holds the gradient from :meth:`FusedLossForTransforms.forward` to its ``setup_context`` (a
+    plain object, so that torch.func passes it through as it is instead of rebuilding it)."""
 
     __slots__ = ("grad",)
 
@@ -500,7 +530,8 @@ def apply_pass(pass_: LossPass, compiled: bool, input: torch.Tensor, *tensors: O
 
     Under ``vmap`` or an enclosing ``torch.compile`` the formula (which they batch or fuse
     themselves); when no gradient is wanted the plain pass without a gradient buffer; else
-    :class:`FusedLoss` with the compiled (``compiled``, see :func:`use_fused`) or the plain pass.
+    :class:`FusedLoss` (:class:`FusedLossForTransforms` under ``torch.func.grad``) with the
+    compiled (``compiled``, see :func:`use_fused`) or the plain pass.
     """
     everything = (input,) + tensors
     if torch.compiler.is_compiling() or under_vmap(*everything):
@@ -510,7 +541,9 @@ def apply_pass(pass_: LossPass, compiled: bool, input: torch.Tensor, *tensors: O
     )
     if not wanted:
         return pass_.plain(input, *tensors, need_grad=False)[0]
-    return FusedLoss.apply(pass_, compiled, _Slot(), input, *tensors)
+    if any(is_functorch_wrapped(t) for t in everything):
+        return FusedLossForTransforms.apply(pass_, compiled, _Slot(), input, *tensors)
+    return FusedLoss.apply(pass_, compiled, input, *tensors)
 
 
 def gradient_dtype(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> torch.dtype:

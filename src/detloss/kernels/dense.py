@@ -34,7 +34,8 @@ the value nor the gradient cancels: the gradient at ``x = -60, y = 0`` is :math:
 The closed forms are written for both ways they run: compiled, where one ``exp`` gives the sigmoid
 of both signs and the softplus (the selects are free in a fused loop), and eager, where they use no
 boolean tensors (a select over a boolean mask costs about ten multiplications on CPU) and update
-their temporaries in place (never their inputs).
+their temporaries in place (never their inputs); ``1 - t`` is ``torch.rsub(t, 1)``, which skips
+the Python wrapper of the reflected operator.
 
 The ``fused_*`` functions take tensors already validated by :mod:`detloss.functional` (any floating
 dtype; half precision is computed in float32) and return the loss in the compute dtype.
@@ -65,7 +66,8 @@ class BCEParts(NamedTuple):
     grad: torch.Tensor
     p: torch.Tensor  #: sigmoid(x)
     q: torch.Tensor  #: sigmoid(-x) = 1 - p, to full relative precision
-    m: torch.Tensor  #: (1 - y) p + y q = |y - p| for y in {0, 1}: the focal loss's 1 - p_t
+    a: torch.Tensor  #: (1 - y) p
+    b: torch.Tensor  #: y q; a + b = 1 - p_t, the focal loss's base (|y - p| for y in {0, 1})
 
 
 def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,24 +78,23 @@ def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
         r = 1 / (1 + e)
         s = e * r
         return torch.where(pos, r, s), torch.where(pos, s, r), torch.log1p(e)
-    return torch.sigmoid(x), torch.sigmoid(-x), x.abs().neg_().exp_().log1p_()
+    return torch.sigmoid(x), torch.neg(x).sigmoid_(), x.abs().neg_().exp_().log1p_()
 
 
 def bce_parts(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor] = None) -> BCEParts:
     """BCE-with-logits (PyTorch's ``pos_weight``) and its derivative in ``x`` (module docstring)."""
     p, q, lsp = _logistic(x)
-    ny = 1 - y
+    ny = torch.rsub(y, 1)
     relu_x = x.clamp(min=0)
-    relu_neg_x = relu_x - x  # max(-x, 0), exactly
     a, b = ny * p, y * q
     if pos_weight is None:
-        loss = (ny * relu_x).add_(y * relu_neg_x).add_(lsp)
+        loss = lsp.addcmul_(ny, relu_x).addcmul_(y, relu_x - x)  # relu_x - x = max(-x, 0), exactly
         grad = a - b
     else:
         pwy = pos_weight * y
-        loss = (ny * relu_x).add_(pwy * relu_neg_x).add_(lsp.mul_(ny + pwy))
+        loss = lsp.mul_(ny + pwy).addcmul_(ny, relu_x).addcmul_(pwy, relu_x - x)
         grad = a - pos_weight * b
-    return BCEParts(loss, grad, p, q, a.add_(b))
+    return BCEParts(loss, grad, p, q, a, b)
 
 
 def _pow_and_slope(base: torch.Tensor, gamma: float) -> Tuple[Scalar, Optional[Scalar]]:
@@ -147,11 +148,13 @@ def sigmoid_focal_closed_form(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise sigmoid focal loss (torchvision semantics; ``pos_weight`` on the BCE term as
     YOLOv5's FocalLoss) and its derivative in ``x``."""
-    ce, dce, p, q, m = bce_parts(x, y, pos_weight)
-    mod, slope = _pow_and_slope(m, gamma)
+    ce, dce, p, q, a, b = bce_parts(x, y, pos_weight)
+    mod, slope = _pow_and_slope(a.add_(b), gamma)  # base m = 1 - p_t (non-negative, no cancellation)
     loss, grad = ce * mod, dce.mul_(mod)
     if slope is not None:
-        grad.add_((p.mul_(q).mul_(1 - 2 * y)).mul_(ce).mul_(slope))  # ce * slope * dm/dx
+        dm = p.mul_(q)
+        dm.addcmul_(dm, y, value=-2)  # d m / d x = p q (1 - 2 y)
+        grad.add_(dm.mul_(ce).mul_(slope))
     if alpha >= 0:
         at = _alpha_t(y, alpha)
         loss, grad = loss.mul_(at), grad.mul_(at)
@@ -162,7 +165,7 @@ def quality_focal_closed_form(
     x: torch.Tensor, y: torch.Tensor, *, gamma: float, alpha: Optional[float]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise quality focal loss (GFL's QFL / YOLOv5's QFocalLoss) and its derivative."""
-    ce, dce, p, q, _ = bce_parts(x, y)
+    ce, dce, p, q, _, _ = bce_parts(x, y)
     d = y - p
     mod, slope = _pow_and_slope(d.abs(), gamma)
     loss, grad = ce * mod, dce.mul_(mod)
@@ -178,9 +181,9 @@ def varifocal_closed_form(
     x: torch.Tensor, score: torch.Tensor, label: torch.Tensor, *, alpha: float, gamma: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise varifocal loss (ultralytics weighting, not detached) and its derivative."""
-    ce, dce, p, q, _ = bce_parts(x, score)
+    ce, dce, p, q, _, _ = bce_parts(x, score)
     powp, slope = _pow_and_slope(p, gamma)
-    neg = alpha * (1 - label)
+    neg = torch.rsub(label, 1).mul_(alpha)
     w = (neg * powp).add_(score * label)
     loss, grad = ce * w, dce.mul_(w)
     if slope is not None:
@@ -192,11 +195,12 @@ def bce_blur_closed_form(
     x: torch.Tensor, y: torch.Tensor, *, alpha: float, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise YOLOv5 BCE-blur (``eps`` = its 1e-4 added to alpha) and its derivative in ``x``."""
-    ce, dce, p, q, _ = bce_parts(x, y)
+    ce, dce, p, q, _, _ = bce_parts(x, y)
     inv = 1 / (alpha + eps)
     z = ((p - y).sub_(1)).mul_(inv).exp_()
     dz = (z * p).mul_(q).mul_(inv)  # d z / d x
-    return ce * (1 - z), dce.mul_(1 - z).sub_(dz.mul_(ce))
+    factor = torch.rsub(z, 1)
+    return ce * factor, dce.mul_(factor).sub_(dz.mul_(ce))
 
 
 # ---------------------------------------------------------------------------------------------

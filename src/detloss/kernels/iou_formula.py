@@ -62,7 +62,16 @@ def _inverse_power_of_two(m: torch.Tensor) -> torch.Tensor:
     ``m`` below the smallest normal number (0 included) the scale of that number."""
     int_dtype, mask = _EXPONENT_BITS[m.dtype]
     m = m.clamp(min=torch.finfo(m.dtype).tiny)
-    return 1 / (m.view(int_dtype) & mask).view(m.dtype)
+    return torch.reciprocal((m.view(int_dtype) & mask).view(m.dtype))
+
+
+def _largest(boxes: torch.Tensor) -> torch.Tensor:
+    """The largest absolute coordinate of each box ``[..., 4] -> [...]`` (written out as three
+    maxima when compiled: an elementwise expression fuses into the pass, a reduction would not)."""
+    a = boxes.abs()
+    if torch.compiler.is_compiling():
+        return torch.maximum(torch.maximum(a[..., 0], a[..., 1]), torch.maximum(a[..., 2], a[..., 3]))
+    return a.amax(-1)
 
 
 def scale_pairs(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float):
@@ -72,7 +81,7 @@ def scale_pairs(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float):
     by a power of two is exact, so the IoU of every pair is the unscaled one bit for bit wherever
     the unscaled arithmetic neither overflows nor underflows; ``s`` carries no gradient."""
     with torch.no_grad():
-        s = _inverse_power_of_two(torch.maximum(boxes1.detach().abs().amax(-1), boxes2.detach().abs().amax(-1)))
+        s = _inverse_power_of_two(torch.maximum(_largest(boxes1.detach()), _largest(boxes2.detach())))
     eps_length = eps * s
     scale = s.unsqueeze(-1)
     return boxes1 * scale, boxes2 * scale, Eps(eps_length, eps_length * s, eps), s
@@ -139,15 +148,15 @@ def _yolov5_iou(boxes1, boxes2, kind, box_format, eps: Eps):
     inter = _relu0(torch.min(b1_x2, b2_x2) - torch.max(b1_x1, b2_x1)) * _relu0(
         torch.min(b1_y2, b2_y2) - torch.max(b1_y1, b2_y1)
     )
-    union = w1 * h1 + w2 * h2 - inter + eps.area
-    iou = inter / union
+    union = w1 * h1 + w2 * h2 - inter  # + eps, which the originals add here and to c_area, cancels in
+    iou = inter / (union + eps.area)   # c_area - union (written out: eps may be huge after scaling)
     if kind == "iou":
         return iou
     cw = torch.max(b1_x2, b2_x2) - torch.min(b1_x1, b2_x1)
     ch = torch.max(b1_y2, b2_y2) - torch.min(b1_y1, b2_y1)
     if kind == "giou":
-        c_area = cw * ch + eps.area
-        return iou - (c_area - union) / c_area
+        c_area = cw * ch
+        return iou - (c_area - union) / (c_area + eps.area)
     if kind in ("diou", "ciou"):
         c2 = cw ** 2 + ch ** 2 + eps.area
         rho2 = ((b2_x1 + b2_x2 - b1_x1 - b1_x2) ** 2 + (b2_y1 + b2_y2 - b1_y1 - b1_y2) ** 2) / 4

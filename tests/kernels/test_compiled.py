@@ -70,3 +70,29 @@ def test_ciou_none_compiled_parity(compiled):
     assert not get_iou_pass("ciou", "xyxy", "torchvision", 1e-7, "none").failed
     torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_inside_an_enclosing_torch_compile():
+    """Traced by an outer torch.compile, the losses run their formulas (Dynamo traces and fuses
+    them like any user code; no graph of our own Function): same values and gradients."""
+    import detloss.functional as F
+
+    x, t = _xt(64, 8, seed=5, dtype=torch.float64)
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [1.0, 1.0, 4.0, 2.0]], dtype=torch.float64)
+    pred = boxes + 0.25
+
+    def losses(a, p):
+        return F.sigmoid_focal_loss(a, t, reduction="sum") + F.bce_with_logits(a, t) + F.iou_loss(p, boxes, kind="ciou").sum()
+
+    compiled = torch.compile(losses, backend="eager")
+    lc, (gxc, gpc) = loss_and_grad2(compiled, x, pred)
+    le, (gxe, gpe) = loss_and_grad2(losses, x, pred)
+    torch.testing.assert_close(lc, le, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gxc, gxe, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gpc, gpe, rtol=1e-10, atol=1e-14)
+
+
+def loss_and_grad2(fn, a, b):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = fn(a, b)
+    return loss.detach(), torch.autograd.grad(loss, (a, b))

@@ -32,6 +32,7 @@ the candidate path prefers the lower anchor index; the dense path keeps ``torch.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -198,6 +199,20 @@ def _result(
     )
 
 
+def _raise_bad_value(name: str, t: torch.Tensor, pos: Tuple[int, ...]) -> None:
+    """The error for the entry ``pos`` of ``t`` that :meth:`TaskAlignedAssigner._check` refused."""
+    value = float(t[pos])
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected finite values, got {value} at index {pos}")
+    if name == "pd_scores":
+        raise ValueError(
+            f"{name}: expected probabilities in [0, 1] (sigmoid of the class logits), got {value} at index {pos}"
+        )
+    raise ValueError(
+        f"{name}: expected xyxy boxes with x1 <= x2 and y1 <= y2, got {t[pos[:-1]].tolist()} at index {pos[:-1]}"
+    )
+
+
 class TaskAlignedAssigner:
     r"""Task-aligned assignment of ground-truth boxes to anchor points (TOOD / YOLOv8).
 
@@ -223,10 +238,14 @@ class TaskAlignedAssigner:
         dense: compute the reference's dense way (``[B, M, A]`` tensors) instead of over the
             candidates only. Same results; for testing and benchmarking.
 
-    Call with ``pd_scores`` ``[B, A, nc]`` (probabilities), ``pd_bboxes`` ``[B, A, 4]`` (xyxy
-    pixels), ``anc_points`` ``[A, 2]`` (pixels), ``gt_labels`` ``[B, M, 1]``, ``gt_bboxes``
-    ``[B, M, 4]`` (xyxy pixels) and ``mask_gt`` ``[B, M, 1]`` (valid rows; default: rows with
-    ``x1 + y1 + x2 + y2 > 0``, the reference's rule). Anchors laid out level by level, row-major,
+    Call with ``pd_scores`` ``[B, A, nc]`` (probabilities in [0, 1], the sigmoid of the class
+    logits: raw logits are refused with a ValueError), ``pd_bboxes`` ``[B, A, 4]`` (xyxy pixels;
+    they may be inverted, as a head predicting distances can give them, and count with their
+    CIoU as in the reference), ``anc_points`` ``[A, 2]`` (pixels), ``gt_labels`` ``[B, M, 1]``,
+    ``gt_bboxes`` ``[B, M, 4]`` (xyxy pixels, ``x1 <= x2`` and ``y1 <= y2`` in valid rows) and
+    ``mask_gt`` ``[B, M, 1]`` (valid rows; default: rows with ``x1 + y1 + x2 + y2 > 0``, the
+    reference's padding rule, which also takes a box centred at (0, 0) for padding). Errors
+    name these arguments. Anchors laid out level by level, row-major,
     at cell centres (:func:`anchor_grid`) take the candidate path; any other layout, or
     ``feat_shapes`` not given and not recognisable, is computed densely. Returns a
     :class:`TALAssignment` (an :class:`~detloss.assign.base.Assignment` that also unpacks like
@@ -364,11 +383,13 @@ class TaskAlignedAssigner:
         tensors = [t.detach().to(dt) for t in (pd_scores, pd_bboxes, anc_points, gt_bboxes)]
         for name, t in zip(("pd_scores", "pd_bboxes", "anc_points", "gt_bboxes"), tensors):
             bad = ~torch.isfinite(t)
+            if name == "pd_scores":  # probabilities: a raw logit would pass the power alpha as NaN or > 1
+                bad = bad | (t < 0) | (t > 1)
             if name == "gt_bboxes":
-                bad = bad & mask[..., None]
+                bad = (bad | (t[..., 2:] < t[..., :2]).repeat(1, 1, 2)) & mask[..., None]
             if bool(bad.any()):
                 pos = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(f"{name}: expected finite values, got {float(t[pos])} at index {pos}")
+                _raise_bad_value(name, t, pos)
         labels = gt_labels.detach()
         if labels.is_floating_point():
             if bool((labels != labels.round())[mask].any()):
@@ -400,7 +421,7 @@ class TaskAlignedAssigner:
         scores[mask_in] = pd_scores.permute(0, 2, 1)[bi, gt_labels][mask_in]
         pd = pd_bboxes[:, None].expand(bsz, m, n_anchor, 4)[mask_in]
         gt = gt_bboxes[:, :, None].expand(bsz, m, n_anchor, 4)[mask_in]
-        overlaps[mask_in] = fn.aligned_box_iou(gt, pd, kind="ciou", convention="yolov5").clamp(min=0)
+        overlaps[mask_in] = fn.aligned_box_iou(gt, pd, kind="ciou", convention="yolov5", validate=False).clamp(min=0)
         del pd, gt
         metric = scores.pow(self.alpha) * overlaps.pow(self.beta)
         del scores
@@ -437,7 +458,7 @@ class TaskAlignedAssigner:
         box, anchor = _candidate_pairs(enlarge_small_boxes(boxes, self.min_side), levels, self.eps)
         flat = img[box] * n_anchor + anchor  # anchor index over the batch
         cand_img = img[box]
-        overlap = fn.aligned_box_iou(boxes[box], pd_bboxes[cand_img, anchor], kind="ciou", convention="yolov5").clamp(min=0)
+        overlap = fn.aligned_box_iou(boxes[box], pd_bboxes[cand_img, anchor], kind="ciou", convention="yolov5", validate=False).clamp(min=0)
         score = pd_scores[cand_img, anchor, box_label[box]]  # no copy of pd_scores, even if a strided view
         del cand_img
         metric = score.pow(self.alpha) * overlap.pow(self.beta)

@@ -37,6 +37,10 @@ Stats: the keys of :data:`STAT_KEYS` mean the same in every loss and have the sa
 :meth:`finalize_stats` turns the 0-dim tensors a loss computes into Python numbers with one
 device synchronization.
 
+Precision: ``check`` picks the compute dtype (float32 for half-precision inputs) and the steps run
+with ``torch.autocast`` turned off (:func:`detloss._checks.autocast_off`), so a loss called inside
+an autocast region computes in that dtype throughout instead of in bfloat16 / float16 matmuls.
+
 Cross-rank normalization: one option, ``reduce_across_ranks`` (default False: no collective is
 ever issued unless asked for, so a loss computed on one rank only, e.g. validation on rank 0,
 cannot deadlock). When True and ``torch.distributed`` is initialized, batch-wide normalizers go
@@ -52,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from .._checks import autocast_off
 from ..anchors import GridLevel
 from ..assign.base import Assignment
 from ..output import LossOutput
@@ -106,18 +111,20 @@ class DetectionLoss(torch.nn.Module):
 
     # ------------------------------------------------------------------ the pipeline
     def forward(self, *args: Any, **kwargs: Any) -> LossOutput:
-        inputs = self.check(*args, **kwargs)
-        prepared = self.prepare(inputs)
-        assignment = self.assignment(inputs, prepared)
-        prepared = self.gather(inputs, prepared, assignment)
-        raw = self.compute_terms(inputs, prepared, assignment)
-        return self.output(inputs, prepared, assignment, raw)
+        with autocast_off():  # the steps compute in the dtype check() chose, matmuls included
+            inputs = self.check(*args, **kwargs)
+            prepared = self.prepare(inputs)
+            assignment = self.assignment(inputs, prepared)
+            prepared = self.gather(inputs, prepared, assignment)
+            raw = self.compute_terms(inputs, prepared, assignment)
+            return self.output(inputs, prepared, assignment, raw)
 
     def assign(self, *args: Any, **kwargs: Any) -> Assignment:
         """The :class:`~detloss.assign.base.Assignment` this loss uses for ``forward``'s arguments."""
-        inputs = self.check(*args, **kwargs)
-        with torch.no_grad():
-            return self.assignment(inputs, self.prepare(inputs))
+        with autocast_off():
+            inputs = self.check(*args, **kwargs)
+            with torch.no_grad():
+                return self.assignment(inputs, self.prepare(inputs))
 
     # ------------------------------------------------------------------ steps to implement
     def check(self, *args: Any, **kwargs: Any) -> Any:

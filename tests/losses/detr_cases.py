@@ -32,8 +32,7 @@ def _nest(flat: Dict[str, torch.Tensor]) -> dict:
     for path, t in flat.items():
         parts = path.split(".")
         node = root
-        for i, p in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
+        for p in parts[:-1]:
             key = int(p) if p.isdigit() else p
             if key not in node:
                 node[key] = {}
@@ -130,3 +129,29 @@ def _ultralytics_outputs(arrays, cfg, dtype=None):
 def matches(arrays, tag: str, num_images: int):
     """The original's per-image (query, target) pairs for one match tag, as sets."""
     return [set(map(tuple, arrays[f"match.{tag}.{b}"].T.tolist())) for b in range(num_images)]
+
+
+def build_loss(cfg, **overrides):
+    """The detloss loss a case's config names, with the case's matcher and loss kwargs."""
+    import detloss
+
+    kw = dict(cfg.get("loss_kwargs", {}))
+    kw.update(overrides)
+    if cfg["family"] == "ultralytics":
+        return detloss.RTDETRLoss(cfg["num_classes"], convention="ultralytics", **kw)
+    matcher = detloss.HungarianMatcher(**cfg["matcher"], clamp_sizes=cfg["family"] in ("dfine", "deim"))
+    if cfg["api"] == "RTDETRLoss":
+        kw["convention"] = cfg["convention"]
+    return getattr(detloss, cfg["api"])(cfg["num_classes"], matcher=matcher, **kw)
+
+
+def layer_outputs(out, cfg):
+    """The matched layers of an outputs dict by match tag (main, aux_i, enc_i, pre)."""
+    layers = {"main": out}
+    for i, x in enumerate(out.get("aux_outputs", [])):
+        layers[f"aux_{i}"] = x
+    for i, x in enumerate(out.get("enc_aux_outputs", [])):
+        layers[f"enc_{i}"] = x
+    if "pre_outputs" in out:
+        layers["pre"] = out["pre_outputs"]
+    return layers

@@ -283,11 +283,12 @@ class SetCriterion(DetectionLoss):
         return dict(zip(tags, found))
 
     def reduce_counts(self, counts: Sequence[float], device: torch.device) -> List[float]:
-        """Batch-wide counts as Python floats, averaged over ranks (one collective, in float32
-        as the originals' ``num_boxes``) when ``reduce_across_ranks`` and distributed."""
+        """Batch-wide counts as Python floats, averaged over ranks (one collective, in float64:
+        exact for the originals' integer counts, which they reduce in float32) when
+        ``reduce_across_ranks`` and distributed."""
         if not self.reduce_across_ranks:
             return [float(c) for c in counts]
-        return self.global_mean(torch.tensor([float(c) for c in counts], dtype=torch.float32, device=device)).tolist()
+        return self.global_mean(torch.tensor([float(c) for c in counts], dtype=torch.float64, device=device)).tolist()
 
     def assignment(self, inputs: SetInputs, prepared: Any) -> Assignment:
         layers = self.layer_assignments(inputs)

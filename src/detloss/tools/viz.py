@@ -50,7 +50,7 @@ __all__ = [
     "run",
 ]
 
-SCHEMES = ("yolov3", "yolov5", "fcos", "yolov8")
+SCHEMES = ("yolov3", "yolov5", "fcos", "yolov8", "detr")  # detr: the Hungarian matching (tools.assign_detr)
 
 #: The 9 anchors of yolov3.cfg / yolov5s.yaml (w, h in pixels of the network input).
 COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
@@ -452,10 +452,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor-t", dest="anchor_t", type=float, help="yolov5: anchor ratio threshold (4.0)")
     parser.add_argument("--ignore-thresh", dest="ignore_thresh", type=float, help="yolov3: ignore threshold (0.7)")
     parser.add_argument("--convention", choices=("torchvision", "mmdet"), help="fcos: matching convention")
+    parser.add_argument("--queries", type=int, help="detr: grid queries of an untrained decoder (100)")
+    parser.add_argument("--predictions", help="detr: queries file, one 'cx cy w h [logits]' line per query")
+    parser.add_argument("--focal", action="store_true", help="detr: RT-DETR's focal matching costs (2, 5, 2)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scheme == "detr":
+        from .assign_detr import run_detr
+
+        return run_detr(args)
+    for opt in ("queries", "predictions", "focal"):
+        if getattr(args, opt, None):
+            print(f"detloss assign: error: --{opt}: applies to detr only, not {args.scheme}", file=sys.stderr)
+            return 2
     import json
 
     kw: Dict[str, Any] = {}

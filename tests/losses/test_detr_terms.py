@@ -69,13 +69,24 @@ def _class_inputs(seed):
 
 def test_detached_varifocal_gradient_is_the_weighted_bce_gradient():
     x, q, lab = _class_inputs(3)
-    loss = T.detached_varifocal_loss(x, q, lab, alpha=0.75, gamma=2.0)
+    loss = T.set_varifocal_loss(x, q, lab, alpha=0.75, gamma=2.0)
     w = 0.75 * torch.sigmoid(x.detach()) ** 2 * (1 - lab) + q
     p = torch.sigmoid(x.detach())
     bce = -(q * torch.log(p) + (1 - q) * torch.log1p(-p))
     torch.testing.assert_close(loss, bce * w)
     (gx,) = torch.autograd.grad(loss.sum(), x)
     torch.testing.assert_close(gx, w * (p - q))  # d/dx BCE(x, q) = sigmoid(x) - q; the weight has no gradient
+
+
+def test_varifocal_with_its_weight_gradient_is_ultralytics_form():
+    x, q, lab = _class_inputs(5)
+    assert gradcheck(lambda z: T.set_varifocal_loss(z, q, lab, alpha=0.25, gamma=1.5, detach_weight=False), (x,))
+    from detloss.functional import varifocal_loss
+
+    ours = T.set_varifocal_loss(x, q, lab, alpha=0.25, gamma=1.5, detach_weight=False)
+    ref = varifocal_loss(x, q, lab, alpha=0.25, gamma=1.5, reduction="none")
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
 
 
 @pytest.mark.parametrize("alpha", [None, 0.75])

@@ -20,7 +20,8 @@ NaN / inf entries set to 0 before solving).
 
 How it differs from the originals (same assignments):
 
-- costs are computed per image (``[B, Q, n_max]``, targets padded) instead of over every
+- costs are computed per image (``[B, Q, n_max]``, targets padded; the L1 by ``torch.cdist``, which
+  ultralytics writes as a broadcast sum) instead of over every
   query-target pair of the batch (``[B * Q, sum n]``, of which only the diagonal blocks are used),
   and for several decoder layers with one device-to-host copy;
 - costs are computed in float32 for float16 / bfloat16 inputs (float64 stays float64; the
@@ -213,8 +214,7 @@ class HungarianMatcher(torch.nn.Module):
             all 0).
         use_focal: sigmoid focal class cost instead of DETR's ``-softmax`` probability (False).
         alpha, gamma: of the focal class cost (0.25, 2.0).
-        convention: ``"detr"`` (DETR, RT-DETRv2, D-FINE, DEIM: ``-GIoU``, L1 by ``torch.cdist``,
-            ``C = bbox + class + giou``) or ``"ultralytics"`` (``1 - GIoU`` of ultralytics'
+        convention: ``"detr"`` (DETR, RT-DETRv2, D-FINE, DEIM: ``-GIoU``, ``C = bbox + class + giou``) or ``"ultralytics"`` (``1 - GIoU`` of ultralytics'
             ``bbox_iou``, ``C = class + bbox + giou``, non-finite entries set to 0).
         clamp_sizes: clamp predicted widths and heights at 0 before the GIoU (D-FINE's and DEIM's
             ``box_cxcywh_to_xyxy``); otherwise a negative size is a ValueError (DETR asserts).
@@ -344,12 +344,11 @@ class HungarianMatcher(torch.nn.Module):
             cls = pos - neg
         else:
             cls = -logits.softmax(-1).gather(2, idx)
+        l1 = torch.cdist(boxes, tb, p=1)
         if self.convention == "ultralytics":
-            l1 = (boxes.unsqueeze(2) - tb.unsqueeze(1)).abs().sum(-1)
             giou = 1.0 - pairwise_box_iou(boxes, tb, kind="giou", box_format="cxcywh", convention="yolov5",
                                           eps=ULTRALYTICS_IOU_EPS, validate=False)
         else:
-            l1 = torch.cdist(boxes, tb, p=1)
             pb = torch.cat((boxes[..., :2], boxes[..., 2:].clamp(min=0)), -1) if self.clamp_sizes else boxes
             giou = -pairwise_box_iou(cxcywh_to_xyxy(pb), cxcywh_to_xyxy(tb), kind="giou", validate=False)
         return {"class": cls, "bbox": l1, "giou": giou}

@@ -3,8 +3,8 @@
 - :func:`paired_box_iou`: IoU / GIoU of aligned pairs with the numbers of torchvision's
   *pairwise* ``box_iou`` / ``generalized_box_iou`` (no eps), i.e. ``torch.diag`` of the matrix
   DETR, RT-DETR, D-FINE and DEIM compute, without computing the matrix.
-- :func:`detached_varifocal_loss`: RT-DETR's / D-FINE's varifocal loss (weight from the
-  detached probability).
+- :func:`set_varifocal_loss`: the varifocal loss of RT-DETR / D-FINE (weight from the detached
+  probability) and of ultralytics' RT-DETR (weight with its gradient).
 - :func:`matchability_aware_loss`: DEIM's MAL.
 - :func:`fgl_targets`, :func:`fine_grained_localization_loss`: D-FINE's fine-grained
   localization (FGL) loss on its non-uniform distance bins.
@@ -32,7 +32,7 @@ from .iou import pairwise_box_iou
 
 __all__ = [
     "paired_box_iou",
-    "detached_varifocal_loss",
+    "set_varifocal_loss",
     "matchability_aware_loss",
     "fgl_bin_values",
     "fgl_targets",
@@ -79,32 +79,37 @@ def _check_class_pair(input: torch.Tensor, target_score: torch.Tensor, label: to
     return compute_dtype(input, target_score)
 
 
-def detached_varifocal_loss(
+def set_varifocal_loss(
     input: torch.Tensor,
     target_score: torch.Tensor,
     label: torch.Tensor,
     *,
     alpha: float = 0.75,
     gamma: float = 2.0,
+    detach_weight: bool = True,
     reduction: str = "none",
 ) -> torch.Tensor:
-    r"""Varifocal loss with the weight of the detached probability, as RT-DETR, RT-DETRv2,
-    D-FINE and DEIM write it (``loss_labels_vfl``):
+    r"""Varifocal loss as the set-prediction losses write it:
 
-    .. math:: \ell = \mathrm{BCE}(x, q)\,\bigl[\alpha\,\mathrm{sg}(\sigma(x))^\gamma\,(1 - l) + q\bigr]
+    .. math:: \ell = \mathrm{BCE}(x, q)\,\bigl[\alpha\,\sigma(x)^\gamma\,(1 - l) + q\,l\bigr]
 
     ``q`` = ``target_score`` (the matched IoU at the target class, 0 elsewhere), ``l`` = ``label``
-    (one-hot), sg = stop-gradient. :func:`detloss.functional.varifocal_loss` is ultralytics' form,
-    whose weight keeps its gradient (same value, other gradient). Source: Zhang et al. 2021,
-    VarifocalNet (arXiv:2008.13367); lyuwenyu/RT-DETR ``rtdetrv2_criterion.py``. Defaults:
-    RT-DETRv2's configs (alpha=0.75, gamma=2); reduction "none" (the criterion reduces with
-    ``.mean(1).sum()``).
+    (one-hot). ``detach_weight=True``: the weight is computed from the detached probability, as
+    RT-DETR, RT-DETRv2, D-FINE and DEIM do (``loss_labels_vfl``); False: it keeps its gradient, as
+    ultralytics' ``VarifocalLoss`` (the value and gradient of
+    :func:`detloss.functional.varifocal_loss`, with PyTorch's BCE kernel for the BCE factor).
+    Source: Zhang et al. 2021, VarifocalNet (arXiv:2008.13367); lyuwenyu/RT-DETR
+    ``rtdetrv2_criterion.py``. Defaults: RT-DETRv2's configs (alpha=0.75, gamma=2); reduction
+    "none" (the criteria reduce with ``.mean(1).sum()``).
     """
     dt = _check_class_pair(input, target_score, label)
     check_reduction(reduction)
-    x, q, lab = upcast(input, dt), upcast(target_score, dt), label.to(dt)
-    weight = float(alpha) * torch.sigmoid(x.detach()).pow(float(gamma)) * (1 - lab) + q
-    return bce_with_logits(x, q, weight=weight.detach(), reduction=reduction)
+    x, q, lab = upcast(input, dt), upcast(target_score, dt).detach(), label.to(dt)
+    p = torch.sigmoid(x.detach() if detach_weight else x)
+    weight = float(alpha) * p.pow(float(gamma)) * (1 - lab) + q * lab
+    if detach_weight:
+        return bce_with_logits(x, q, weight=weight.detach(), reduction=reduction)
+    return reduce(bce_with_logits(x, q, reduction="none") * weight, reduction)
 
 
 def matchability_aware_loss(

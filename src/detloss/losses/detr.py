@@ -160,6 +160,8 @@ class SetCriterion(DetectionLoss):
     check_box_sizes: ClassVar[bool] = True
     #: The originals' loss-group names, each a method of the class.
     loss_groups: ClassVar[Dict[str, str]] = {}
+    #: RT-DETRv2's / D-FINE's ``boxes_weight_format``: None, "iou" or "giou" (see :meth:`box_weight`).
+    boxes_weight_format: Optional[str] = None
 
     def __init__(
         self,
@@ -281,6 +283,14 @@ class SetCriterion(DetectionLoss):
         layers = [inputs.layers[t] for t in tags]
         found = self.matcher.match_layers([(l.logits, l.boxes) for l in layers], inputs.targets)
         return dict(zip(tags, found))
+
+    def box_weight(self, layer: Layer, asg: Assignment) -> Optional[Tensor]:
+        """RT-DETRv2's ``get_loss_meta_info``: with ``boxes_weight_format`` "iou" / "giou", the
+        IoU / GIoU of the detached matched boxes (the VFL score and the GIoU loss's weight)."""
+        if self.boxes_weight_format is None:
+            return None
+        src, tgt = matched_boxes(layer, asg)
+        return matched_iou(src, tgt, kind=self.boxes_weight_format, clamp_sizes=not self.check_box_sizes)
 
     def reduce_counts(self, counts: Sequence[float], device: torch.device) -> List[float]:
         """Batch-wide counts as Python floats, averaged over ranks (one collective, in float64:

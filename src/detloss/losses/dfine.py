@@ -221,14 +221,9 @@ class DFINELoss(SetCriterion):
                 if group == "local":
                     out = self.loss_local(layer, asg, norm, inputs, cache, dn)
                 else:
-                    out = getattr(self, self.loss_groups[group])(layer, asg, norm, self._box_weight(layer, asg))
+                    out = getattr(self, self.loss_groups[group])(layer, asg, norm, self.box_weight(layer, asg))
                 raw.update({k + layer.suffix: v for k, v in out.items()})
         return raw
-
-    def _box_weight(self, layer: Layer, asg: Assignment) -> Optional[Tensor]:
-        if self.boxes_weight_format is None:
-            return None
-        return matched_iou(*matched_boxes(layer, asg), kind=self.boxes_weight_format, clamp_sizes=True)
 
     @staticmethod
     def _per_box(value: Tensor, norm: float, like: Tensor) -> Tensor:
@@ -242,7 +237,7 @@ class DFINELoss(SetCriterion):
 
     def loss_labels_vfl(self, layer: Layer, asg: Assignment, num_boxes: float, values: Optional[Tensor]) -> Dict[str, Tensor]:
         label, score = self.class_scores(layer, asg, values)
-        vfl = T.detached_varifocal_loss(layer.logits, score, label, alpha=self.alpha, gamma=self.gamma)
+        vfl = T.set_varifocal_loss(layer.logits, score, label, alpha=self.alpha, gamma=self.gamma)
         return {"loss_vfl": self._per_box(vfl.mean(1).sum() * layer.num_queries, num_boxes, layer.logits)}
 
     def loss_boxes(self, layer: Layer, asg: Assignment, num_boxes: float, weight: Optional[Tensor]) -> Dict[str, Tensor]:

@@ -248,22 +248,15 @@ class RTDETRLoss(SetCriterion):
             asg = layers[tag]
             norm = nb * asg.extras["dn_num_group"] if tag.startswith("dn") else nb
             for group in self.losses:
-                out = getattr(self, self.loss_groups[group])(layer, asg, norm, self._box_weight(layer, asg))
+                out = getattr(self, self.loss_groups[group])(layer, asg, norm, self.box_weight(layer, asg))
                 raw.update({k + layer.suffix: v for k, v in out.items()})
         return raw
-
-    def _box_weight(self, layer: Layer, asg: Assignment) -> Optional[Tensor]:
-        """RT-DETRv2's ``get_loss_meta_info``: IoU / GIoU of the detached matched boxes."""
-        if self.boxes_weight_format is None:
-            return None
-        src, tgt = matched_boxes(layer, asg)
-        return matched_iou(src, tgt, kind=self.boxes_weight_format)
 
     def loss_labels_vfl(self, layer: Layer, asg: Assignment, num_boxes: float, values: Optional[Tensor]) -> Dict[str, Tensor]:
         if values is None:
             values = matched_iou(*matched_boxes(layer, asg))
         label, score = class_targets(layer.logits, asg, values)
-        vfl = T.detached_varifocal_loss(layer.logits, score, label, alpha=self.alpha, gamma=self.gamma)
+        vfl = T.set_varifocal_loss(layer.logits, score, label, alpha=self.alpha, gamma=self.gamma)
         return {"loss_vfl": vfl.mean(1).sum() * layer.num_queries / num_boxes}
 
     def loss_boxes(self, layer: Layer, asg: Assignment, num_boxes: float, weight: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -308,7 +301,7 @@ class RTDETRLoss(SetCriterion):
         label, score = class_targets(logits, asg, iou)
         if self.use_fl:
             if asg.num_pos and self.use_vfl:
-                cls = F.varifocal_loss(logits, score, label, alpha=self.alpha, gamma=self.gamma, reduction="none")
+                cls = T.set_varifocal_loss(logits, score, label, alpha=self.alpha, gamma=self.gamma, detach_weight=False)
             else:
                 cls = F.sigmoid_focal_loss(logits, label, alpha=self.alpha, gamma=self.gamma)
             cls = cls.mean(1).sum() / (max(num_matched, 1.0) / nq)

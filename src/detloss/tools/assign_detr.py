@@ -55,29 +55,22 @@ def read_queries(path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A predictions file: one query per line, ``cx cy w h`` (normalized) then optionally its
     class logits (the same number on every line). Returns boxes ``[Q, 4]`` and logits ``[Q, C]``
     (None without logits). Errors name the file and line."""
+    import numpy as np
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"predictions: no such file: {path}")
-    rows: List[List[float]] = []
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                vals = [float(v) for v in line.split()]
-            except ValueError:
-                raise ValueError(f"{where}: expected numbers 'cx cy w h [logits]', got {raw.strip()!r}") from None
-            width = len(rows[0]) if rows else len(vals)
-            if len(vals) < 4 or len(vals) != width or not all(math.isfinite(v) for v in vals):
-                raise ValueError(f"{where}: expected {width if rows else 'at least 4'} finite numbers "
-                                 f"(cx cy w h, then the class logits), got {len(vals)}: {raw.strip()!r}")
-            if vals[2] < 0 or vals[3] < 0:
-                raise ValueError(f"{where}: expected w >= 0 and h >= 0, got {raw.strip()!r}")
-            rows.append(vals)
-    if not rows:
-        raise ValueError(f"predictions: {path} has no query lines")
+    try:
+        rows = np.loadtxt(path, ndmin=2, comments="#", dtype=np.float64)
+    except ValueError as exc:  # numpy names the row: "the number of columns changed from 5 to 4 at row 2"
+        raise ValueError(f"predictions: {path}: expected one line 'cx cy w h [logits]' per query, the same "
+                         f"number of values on every line ({exc})") from None
+    if rows.shape[0] == 0 or rows.shape[1] < 4:
+        raise ValueError(f"predictions: {path}: expected lines of at least 4 numbers (cx cy w h), got {rows.shape}")
+    bad = ~np.isfinite(rows).all(1) | (rows[:, 2] < 0) | (rows[:, 3] < 0)
+    if bad.any():
+        raise ValueError(f"predictions: {path}: expected finite values with w, h >= 0, got query "
+                         f"{int(bad.nonzero()[0][0])}: {rows[bad][0].tolist()}")
     t = torch.tensor(rows, dtype=torch.float64)
     return t[:, :4], (t[:, 4:] if t.shape[1] > 4 else None)
 

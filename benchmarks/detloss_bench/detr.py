@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import importlib
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
-from detloss import DETRLoss, HungarianMatcher, RTDETRLoss
+from detloss import DETRLoss, RTDETRLoss
 from detloss.assign.hungarian import check_set_targets
 from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
 

@@ -260,8 +260,12 @@ class SetCriterion(DetectionLoss):
     def _check_finite(self, raw, layers: Dict[str, Layer]) -> None:
         """Every floating entry finite and (where the family asserts it) predicted sizes >= 0,
         with one device synchronization."""
-        items = [(f"{raw[tag][0]}['{k}']", t) for tag, layer in layers.items() for k, t in layer.tensors.items()
-                 if t.is_floating_point()]
+        items, seen = [], set()
+        for tag, layer in layers.items():
+            for k, t in layer.tensors.items():
+                if t.is_floating_point() and id(t) not in seen:  # the teachers are other layers' tensors
+                    seen.add(id(t))
+                    items.append((f"{raw[tag][0]}['{k}']", t))
         flags = [torch.isfinite(t.detach()).all() for _, t in items]
         sizes = [(f"{raw[tag][0]}['pred_boxes']", l.boxes) for tag, l in layers.items()] if self.check_box_sizes else []
         flags += [(b.detach()[..., 2:] >= 0).all() for _, b in sizes]

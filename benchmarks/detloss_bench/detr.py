@@ -9,7 +9,8 @@ Measured, at batch 8, 300 queries, 80 classes, 6 decoder layers (plus the encode
 RT-DETR) and RT-DETR's denoising part (100 denoising queries per group budget: 20 groups of 10
 boxes, or 2 of 100 -> 200 or 400 denoising queries, 6 layers), with 10 and 100 boxes per image:
 the matcher over every matched layer, and the whole loss forward + backward (median time, and
-the peak memory torch allocates during it beyond the inputs). Synthetic float32 head outputs.
+the peak memory torch allocates during it beyond the inputs; the runs of detloss and the peer
+interleaved). Synthetic float32 head outputs.
 Before timing, the totals (and the matcher's pairs) of detloss and the peer are checked equal.
 
 Run: ``python benchmarks/run.py detr`` (``--quick`` for tiny sizes) in an environment with the
@@ -19,14 +20,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
+import time
 from types import SimpleNamespace
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from detloss import DETRLoss, RTDETRLoss
 from detloss.assign.hungarian import check_set_targets
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import fmt_mb, fmt_ms, peak_memory, print_table
 
 DN_BUDGET = 100  # RT-DETR's num_denoising: groups = budget // most boxes in an image
 
@@ -174,6 +177,21 @@ def ultralytics_case(data, nc, ul):
     return runs, {n: getattr(data, n) for n in names}
 
 
+def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median wall time of each function, their runs interleaved (one warm-up each, then
+    ``repeats`` rounds of one run of each), so that a change of machine load between two
+    functions' runs does not show up as a ratio."""
+    for f in fns.values():
+        f()
+    times: Dict[str, List[float]] = {w: [] for w in fns}
+    for _ in range(repeats):
+        for w, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[w].append(time.perf_counter() - t0)
+    return {w: statistics.median(v) for w, v in times.items()}
+
+
 def _pairs(found) -> List[set]:
     """Matcher results (detloss Assignments or per-image pair lists, per layer) as sets."""
     out = []
@@ -244,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             for what, fns in (("matcher", {w: m for w, (_, m) in runs.items()}),
                               ("loss fwd+bwd", {w: (lambda l=l: step(l)) for w, (l, _) in runs.items()})):
-                t = {w: median_time(f, repeats=args.repeats, warmup=1) for w, f in fns.items()}
+                t = interleaved_median_times(fns, args.repeats)
                 mem = {w: peak_memory(f) for w, f in fns.items()}
                 peer = next((w for w in fns if w != "detloss"), None)
                 row = [nb, name, what, fmt_ms(t["detloss"]), fmt_mb(mem["detloss"])]

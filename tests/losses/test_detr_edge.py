@@ -308,6 +308,8 @@ def test_loss_bad_outputs():
     meta = dict(out["dn_meta"], dn_positive_idx=[out["dn_meta"]["dn_positive_idx"][0], torch.arange(3)])
     with raises(ValueError, "outputs['dn_meta']['dn_positive_idx'][1]", "4 denoising queries (2 targets x 2 groups)", "3"):
         loss(dict(out, dn_meta=meta), tgt)
+    with raises(ValueError, "class_agnostic", "not supported"):
+        loss(dict(out, enc_meta={"class_agnostic": True}), tgt)
     with raises(ValueError, "dn_num_group", "int >= 0", "-1"):
         loss(dict(out, dn_meta=dict(out["dn_meta"], dn_num_group=-1)), tgt)
 

@@ -231,6 +231,10 @@ class SetCriterion(DetectionLoss):
                                  f"layers of its group, got {layer.num_queries}")
             layers[tag] = layer
         self._check_finite(raw, layers)
+        meta = outputs.get("enc_meta")
+        if isinstance(meta, Mapping) and meta.get("class_agnostic"):
+            raise ValueError("outputs['enc_meta']['class_agnostic']: a class-agnostic encoder head (one logit, "
+                             "labels all 0) is not supported, got True")
         tg = check_set_targets(targets, bsz, num_classes=self.num_classes, dtype=dt, device=dev)
         extras = {k: upcast(outputs[k], dt) for k in ("up", "reg_scale") if isinstance(outputs.get(k), Tensor)}
         return SetInputs(outputs, layers, tg, bsz, dt, dev, outputs.get("dn_meta"), extras)

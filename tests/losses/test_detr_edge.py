@@ -380,6 +380,26 @@ def test_every_family_is_in_the_registry_and_the_package():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_registry_shape_stats_terms_and_assignment(kind):
+    from detloss.losses.base import STAT_KEYS
+
+    g = torch.Generator().manual_seed(12)
+    out = require_grad(family_outputs(kind, g, 2, 5, dn_counts=None if kind == "detr" else [2, 1]))
+    tgt = random_targets(g, [2, 1])
+    loss = make_loss(kind)
+    res = loss(out, tgt)
+    for key, typ in STAT_KEYS.items():
+        assert type(res.stats[key]) is typ, key
+    assert res.stats["num_targets"] == 3 and 0.0 <= res.stats["iou_mean"] <= 1.0
+    torch.testing.assert_close(sum(res.terms.values()), res.total, rtol=1e-9, atol=1e-12)
+    assert set(res.terms) <= set(res.components) and all(not v.requires_grad for v in res.components.values())
+    assert {loss.base_key(k) for k in res.terms} <= set(loss.term_methods)
+    asg = loss.assign(out, tgt)
+    assert isinstance(asg, Assignment) and asg.num_pos == res.stats["num_pos"] == 3
+    assert set(asg.extras["layers"]) >= {"main", "aux_0"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_decode_gives_pixel_boxes_and_scores(kind):
     g = torch.Generator().manual_seed(11)
     out = family_outputs(kind, g, 2, 5)

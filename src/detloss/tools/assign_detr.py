@@ -1,4 +1,4 @@
-"""``detloss assign detr``: which query took which box in the Hungarian matching of the
+"""``detloss assign detr`` (and ``rtdetr``, ``dfine``, ``deim``, with the focal costs): which query took which box in the Hungarian matching of the
 set-prediction losses (DETR, RT-DETR, D-FINE, DEIM), as a table and a picture.
 
 The matching is :class:`detloss.HungarianMatcher`'s on the queries given with ``--predictions``
@@ -190,7 +190,8 @@ def run_detr(args: Any) -> int:
         img = _open_image(args.image) if args.image else None
         size = _size(args.size, img)
         queries = read_queries(args.predictions) if args.predictions else None
-        v = detr_matching(rows, size, queries=queries, num_queries=args.queries or DEFAULT_QUERIES, focal=args.focal)
+        focal = args.focal or args.scheme != "detr"  # RT-DETR, D-FINE and DEIM match with the focal cost
+        v = detr_matching(rows, size, queries=queries, num_queries=args.queries or DEFAULT_QUERIES, focal=focal)
         if args.png:
             folder = os.path.dirname(os.path.abspath(args.png))
             if not os.path.isdir(folder):

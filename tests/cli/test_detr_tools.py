@@ -98,9 +98,17 @@ def test_assign_detr_bad_input(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "assign", "detr", "--labels", str(labels), "--anchor-t", "3")
     assert rc == 2 and "--anchor-t" in err and "detr" in err
     rc, _, err = run_cli(capsys, "assign", "yolov5", "--labels", str(labels), "--queries", "4")
-    assert rc == 2 and "--queries" in err and "detr only" in err
+    assert rc == 2 and "--queries" in err and "set-prediction losses" in err and "yolov5" in err
     with pytest.raises(ValueError, match="queries: expected an int >= 1"):
         grid_queries(0, 3)
+
+
+def test_assign_rtdetr_uses_the_focal_costs(tmp_path, capsys):
+    labels = tmp_path / "l.txt"
+    labels.write_text(LABELS)
+    rc, out, err = run_cli(capsys, "assign", "rtdetr", "--labels", str(labels), "--queries", "9", "--json")
+    assert rc == 0, err
+    assert "class 2 (focal)" in json.loads(out)["notes"][0]
 
 
 def test_focal_matching_uses_rtdetr_costs():

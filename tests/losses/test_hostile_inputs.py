@@ -109,3 +109,23 @@ def test_autocast_bfloat16_computes_as_float32(name, kw):
         assert torch.equal(got.components[k], want.components[k]), k
     for a, b in zip(_tensors(auto), _tensors(plain)):
         assert torch.equal(a.grad, b.grad)
+
+
+def test_the_finiteness_check_is_exact_when_sums_overflow():
+    """check_finite sums each tensor first; a sum that overflows on finite values must not be
+    taken for a NaN or inf."""
+    from detloss._checks import check_finite
+
+    big = torch.full((64,), 3e38)
+    check_finite(["big", "half"], [big, torch.full((8,), 6e4, dtype=torch.float16)])
+    check_finite([], [])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[5] = bad
+        with pytest.raises(ValueError, match=r"x: expected finite values, got -?(nan|inf) at index \(5,\)"):
+            check_finite(["ok", "x"], [big, x])
+    # +inf and -inf cancel to NaN in a sum, and still count
+    x = torch.ones(4)
+    x[1], x[2] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match=r"x: expected finite values, got inf at index \(1,\)"):
+        check_finite(["x"], [x])

@@ -97,15 +97,23 @@ def small_problem(seed=0, bs=2, nc=3, reg_max=4, hw=(64, 64), n=5, dtype=torch.f
     return feats, torch.cat((img[:, None], cls[:, None], c, wh), 1)
 
 
+class FixedAssignment(YOLOv8Loss):
+    """The loss with its assignment step computed once and then held fixed."""
+
+    fixed = None
+
+    def assignment(self, inputs, prepared):
+        if self.fixed is None:
+            self.fixed = super().assignment(inputs, prepared)
+        return self.fixed
+
+
 def test_gradcheck_float64():
     """Gradients of the class and DFL terms are exact for a fixed assignment. (TAL's soft targets are
     computed without gradient, and CIoU's aspect weight is held constant as in the reference, so the
     total is not differentiated exactly on purpose; those gradients are checked against the reference.)"""
     feats, targets = small_problem(reg_max=4, hw=(32, 32), n=3, bs=1, nc=2)
-    loss_fn = YOLOv8Loss(2, reg_max=4, box=0.0)
-    captured = []
-    assign = loss_fn.assigner.assign
-    loss_fn.assigner.assign = lambda *a: captured[0] if captured else captured.append(assign(*a)) or captured[0]
+    loss_fn = FixedAssignment(2, reg_max=4, box=0.0)
     assert loss_fn(feats, targets).stats["num_pos"] > 0
     feats = [f.requires_grad_(True) for f in feats]
     assert torch.autograd.gradcheck(lambda *f: loss_fn(list(f), targets).total, feats, fast_mode=True)
@@ -169,20 +177,12 @@ def test_zero_size_and_overlapping_boxes():
     assert out.stats["matched_targets"] <= out.stats["num_targets"] == 4
 
 
-def test_reduce_across_ranks(monkeypatch):
-    """With the option on, the normalizer is the mean over ranks of the target-score sums."""
+def test_reduce_across_ranks_is_a_no_op_on_one_process():
+    """(Under 2 gloo ranks: tests/test_distributed.py.)"""
     feats, targets = small_problem(n=6)
     local = YOLOv8Loss(3, reg_max=4)(feats, targets)
-    s = local.stats["target_scores_sum"]
-    assert YOLOv8Loss(3, reg_max=4, reduce_across_ranks=True)(feats, targets).total == local.total  # 1 process
-    other = 3.0 * s + 4.0  # pretend a second rank with this sum
-    monkeypatch.setattr(detloss.distributed, "reduce_sum", lambda t: t + other)
-    monkeypatch.setattr(detloss.distributed, "world_size", lambda: 2)
     out = YOLOv8Loss(3, reg_max=4, reduce_across_ranks=True)(feats, targets)
-    norm = (s + other) / 2
-    assert out.stats["target_scores_sum"] == pytest.approx(norm)
-    for k in ("box", "cls", "dfl"):
-        torch.testing.assert_close(out.components[k], local.components[k] * s / norm, rtol=1e-10, atol=0)
+    assert out.total == local.total and out.stats == local.stats
 
 
 def test_stats_and_output():
@@ -236,3 +236,153 @@ def test_bad_inputs():
         loss_fn(feats, targets[:, :5])
     with pytest.raises(ValueError, match="reg_max"):
         YOLOv8Loss(3, reg_max=1)
+
+
+def test_assign_is_a_flat_assignment_of_target_rows():
+    """assign(): the positives, image-major then anchor; target_index the row of ``targets``; the
+    reference's dense outputs in extras (and unpacking like its tuple)."""
+    from detloss.assign.base import Assignment
+    from detloss.assign.tal import TAL_OUTPUTS, TALAssignment
+
+    d, cfg = load("c07_crowded.npz")
+    loss_fn = build(cfg)
+    feats, targets = [d[f"feat{i}"] for i in range(3)], rows(d)
+    asg = loss_fn.assign(feats, targets)
+    assert isinstance(asg, TALAssignment) and isinstance(asg, Assignment)
+    fg = asg.fg_mask
+    assert asg.num_pos == int(fg.sum()) == loss_fn(feats, targets).stats["num_pos"]
+    assert torch.equal(asg.foreground(), fg)
+    b, a = fg.nonzero(as_tuple=True)
+    assert torch.equal(asg.batch_index, b) and torch.equal(asg.pred_index, a)
+    # the target row: same image, and its class and box are the assigned ones
+    assert torch.equal(targets[asg.target_index, 0].long(), b)
+    assert torch.equal(targets[asg.target_index, 1].long(), asg.labels)
+    torch.testing.assert_close(asg.boxes, asg.target_bboxes[b, a], rtol=0, atol=0)
+    torch.testing.assert_close(asg.weights, asg.target_scores.sum(-1)[b, a], rtol=0, atol=0)
+    labels, bboxes, scores, fg2, gt_idx = asg
+    assert fg2 is fg and scores is asg.target_scores and list(TAL_OUTPUTS) == list(asg._fields)
+
+
+def test_terms_sum_to_total_and_stats_types():
+    from detloss.losses.base import STAT_KEYS
+
+    feats, targets = small_problem(n=6)
+    feats = [f.requires_grad_(True) for f in feats]
+    out = YOLOv8Loss(3, reg_max=4)(feats, targets)
+    assert set(out.terms) == {"box", "cls", "dfl"} and all(t.requires_grad for t in out.terms.values())
+    torch.testing.assert_close(sum(out.terms.values()), out.total, rtol=1e-12, atol=0)
+    for k, t in out.terms.items():
+        torch.testing.assert_close(t.detach(), out.components[k] * 2, rtol=1e-12, atol=0)
+    for k, typ in STAT_KEYS.items():
+        assert type(out.stats[k]) is typ, k
+    assert out.stats["normalizer"] == out.stats["target_scores_sum"]
+
+
+def test_decode_is_the_inference_decoding():
+    """Boxes: per level, each side the expectation of its softmax times the stride around the cell
+    centre; scores: the sigmoid of the class logits (computed here level by level)."""
+    feats, _ = small_problem(n=0)
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    boxes, scores = loss_fn.decode(feats)
+    want_boxes, want_scores = [], []
+    for f, s in zip(feats, (8, 16, 32)):
+        bsz, _, h, w = f.shape
+        p = torch.softmax(f[:, :16].reshape(bsz, 4, 4, h, w), 2)
+        dist = (p * torch.arange(4.0, dtype=torch.float64).view(1, 1, 4, 1, 1)).sum(2)  # [B, 4, h, w]
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5, indexing="ij")
+        box = torch.stack((xs - dist[:, 0], ys - dist[:, 1], xs + dist[:, 2], ys + dist[:, 3]), -1) * s
+        want_boxes.append(box.reshape(bsz, -1, 4))
+        want_scores.append(torch.sigmoid(f[:, 16:]).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(boxes, torch.cat(want_boxes, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scores, torch.cat(want_scores, 1), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[(8, 8)] * 3, [(2, 2), (4, 4), (8, 8)], [(8, 8), (4, 4), (4, 4)], [(8, 8), (4, 8), (2, 2)]],
+    ids=["same_size_every_level", "levels_reversed", "last_level_too_big", "one_axis_off"],
+)
+def test_level_sizes_that_fit_no_image_are_refused(sizes):
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    feats = [torch.randn(1, 19, h, w) for h, w in sizes]
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]])
+    with pytest.raises(ValueError, match=r"feats: expected level sizes that one image size gives at strides"):
+        loss_fn(feats, targets)
+    with pytest.raises(ValueError, match=r"feats: expected level sizes"):
+        loss_fn.decode(feats)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[(80, 80), (40, 40), (20, 20)], [(13, 9), (7, 5), (4, 3)], [(12, 12), (6, 6), (3, 3)], [(1, 1), (1, 1), (1, 1)]],
+    ids=["640", "100x68_ceil", "100_floor", "tiny"],
+)
+def test_level_sizes_of_one_image_are_accepted(sizes):
+    # ceil(H / s) at every level (stride-2 convolutions with padding), or floor(H / s) (pooling)
+    feats = [torch.randn(1, 19, h, w) for h, w in sizes]
+    out = YOLOv8Loss(3, reg_max=4)(feats, torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]))
+    assert torch.isfinite(out.total)
+
+
+def test_a_batch_of_zero_images_is_a_zero_loss_with_a_graph():
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    feats = [torch.randn(0, 19, s, s, dtype=torch.float64, requires_grad=True) for s in (8, 4, 2)]
+    out = loss_fn(feats, torch.zeros(0, 6, dtype=torch.float64))
+    assert out.total.requires_grad and float(out.total.detach()) == 0.0
+    grads = torch.autograd.grad(out.total, feats)
+    assert [g.shape for g in grads] == [f.shape for f in feats]
+    assert out.stats["num_pos"] == out.stats["num_targets"] == out.stats["matched_targets"] == 0
+    assert out.stats["normalizer"] == 1.0 and out.stats["iou_mean"] == 0.0
+    assert all(float(v) == 0.0 for v in out.components.values())
+    decoded = loss_fn.decode(feats)
+    assert decoded.boxes.shape == (0, 84, 4) and decoded.scores.shape == (0, 84, 3)
+    assert loss_fn.assign(feats, torch.zeros(0, 6, dtype=torch.float64)).num_pos == 0
+
+
+def test_a_box_centred_at_the_origin_is_dropped_visibly():
+    """ultralytics' padding rule (x1 + y1 + x2 + y2 > 0) takes a box centred at (0, 0) for padding:
+    the loss keeps the rule (the same loss as without that row), counts the row in
+    stats["dropped_targets"] and warns."""
+    feats, targets = small_problem(n=4)
+    corner = torch.tensor([[0, 1, 0.0, 0.0, 0.3, 0.2]], dtype=torch.float64)
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    with pytest.warns(y8.PaddingRuleWarning, match=r"targets: 1 row\(s\) centred at \(0, 0\) were dropped"):
+        out = loss_fn(feats, torch.cat((targets, corner)))
+    want = loss_fn(feats, targets)
+    assert out.total == want.total
+    assert out.stats["dropped_targets"] == 1 and out.stats["num_targets"] == 4
+    assert want.stats["dropped_targets"] == 0
+    # a centre just off the corner is a box like any other
+    corner[0, 2] = 1e-3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", y8.PaddingRuleWarning)
+        kept = loss_fn(feats, torch.cat((targets, corner)))
+    assert kept.stats["num_targets"] == 5 and kept.stats["dropped_targets"] == 0
+    assert "x1 + y1 + x2 + y2 > 0" in YOLOv8Loss.__doc__ and "dropped_targets" in YOLOv8Loss.__doc__
+
+
+def test_autocast_bfloat16_changes_nothing():
+    """Inside torch.autocast the loss is computed as outside it: the box decoding's matmul (the
+    expectation of each side's distribution) does not drop to bfloat16."""
+    feats, targets = small_problem(n=6, dtype=torch.float32)
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    plain = [f.clone().requires_grad_(True) for f in feats]
+    auto = [f.clone().requires_grad_(True) for f in feats]
+    want = loss_fn(plain, targets)
+    want.total.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_fn(auto, targets)
+        decoded = loss_fn.decode(feats)
+    got.total.backward()
+    assert got.stats["num_pos"] > 0
+    for k in want.components:
+        assert torch.equal(got.components[k], want.components[k]), k
+    for a, b in zip(auto, plain):
+        assert torch.equal(a.grad, b.grad)
+    ref = loss_fn.decode(feats)
+    assert decoded.boxes.dtype == torch.float32 and torch.equal(decoded.boxes, ref.boxes)

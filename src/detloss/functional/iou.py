@@ -129,7 +129,8 @@ def pairwise_box_iou(
     eps: float = 1e-7,
     validate: bool = True,
 ) -> torch.Tensor:
-    r"""IoU-kind of every pair: ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` -> ``[N, M]``.
+    r"""IoU-kind of every pair: ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` -> ``[N, M]``; batches of
+    matrices ``[..., N, 4]`` x ``[..., M, 4]`` with equal batch dims give ``[..., N, M]``.
 
     The formulas are those of :func:`aligned_box_iou`. With ``convention="torchvision"`` it reproduces
     ``torchvision.ops.box_iou`` / ``generalized_box_iou`` / ``distance_box_iou`` /
@@ -138,10 +139,15 @@ def pairwise_box_iou(
     """
     b1, b2 = _prepare("boxes1", boxes1, "boxes2", boxes2, kind, box_format, convention, eps, validate)
     for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
-        if b.dim() != 2:
-            raise ValueError(f"{name}: expected a matrix of boxes [N, 4], got {tuple(b.shape)}")
-    return box_iou_formula(b1[:, None, :], b2[None, :, :], kind=kind, box_format=box_format, convention=convention,
-                           eps=eps, pairwise=True)
+        if b.dim() < 2:
+            raise ValueError(f"{name}: expected a matrix of boxes [N, 4] (or a batch [..., N, 4]), got {tuple(b.shape)}")
+    if boxes1.shape[:-2] != boxes2.shape[:-2]:
+        raise ValueError(
+            f"boxes1: expected a matrix of boxes [N, 4], or a batch [..., N, 4] with the batch dims of boxes2 "
+            f"{tuple(boxes2.shape[:-2])}, got {tuple(boxes1.shape)}"
+        )
+    return box_iou_formula(b1[..., :, None, :], b2[..., None, :, :], kind=kind, box_format=box_format,
+                           convention=convention, eps=eps, pairwise=True)
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:

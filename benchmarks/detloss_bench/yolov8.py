@@ -1,30 +1,43 @@
-"""Benchmark: :class:`detloss.YOLOv8Loss` with the candidate-restricted assigner against the same
-loss with the assigner computed the reference's dense way (``[B, M, A]`` tensors, as ultralytics'
-``TaskAlignedAssigner`` does), in the same process on the same inputs.
+"""Benchmark: :class:`detloss.YOLOv8Loss` against ultralytics' own ``v8DetectionLoss``
+(ultralytics 8.4.190), in the same process on the same inputs.
 
-Measured: forward + backward time (median) and the peak memory torch allocates during it beyond
-the inputs, for the whole loss and for the assignment alone. Synthetic head outputs (float32)
-and boxes of random size (2% to 30% of the image side). The results of both ways are checked to
-be equal before timing.
+The peer is built as ultralytics' ``DetectionModel.init_criterion`` builds it,
+``v8DetectionLoss(model)``, from the smallest model it accepts: a module holding ultralytics' own
+``Detect`` layer (``nc`` classes, ``reg_max`` 16, 1 input channel per level, strides 8, 16, 32)
+and ``args`` with the default gains ``box=7.5, cls=0.5, dfl=1.5`` (YOLOv8Loss's defaults).
+Each side gets the head outputs in the layout its own head emits: detloss the per-level maps
+``[B, 4 * reg_max + C, H, W]``, ultralytics the concatenated ``boxes [B, 4 * reg_max, A]`` and
+``scores [B, C, A]`` of its ``Detect.forward_head`` (same numbers); the batch as the trainer's
+dict (``batch_idx``, ``cls``, ``bboxes``). Boxes of random size (2% to 30% of the image side).
+Before timing, the totals (``loss.sum()`` of what the peer returns, what its trainer
+backpropagates), the three terms and the gradients are checked equal.
 
-Run: ``python benchmarks/bench_yolov8.py`` or ``detloss bench yolov8`` (``--quick`` for tiny sizes).
+Run: ``python benchmarks/run.py yolov8`` (``--quick`` for tiny sizes; ``--peers`` to require the
+peer, as ``make bench-peers`` does).
 """
 from __future__ import annotations
 
 import argparse
-from typing import List, Optional, Sequence
+import os
+import tempfile
+from types import SimpleNamespace
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from detloss.losses.yolov8 import YOLOv8Loss, decode_distances, make_anchors, preprocess_targets
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import Side, add_detector_arguments, apply_quick, import_peer, run_suite
+
+PEER = "ultralytics v8DetectionLoss"
+REG_MAX = 16
+STRIDES = (8, 16, 32)
 
 
-def synthetic(bs: int, size: int, nc: int, boxes: int, reg_max: int = 16, seed: int = 0):
-    """Head outputs for a ``size`` x ``size`` image and ``boxes`` targets per image."""
+def synthetic(bs: int, size: int, nc: int, boxes: int, reg_max: int = REG_MAX, seed: int = 0):
+    """Per-level head outputs for a ``size`` x ``size`` image and ``boxes`` targets per image
+    (YOLO rows ``[N, 6]``: image, class, cx, cy, w, h normalized)."""
     g = torch.Generator().manual_seed(seed)
     no = 4 * reg_max + nc
-    feats = [torch.randn(bs, no, size // s, size // s, generator=g) for s in (8, 16, 32)]
+    feats = [torch.randn(bs, no, size // s, size // s, generator=g) for s in STRIDES]
     n = bs * boxes
     wh = torch.rand(n, 2, generator=g) * 0.28 + 0.02
     c = wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh)
@@ -33,73 +46,72 @@ def synthetic(bs: int, size: int, nc: int, boxes: int, reg_max: int = 16, seed: 
     return feats, torch.cat((img[:, None], cls[:, None], c, wh), 1)
 
 
-def _assigner_inputs(loss: YOLOv8Loss, feats, targets):
-    bs = feats[0].shape[0]
-    levels = [(f.shape[2], f.shape[3], s) for f, s in zip(feats, loss.strides)]
-    pred = torch.cat([f.reshape(bs, f.shape[1], -1) for f in feats], 2)
-    dist, logits = pred.split((4 * loss.reg_max, loss.num_classes), 1)
-    pts, st = make_anchors(levels, pred.dtype, pred.device)
-    boxes = decode_distances(dist.permute(0, 2, 1).contiguous(), pts) * st
-    hw = (levels[0][0] * loss.strides[0], levels[0][1] * loss.strides[0])
-    labels, gt, mask = preprocess_targets(targets, bs, hw, pred.dtype)
-    return (logits.permute(0, 2, 1).sigmoid(), boxes, pts * st, labels, gt, mask, levels)
+def build_peer(nc: int):
+    """ultralytics' v8DetectionLoss for the smallest Detect model, or PeerMissing."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="ultralytics-config-"))
+    head = import_peer("ultralytics.nn.modules.head", "ultralytics==8.4.190")
+    loss_mod = import_peer("ultralytics.utils.loss", "ultralytics==8.4.190")
+
+    class SmallestModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            detect = head.Detect(nc=nc, reg_max=REG_MAX, ch=(1,) * len(STRIDES))
+            detect.stride = torch.tensor([float(s) for s in STRIDES])
+            self.model = torch.nn.ModuleList([detect])
+            self.args = SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)
+
+    return loss_mod.v8DetectionLoss(SmallestModel())
 
 
-def _check_equal(a, b) -> None:
-    for name, x, y in zip(a._fields, a, b):
-        if x.is_floating_point():
-            ok = torch.allclose(x, y, rtol=1e-5, atol=1e-7)
-        else:
-            ok = torch.equal(x, y)
-        if not ok:
-            raise AssertionError(f"candidate and dense assignment differ in {name}")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_detector_arguments(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="detloss bench yolov8", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--size", type=int, default=640, help="image side in pixels (square)")
-    p.add_argument("--classes", type=int, default=80)
-    p.add_argument("--boxes", type=int, nargs="+", default=[8, 100], help="targets per image")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.size, args.classes, args.boxes, args.repeats = 2, 64, 4, [12], 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from detloss import YOLOv8Loss
 
-    print(
-        f"YOLOv8Loss fwd+bwd, batch {args.batch_size}, {args.size}x{args.size}, nc {args.classes}, "
-        f"float32, {torch.get_num_threads()} threads; ratio = dense / candidates"
-    )
-    rows: List[List[object]] = []
-    for nb in args.boxes:
-        feats, targets = synthetic(args.batch_size, args.size, args.classes, nb)
-        lean = YOLOv8Loss(args.classes)
-        dense = YOLOv8Loss(args.classes, dense_assigner=True)
-        a_in = _assigner_inputs(lean, feats, targets)
-        _check_equal(lean.assigner.assign(*a_in), dense.assigner.assign(*a_in))
-        torch.testing.assert_close(lean(feats, targets).total, dense(feats, targets).total, rtol=1e-5, atol=0)
+    ap = argparse.ArgumentParser(prog="benchmarks/run.py yolov8", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    apply_quick(args)
+    ours_loss = YOLOv8Loss(args.classes, strides=STRIDES, reg_max=REG_MAX)
 
-        def step(loss_fn):
-            fs = [f.detach().requires_grad_(True) for f in feats]
-            loss_fn(fs, targets).total.backward()
+    def case(nb: int, peer) -> Tuple[Side, Optional[Side]]:
+        feats, targets = synthetic(args.batch, args.size, args.classes, nb)
+        leaves = [f.requires_grad_() for f in feats]
+        bs, no = args.batch, 4 * REG_MAX + args.classes
 
-        for what, runs in (
-            ("loss fwd+bwd", {k: (lambda fn=fn: step(fn)) for k, fn in (("candidates", lean), ("dense", dense))}),
-            ("assigner", {k: (lambda fn=fn: fn.assigner.assign(*a_in)) for k, fn in (("candidates", lean), ("dense", dense))}),
-        ):
-            t = {k: median_time(f, repeats=args.repeats, warmup=1) for k, f in runs.items()}
-            m = {k: peak_memory(f) for k, f in runs.items()}
-            rows.append([nb, what, fmt_ms(t["candidates"]), fmt_ms(t["dense"]), f"{t['dense'] / t['candidates']:.2f}x",
-                         fmt_mb(m["candidates"]), fmt_mb(m["dense"]), f"{m['dense'] / max(m['candidates'], 1):.2f}x"])
-    print_table(
-        ["boxes/img", "what", "time cand.", "time dense", "ratio", "peak cand.", "peak dense", "ratio"], rows
-    )
-    return 0
+        def flat(per_level):  # [B, no, H, W] per level -> [B, no, A]
+            return torch.cat([t.reshape(bs, no, -1) for t in per_level], 2)
+
+        def ours_terms():
+            out = ours_loss(leaves, targets)
+            return {k: float(out.components[k]) for k in ("box", "cls", "dfl")}
+
+        ours = Side("detloss", lambda: ours_loss(leaves, targets).total, leaves, ours_terms,
+                    common_grads=lambda g: [flat(g)])
+        if peer is None:
+            return ours, None
+        joined = flat([f.detach() for f in feats])
+        boxes = joined[:, : 4 * REG_MAX].clone().requires_grad_()
+        scores = joined[:, 4 * REG_MAX:].clone().requires_grad_()
+        preds = {"boxes": boxes, "scores": scores, "feats": [f.detach() for f in feats]}
+        batch = {"batch_idx": targets[:, 0], "cls": targets[:, 1:2], "bboxes": targets[:, 2:6]}
+
+        def peer_terms():
+            items = peer(preds, batch)[1]
+            return {k: float(items[n]) for k, n in (("box", "box_loss"), ("cls", "cls_loss"), ("dfl", "dfl_loss"))}
+
+        theirs = Side(PEER, lambda: peer(preds, batch)[0].sum(), [boxes, scores], peer_terms,
+                      common_grads=lambda g: [torch.cat(g, 1)])
+        return ours, theirs
+
+    title = (f"YOLOv8 loss: batch {args.batch}, {args.size}x{args.size}, {args.classes} classes, reg_max {REG_MAX}, "
+             f"float32, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
+    return run_suite("yolov8", args, title, PEER, lambda: build_peer(args.classes), case)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

@@ -160,10 +160,32 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / scale if a.numel() else 0.0
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one intra-op thread, then restore the thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def check_equal(ours: Side, peer: Side, rtol: float = 1e-5, grad_rtol: float = 1e-4) -> str:
     """Raise :class:`EqualityError` unless the totals (relative ``rtol``), the terms and the
     gradients (largest difference relative to the largest gradient entry, ``grad_rtol``) agree;
-    returns a one-line summary of the differences."""
+    returns a one-line summary of the differences.
+
+    The check runs on one thread: a peer's assignment by indexing with repeated indices
+    (yolov5's ``tobj[b, a, gj, gi] = iou`` where several targets share a cell) keeps the value
+    written last only when the write is serial; with several threads torch's CPU ``index_put_``
+    splits the indices and which duplicate wins varies from call to call (seen at batch 16 with
+    100 boxes per image). detloss reproduces the serial rule on every device and thread count."""
+    with one_thread():
+        return _check_equal(ours, peer, rtol, grad_rtol)
+
+
+def _check_equal(ours: Side, peer: Side, rtol: float, grad_rtol: float) -> str:
     totals = ours.loss is not None and peer.loss is not None
     if totals:
         a, b = float(ours.loss().detach().sum()), float(peer.loss().detach().sum())
@@ -299,14 +321,14 @@ def apply_quick(args: argparse.Namespace, *, size: int = 64, boxes: Sequence[int
 
 
 def write_json(path: Optional[str], suite: str, args: argparse.Namespace, peer_label: str, rows: Sequence[Row],
-               missing: Optional[str], transcription: bool = False) -> None:
+               missing: Optional[str], transcription: bool = False, load: Optional[Tuple[float, float]] = None) -> None:
     if not path:
         return
     import json
 
     doc = {"suite": suite, "peer": peer_label, "peer_missing": missing, "transcription": transcription,
            "batch": args.batch, "size": args.size, "classes": args.classes, "threads": torch.get_num_threads(),
-           "torch": torch.__version__,
+           "torch": torch.__version__, "load_average": load, "cpu_count": os.cpu_count(),
            "rows": [{"boxes": r.boxes, "check": r.check, "detloss": asdict(r.ours),
                      "peer": None if r.peer is None else asdict(r.peer), **r.extra} for r in rows]}
     with open(path, "w") as f:
@@ -320,6 +342,7 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
     its framework is absent), then for each box count ``case(boxes, peer)`` gives the two sides
     (the peer's None when it is missing), which are checked, measured and reported.
     Returns 0, or 1 when the check fails, 2 when ``--peers`` was asked and the peer is missing."""
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     missing = None
     try:
         peer = build_peer()
@@ -337,5 +360,9 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
             print(f"{suite}: error: {nb} boxes/img: the equality check failed, nothing was timed: {e}", file=sys.stderr)
             return 1
     report(title, peer_label, rows, missing, transcription)
-    write_json(args.json, suite, args, peer_label, rows, missing, transcription)
+    load = None if load_before is None else (load_before, os.getloadavg()[0])
+    if load is not None:
+        print(f"machine load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+              f"({os.cpu_count()} cores): above the thread count, other processes shared the CPU\n")
+    write_json(args.json, suite, args, peer_label, rows, missing, transcription, load)
     return 0

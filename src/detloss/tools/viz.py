@@ -34,6 +34,7 @@ import torch
 from ..anchors import locate
 from ..boxes import cxcywh_to_xyxy, read_yolo_labels
 from ..losses.registry import LOSSES
+from .extras import PICTURES, MissingExtraError, require
 
 __all__ = [
     "SCHEMES",
@@ -53,6 +54,8 @@ SCHEMES = tuple(LOSSES)
 COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
 DARKNET_MASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
 DEFAULT_SIZE = (640, 640)
+#: The largest network input side drawn or tabulated (a canvas of this size is ~200 MB of RGB).
+MAX_SIDE = 8192
 
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -87,21 +90,36 @@ def _as_rows(rows: Any) -> torch.Tensor:
     return t
 
 
-def _size(size: Any, image: Any) -> Tuple[int, int]:
+def _size(size: Any, image: Any, name: str = "size") -> Tuple[int, int]:
     if size is None:
-        if image is not None:
-            return (image.height, image.width)
-        return DEFAULT_SIZE
+        if image is None:
+            return DEFAULT_SIZE
+        if max(image.height, image.width) > MAX_SIDE:
+            raise ValueError(f"image: {image.width} x {image.height} pixels is larger than {MAX_SIDE} per side; "
+                             "give a smaller network input size (--size H W)")
+        return (image.height, image.width)
     try:
         h, w = (int(v) for v in size)
     except Exception:
-        raise ValueError(f"size: expected (h, w), got {size!r}") from None
-    if h < 8 or w < 8:
-        raise ValueError(f"size: expected at least 8 x 8 pixels, got {(h, w)}")
+        raise ValueError(f"{name}: expected (h, w), got {size!r}") from None
+    if not (8 <= h <= MAX_SIDE and 8 <= w <= MAX_SIDE):
+        raise ValueError(f"{name}: expected 8 to {MAX_SIDE} pixels per side, got {(h, w)}")
     return h, w
 
 
+def _check_threshold(name: str, value: Any) -> float:
+    """An IoU threshold: a finite number in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:  # also rejects nan
+        raise ValueError(f"{name}: expected an IoU threshold in [0, 1], got {value!r}")
+    return v
+
+
 def _open_image(image: Any):
+    require(PICTURES, "an assignment picture")
     from PIL import Image, UnidentifiedImageError
 
     if image is None or isinstance(image, Image.Image):
@@ -249,6 +267,7 @@ def assignment_picture(scheme: str, rows: Any, image: Any = None, size: Optional
 
 def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
     """Draw an :class:`AssignmentView` (see :func:`assignment_picture`)."""
+    require(PICTURES, "an assignment picture")
     from PIL import Image, ImageDraw
 
     h, w = v.size
@@ -355,6 +374,16 @@ def _set_prediction(scheme: str) -> bool:
     return issubclass(LOSSES[scheme], SetCriterion)
 
 
+def _check_png_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--png: expected the name of a PNG file to write, got the folder {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--png: no such folder: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--png: cannot write into the folder {folder}")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -379,17 +408,23 @@ def run(args: argparse.Namespace) -> int:
         for opt, schemes in (("anchor_t", ("yolov5",)), ("ignore_thresh", ("yolov3",)), ("convention", ("fcos",))):
             if opt in kw and args.scheme not in schemes:
                 raise ValueError(f"--{opt.replace('_', '-')}: applies to {', '.join(schemes)} only, not {args.scheme}")
+        if "ignore_thresh" in kw:
+            _check_threshold("--ignore-thresh", kw["ignore_thresh"])
+        if "anchor_t" in kw and not (math.isfinite(kw["anchor_t"]) and kw["anchor_t"] > 0):
+            raise ValueError(f"--anchor-t: expected a positive ratio threshold, got {kw['anchor_t']}")
+        if args.size is not None:
+            _size(args.size, None, "--size")
+        if args.png:
+            _check_png_path(args.png)
+        if args.png or args.image:
+            require(PICTURES, "detloss assign --png/--image")
         rows = read_yolo_labels(args.labels)
         img = _open_image(args.image) if args.image else None
         size = _size(args.size, img)
         v = assign_view(args.scheme, rows, size, **kw)
         if args.png:
-            folder = os.path.dirname(os.path.abspath(args.png))
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"png: no such folder: {folder}")
-            pic = draw_view(v, img)
-            pic.save(args.png, format="PNG")
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+            draw_view(v, img).save(args.png, format="PNG")
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as exc:
         print(f"detloss assign: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

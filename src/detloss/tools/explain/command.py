@@ -8,6 +8,7 @@ import sys
 
 from .api import explain
 from .registry import ALIASES, LOSSES
+from .steps import formatter
 
 __all__ = ["add_arguments", "run", "OPTION_KEYS"]
 
@@ -46,16 +47,15 @@ OPTION_KEYS = ("reduction", "alpha", "gamma", "beta", "weight", "pos_weight", "l
 def run(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k, None) is not None}
     try:
+        formatter(args.digits)  # checks --digits before any work
         e = explain(args.loss, args.input, args.target, **options)
         if args.expect is not None:
             e.check(args.expect)
+        text = json.dumps(e.to_dict(), indent=2) if args.json else e.render(digits=args.digits)
     except (ValueError, TypeError, NotImplementedError) as exc:
         print(f"detloss explain: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(e.to_dict(), indent=2))
-    else:
-        print(e.render(digits=args.digits))
+    print(text)
     if e.check_result is not None and not e.check_result.holds:
         return 1
     return 0

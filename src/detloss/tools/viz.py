@@ -175,6 +175,8 @@ def _picture_loss(scheme: str, rows: torch.Tensor, size: Tuple[int, int], kw: Di
     """The loss of ``scheme`` with its defaults and ``kw``, for images of ``size``."""
     cls = LOSSES[scheme]
     kw = dict(kw)
+    if kw.get("ignore_thresh") is not None:
+        kw["ignore_thresh"] = _check_threshold("ignore_thresh", kw["ignore_thresh"])
     nc = kw.pop("num_classes", None)
     nc = int(nc) if nc is not None else (int(rows[:, 1].max()) + 1 if len(rows) else 1)
     if cls.image_size_argument is not None:

@@ -19,6 +19,8 @@ _LAZY = {
     "FCOSLoss": "detloss.losses.fcos",
     "YOLOv8Loss": "detloss.losses.yolov8",
     "TaskAlignedAssigner": "detloss.assign.tal",
+    "RetinaNetLoss": "detloss.losses.retinanet",
+    "SSDLoss": "detloss.losses.ssd",
 }
 
 __all__ = ["LossOutput", "__version__", *_LAZY]

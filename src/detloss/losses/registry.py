@@ -10,6 +10,8 @@ from typing import Dict, Type
 import torch
 
 from .fcos import FCOSLoss
+from .retinanet import RetinaNetLoss
+from .ssd import SSDLoss
 from .yolov3 import YOLOv3Loss
 from .yolov5 import YOLOv5Loss
 from .yolov8 import YOLOv8Loss
@@ -21,4 +23,6 @@ LOSSES: Dict[str, Type[torch.nn.Module]] = {
     "yolov5": YOLOv5Loss,
     "fcos": FCOSLoss,
     "yolov8": YOLOv8Loss,
+    "retinanet": RetinaNetLoss,
+    "ssd": SSDLoss,
 }

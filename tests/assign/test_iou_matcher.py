@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detloss.anchor_generators import AnchorGenerator
-from detloss.assign.iou_matcher import assign_iou, assign_ssd, check_anchors, overlapping_pairs
+from detloss.assign.iou_matcher import AnchorIndexCache, assign_iou, assign_ssd, check_anchors, overlapping_pairs
 
 
 def dense_iou(boxes, anchors):
@@ -198,3 +198,16 @@ def test_bad_targets_and_thresholds():
         assign_ssd(targets_from([ok]), GRID_ANCHORS, iou_thresh=float("nan"))
     with pytest.raises(ValueError, match=r"anchors: expected 1 tensors"):
         assign_ssd(targets_from([ok]), [GRID_ANCHORS, GRID_ANCHORS])
+
+
+def test_index_cache_follows_the_anchors():
+    cache = AnchorIndexCache()
+    boxes = [torch.tensor([[2.0, 2.0, 14.0, 10.0]], dtype=torch.float64)]
+    first = assign_iou(targets_from(boxes), GRID_ANCHORS, index_cache=cache)
+    index = cache.get(GRID_ANCHORS[None])
+    assert cache.get(GRID_ANCHORS.clone()[None]) is index  # equal anchors: the same index
+    moved = GRID_ANCHORS + 4.0
+    second = assign_iou(targets_from(boxes), moved, index_cache=cache)
+    assert cache.get(moved[None]) is not index
+    assert torch.equal(first.matched_idxs()[0], oracle_retinanet(boxes[0], GRID_ANCHORS, 0.5, 0.4, True))
+    assert torch.equal(second.matched_idxs()[0], oracle_retinanet(boxes[0], moved, 0.5, 0.4, True))

@@ -48,6 +48,7 @@ __all__ = [
     "overlapping_pairs",
     "AnchorsLike",
     "AnchorIndex",
+    "AnchorIndexCache",
 ]
 
 AnchorsLike = Union[Tensor, Sequence[Tensor]]
@@ -176,6 +177,35 @@ class AnchorIndex:
             keys // (nw * nh), bound(w, "amax"), h_max, bound(w * h, "amin"), bound(w * h, "amax"), row_bin,
             uy, ux, row_keys, anchor_keys, order,
         )
+
+
+class AnchorIndexCache:
+    """The :class:`AnchorIndex` of the last anchors seen, reused while the anchors stay equal.
+
+    A detector's anchors are the same at every step (torchvision even rebuilds equal tensors each
+    call), so a loss keeps one of these and the index is built once: :meth:`get` compares the
+    anchors with the cached copy (one pass) and rebuilds only when they differ."""
+
+    def __init__(self) -> None:
+        self._anchors: Optional[Tensor] = None
+        self._index: Optional[AnchorIndex] = None
+
+    def get(self, anchors: Tensor) -> AnchorIndex:
+        """The index of ``[G, A, 4]`` anchors (group = first dimension)."""
+        a = anchors.detach()
+        cached = self._anchors
+        if (
+            cached is None
+            or self._index is None
+            or cached.shape != a.shape
+            or cached.dtype != a.dtype
+            or cached.device != a.device
+            or not torch.equal(cached, a)
+        ):
+            group = torch.arange(a.shape[0], device=a.device).repeat_interleave(a.shape[1])
+            self._index = AnchorIndex.build(a.reshape(-1, 4), group)
+            self._anchors = a.clone()
+        return self._index
 
 
 def _expand(counts: Tensor) -> Tuple[Tensor, Tensor]:
@@ -340,8 +370,7 @@ class _Overlaps:
         """Overlapping pairs of the boxes ``box`` (rows) with IoU >= ``min_iou``: (box, slot, iou)."""
         a = self.num_anchors
         if self.index is None:
-            group = torch.arange(self.anchors.shape[0], device=box.device).repeat_interleave(a)
-            self.index = AnchorIndex.build(self.anchors.reshape(-1, 4), group)
+            self.index = AnchorIndexCache().get(self.anchors)
         image = self.image.index_select(0, box)
         pb, pa, iou = overlapping_pairs(
             self.boxes.index_select(0, box), self.anchors.reshape(-1, 4), box_group=self._group(image),
@@ -390,7 +419,10 @@ def _labels_or_zeros(i: int, boxes: Tensor, labels: Optional[Tensor]) -> Tensor:
     return labels.reshape(-1).long()
 
 
-def _overlaps(targets, anchors: Tensor, batch_size: int, num_classes: Optional[int], min_iou: float) -> _Overlaps:
+def _overlaps(
+    targets, anchors: Tensor, batch_size: int, num_classes: Optional[int], min_iou: float,
+    cache: Optional[AnchorIndexCache],
+) -> _Overlaps:
     """Validate the targets and find what both matchers read (see :class:`_Overlaps`): the pairs
     with IoU >= ``min_iou`` (the lower threshold: below it every anchor is background whatever
     its best box), and for every box its best IoU and the anchors reaching it."""
@@ -411,6 +443,8 @@ def _overlaps(targets, anchors: Tensor, batch_size: int, num_classes: Optional[i
     first_box = torch.cumsum(counts, 0) - counts
     local = torch.arange(num_boxes, device=dev) - first_box.index_select(0, image)
     ov = _Overlaps(batch_size, num_a, anchors, boxes, labels, counts, image, local, first_box)
+    if cache is not None and num_boxes and num_a:
+        ov.index = cache.get(anchors)
     pb, slot, iou = ov.pairs(torch.arange(num_boxes, device=dev), min_iou)
     ov.anchor_best, ov.anchor_match = _first_best(batch_size * num_a, slot, iou, local.index_select(0, pb))
     box_best = torch.zeros(num_boxes, dtype=iou.dtype, device=dev).scatter_reduce(0, pb, iou, "amax")
@@ -466,6 +500,7 @@ def assign_iou(
     bg_iou_thresh: float = 0.4,
     allow_low_quality_matches: bool = True,
     num_classes: Optional[int] = None,
+    index_cache: Optional[AnchorIndexCache] = None,
 ) -> Assignment:
     """torchvision's ``Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches)`` on
     ``box_iou(boxes, anchors)`` of every image (module docstring).
@@ -478,6 +513,7 @@ def assign_iou(
             ``fg_iou_thresh`` positive.
         allow_low_quality_matches: give every box its best anchors (RetinaNet: True).
         num_classes: when given, labels are checked to lie in ``[0, num_classes)``.
+        index_cache: an :class:`AnchorIndexCache` to keep the anchors' index between calls.
 
     Returns:
         an :class:`~detloss.assign.base.Assignment`: positives (boxes: the matched box, xyxy
@@ -492,7 +528,7 @@ def assign_iou(
         raise ValueError(f"bg_iou_thresh: expected a value <= fg_iou_thresh {fg}, got {bg}")
     batch = len(targets) if isinstance(targets, (list, tuple)) else 0
     anchors_t = check_anchors(anchors, batch)
-    ov = _overlaps(targets, anchors_t, batch, num_classes, max(bg, 0.0))
+    ov = _overlaps(targets, anchors_t, batch, num_classes, max(bg, 0.0), index_cache)
     v, m = ov.anchor_best, ov.anchor_match
     matched = torch.where(v >= fg, m, torch.where(v >= bg, torch.full_like(m, IGNORED), torch.full_like(m, BACKGROUND)))
     low_quality = torch.zeros_like(matched, dtype=torch.bool)
@@ -526,6 +562,7 @@ def assign_ssd(
     *,
     iou_thresh: float = 0.5,
     num_classes: Optional[int] = None,
+    index_cache: Optional[AnchorIndexCache] = None,
 ) -> Assignment:
     """torchvision's ``SSDMatcher(iou_thresh)`` on ``box_iou(boxes, anchors)`` of every image
     (module docstring).
@@ -535,6 +572,7 @@ def assign_ssd(
         anchors: ``[A, 4]`` default boxes for every image, or one ``[A, 4]`` per image.
         iou_thresh: IoU from which an anchor is a positive of its best box (SSD's 0.5).
         num_classes: when given, labels are checked to lie in ``[0, num_classes)``.
+        index_cache: an :class:`AnchorIndexCache` to keep the anchors' index between calls.
 
     Returns:
         an :class:`~detloss.assign.base.Assignment` without ignore mask; extras ``max_iou``
@@ -545,7 +583,7 @@ def assign_ssd(
     thresh = _check_threshold("iou_thresh", iou_thresh)
     batch = len(targets) if isinstance(targets, (list, tuple)) else 0
     anchors_t = check_anchors(anchors, batch)
-    ov = _overlaps(targets, anchors_t, batch, num_classes, max(thresh, 0.0))
+    ov = _overlaps(targets, anchors_t, batch, num_classes, max(thresh, 0.0), index_cache)
     v, m = ov.anchor_best, ov.anchor_match
     matched = torch.where(v >= thresh, m, torch.full_like(m, BACKGROUND))
     # Each box's best anchor: the lowest anchor index at its best IoU (anchor 0 without overlap).

@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import functional as F
 from .._checks import check_choice
 from ..assign.base import Assignment
-from ..assign.iou_matcher import AnchorsLike, assign_iou
+from ..assign.iou_matcher import AnchorIndexCache, AnchorsLike, assign_iou
 from ..box_coder import BBOX_XFORM_CLIP, BoxCoder
 from ._anchor_heads import AnchorHeadInputs, check_anchor_heads, decode_anchor_boxes, positive_stats
 from .base import Decoded, DetectionLoss
@@ -63,6 +63,9 @@ class RetinaNetLoss(DetectionLoss):
         focal_alpha, focal_gamma: the focal loss's alpha and gamma (0.25, 2.0, fixed in torchvision).
         bbox_xform_clip: the decoder's clamp of the log size ratio (``log(1000 / 16)``).
         gains: multipliers of the terms ``{"cls": 1.0, "box": 1.0}``.
+
+    The loss keeps the search index of the anchors between calls while the anchors it is given
+    stay equal (compared at every call; :class:`~detloss.assign.iou_matcher.AnchorIndexCache`).
 
     Call ``out = loss_fn(cls_logits [B, A, C], bbox_regression [B, A, 4], anchors, targets)``:
     ``anchors`` one ``[A, 4]`` xyxy pixel tensor per image (torchvision's list) or one for all;
@@ -104,6 +107,8 @@ class RetinaNetLoss(DetectionLoss):
         self.focal_gamma = float(focal_gamma)
         if not self.focal_gamma >= 0:
             raise ValueError(f"focal_gamma: expected a number >= 0, got {focal_gamma!r}")
+        # The anchors' search index, kept between calls while the anchors stay the same.
+        self._index_cache = AnchorIndexCache()
 
     def extra_repr(self) -> str:
         return (
@@ -124,6 +129,7 @@ class RetinaNetLoss(DetectionLoss):
             bg_iou_thresh=self.bg_iou_thresh,
             allow_low_quality_matches=self.allow_low_quality_matches,
             num_classes=self.num_classes,
+            index_cache=self._index_cache,
         )
 
     @staticmethod

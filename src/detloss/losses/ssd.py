@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..assign.base import Assignment
-from ..assign.iou_matcher import AnchorsLike, assign_ssd
+from ..assign.iou_matcher import AnchorIndexCache, AnchorsLike, assign_ssd
 from ..box_coder import BBOX_XFORM_CLIP, BoxCoder
 from ._anchor_heads import AnchorHeadInputs, check_anchor_heads, decode_anchor_boxes, positive_stats
 from .base import Decoded, DetectionLoss
@@ -77,6 +77,9 @@ class SSDLoss(DetectionLoss):
         gains: multipliers of the terms ``{"cls": 1.0, "box": 1.0}``.
         reduce_across_ranks: normalize by the positives of all ranks (module docstring).
 
+    The loss keeps the search index of the anchors between calls while the anchors it is given
+    stay equal (compared at every call; :class:`~detloss.assign.iou_matcher.AnchorIndexCache`).
+
     Call ``out = loss_fn(cls_logits [B, A, C], bbox_regression [B, A, 4], anchors, targets)``
     with ``anchors`` the default boxes (one ``[A, 4]`` xyxy pixel tensor per image, or one for
     all) and ``targets`` per image ``{"boxes": [n, 4] xyxy pixels, "labels": [n] int64 in [0, C)}``.
@@ -109,6 +112,8 @@ class SSDLoss(DetectionLoss):
             raise ValueError(f"neg_to_pos_ratio: expected a finite number >= 0, got {neg_to_pos_ratio!r}")
         self.neg_to_pos_ratio = ratio
         self.box_coder = BoxCoder(bbox_reg_weights, bbox_xform_clip)
+        # The default boxes' search index, kept between calls while they stay the same.
+        self._index_cache = AnchorIndexCache()
 
     def extra_repr(self) -> str:
         return (
@@ -121,7 +126,10 @@ class SSDLoss(DetectionLoss):
         return check_anchor_heads(self.num_classes, cls_logits, bbox_regression, anchors, targets)
 
     def assignment(self, inputs: AnchorHeadInputs, prepared: Any) -> Assignment:
-        asg = assign_ssd(inputs.targets, inputs.anchors, iou_thresh=self.iou_thresh, num_classes=self.num_classes)
+        asg = assign_ssd(
+            inputs.targets, inputs.anchors, iou_thresh=self.iou_thresh, num_classes=self.num_classes,
+            index_cache=self._index_cache,
+        )
         # Hard negative mining reads the head, not only the boxes; it is part of the assignment.
         b, a, c = inputs.cls_logits.shape
         with torch.no_grad():

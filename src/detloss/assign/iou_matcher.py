@@ -80,7 +80,7 @@ def check_anchors(anchors: object, batch_size: int, num_anchors: Optional[int] =
                 f"anchors: expected [A, 4] (shared) or [{batch_size}, A, 4] xyxy pixels, got {tuple(anchors.shape)}"
             )
     elif isinstance(anchors, (list, tuple)):
-        if len(anchors) != batch_size:
+        if len(anchors) != batch_size or batch_size == 0:
             raise ValueError(f"anchors: expected {batch_size} tensors (one per image), got {len(anchors)}")
         names = [f"anchors[{i}]" for i in range(batch_size)]
         for name, a in zip(names, anchors):
@@ -93,11 +93,15 @@ def check_anchors(anchors: object, batch_size: int, num_anchors: Optional[int] =
                 )
             if a.device != anchors[0].device or a.dtype != anchors[0].dtype:
                 raise ValueError(f"{name}: expected {anchors[0].dtype} on {anchors[0].device} like anchors[0]")
-        stacked = torch.stack(list(anchors)) if batch_size else torch.zeros((0, 0, 4))
+        # torchvision hands every image an equal copy: one set is kept when they are all equal
+        same = all(a is anchors[0] for a in anchors[1:])
+        stacked = anchors[0][None] if same else torch.stack(list(anchors))
     else:
         raise TypeError(f"anchors: expected a tensor [A, 4] or a list of [A, 4] tensors, got {type(anchors).__name__}")
     if stacked.shape[-1] != 4:
         raise ValueError(f"anchors: expected boxes of 4 coordinates, got {tuple(stacked.shape)}")
+    if stacked.shape[0] > 1 and all(torch.equal(a, stacked[0]) for a in stacked[1:]):
+        stacked = stacked[:1]
     if num_anchors is not None and stacked.shape[1] != num_anchors:
         raise ValueError(
             f"{names[0]}: expected {num_anchors} anchors per image (the A of the head outputs), got {stacked.shape[1]}"
@@ -109,8 +113,6 @@ def check_anchors(anchors: object, batch_size: int, num_anchors: Optional[int] =
         raise ValueError(
             f"{names[g]}: expected finite xyxy boxes with x2 > x1 and y2 > y1, row {r} is {d[g, r].tolist()}"
         )
-    if stacked.shape[0] > 1 and bool((d == d[:1]).all()):
-        stacked = stacked[:1]
     return stacked
 
 

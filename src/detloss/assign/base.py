@@ -26,12 +26,12 @@ synchronizes a GPU: only shapes are checked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Assignment", "BACKGROUND", "IGNORED"]
+__all__ = ["Assignment", "PerLevelAssignment", "BACKGROUND", "IGNORED", "rank_in_group", "cell_index"]
 
 #: ``matched_idxs`` value of a background prediction (torchvision's ``Matcher.BELOW_LOW_THRESHOLD``).
 BACKGROUND = -1
@@ -161,3 +161,68 @@ class Assignment:
             ignore=ignore,
             extras={} if extras is None else extras,
         )
+
+
+class PerLevelAssignment(Assignment):
+    """An :class:`Assignment` of a scheme that decides level by level (YOLOv5, YOLOv3): the flat
+    positives of all levels, level after level, and ``extras["levels"]`` the scheme's own
+    per-level results, which the object also is a sequence of (``len``, indexing, iteration),
+    as the scheme's functions returned them before they returned an ``Assignment``.
+
+    ``pred_index`` follows the head layout ``[A_l, H_l, W_l]`` per level, levels concatenated
+    (:func:`cell_index`); ``extras["level"]`` int64 ``[P]`` is each positive's level.
+    """
+
+    def __len__(self) -> int:
+        return len(self.extras["levels"])
+
+    def __getitem__(self, i: int) -> Any:
+        return self.extras["levels"][i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.extras["levels"])
+
+
+def cell_index(
+    shapes: Sequence[Tuple[int, int, int]], level: int, anchor: Tensor, gy: Tensor, gx: Tensor
+) -> Tensor:
+    """Prediction index of (anchor slot, cell row, cell column) on ``level`` when every level
+    ``(num_anchors, ny, nx)`` of ``shapes`` is laid out ``[num_anchors, ny, nx]`` and the levels
+    are concatenated: ``offset_l + (anchor * ny + gy) * nx + gx``."""
+    offset = sum(na * ny * nx for na, ny, nx in shapes[:level])
+    _, ny, nx = shapes[level]
+    return offset + (anchor * ny + gy) * nx + gx
+
+
+def rank_in_group(group: Tensor, value: Optional[Tensor] = None, *, descending: bool = True) -> Tensor:
+    """Rank of each element among the elements of its group (0 = first), for int64 ``group [n]``.
+
+    With ``value [n]``: ordered by ``value``, largest first (smallest first with
+    ``descending=False``); equal values keep their position order. Without ``value``: by
+    position, the last element first (``descending=True``) or the first element first. So
+    ``rank_in_group(key) == 0`` marks the last occurrence of each key (the last writer of an
+    indexed assignment), ``rank_in_group(group, score) == 0`` the best element of each group with
+    ties to the earliest, and ``rank_in_group(group, score) < k`` its top ``k``.
+
+    Two stable sorts (one without ``value``); no padding to the largest group, no Python loop.
+    """
+    n = group.shape[0]
+    idx = torch.arange(n, device=group.device)
+    if value is None:
+        order = torch.sort(group, stable=True).indices
+    else:
+        order = torch.sort(value, descending=descending, stable=True).indices
+        order = order[torch.sort(group[order], stable=True).indices]
+    g = group[order]
+    first = torch.ones(n, dtype=torch.bool, device=group.device)
+    first[1:] = g[1:] != g[:-1]
+    start = torch.cummax(torch.where(first, idx, 0), 0).values
+    rank_sorted = idx - start
+    if value is None and descending:
+        last = torch.ones(n, dtype=torch.bool, device=group.device)
+        last[:-1] = first[1:]
+        end = torch.flip(torch.cummin(torch.flip(torch.where(last, idx, n), [0]), 0).values, [0])
+        rank_sorted = end - idx
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank

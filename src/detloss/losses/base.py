@@ -5,6 +5,7 @@ A detector loss reads top to bottom, one named step each::
     inputs     = self.check(*args, **kwargs)          # validate, upcast, gather what the loss needs
     prepared   = self.prepare(inputs)                 # training-time decoding (predicted boxes, grids)
     assignment = self.assignment(inputs, prepared)    # an Assignment (detloss.assign.base)
+    prepared   = self.gather(inputs, prepared, assignment)          # positives' predictions, normalizers
     raw        = self.compute_terms(inputs, prepared, assignment)   # {term: unweighted tensor}
     output     = self.output(inputs, prepared, assignment, raw)     # gains, total, stats -> LossOutput
 
@@ -13,6 +14,10 @@ A detector loss reads top to bottom, one named step each::
 each term in one dict. A loss whose terms are coupled (YOLOv5's per-level objectness with its
 autobalance) overrides ``compute_terms`` instead and says why.
 
+``gather`` adds to what ``prepare`` decoded what the terms share once the assignment is known
+(the positives' predictions, the normalizers, the one cross-rank reduction); it is the only
+step that may issue a collective, and :meth:`assign` does not run it.
+
 Every loss also has
 
 - :meth:`assign` with ``forward``'s arguments: the :class:`~detloss.assign.base.Assignment`
@@ -20,6 +25,13 @@ Every loss also has
 - :meth:`decode` turning raw head outputs into :class:`Decoded` boxes (xyxy pixels) and class
   scores in 0..1, the detector's inference decoding: the demo, the ``assign`` pictures and the
   evaluation use it instead of copies of their own.
+
+Hooks that let the tools (the demo, the ``assign`` pictures) drive any registered loss without
+a table of their own: :meth:`prior_outputs` (an untrained head's outputs for one image size),
+:meth:`prediction_levels` (where each prediction lies), :meth:`call_kwargs` and
+:meth:`targets_from_rows` (how YOLO rows and an image size reach ``forward``),
+:attr:`image_size_argument` (the constructor's image-size argument, if it has one) and
+:meth:`assignment_notes` (a word on each positive).
 
 Stats: the keys of :data:`STAT_KEYS` mean the same in every loss and have the same Python type;
 :meth:`finalize_stats` turns the 0-dim tensors a loss computes into Python numbers with one
@@ -34,12 +46,13 @@ gradient of the whole global batch; each loss's docstring says which normalizers
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import distributed
+from ..anchors import GridLevel
 from ..assign.base import Assignment
 from ..output import LossOutput
 
@@ -75,13 +88,16 @@ class DetectionLoss(torch.nn.Module):
     Subclasses set :attr:`name` (the registry key) and :attr:`term_methods`, call
     ``super().__init__(gains, reduce_across_ranks=...)`` and implement :meth:`check`,
     :meth:`assignment`, the term methods, :meth:`stats` and :meth:`decode`; :meth:`prepare`,
-    :meth:`compute_terms` and :meth:`combine` have defaults.
+    :meth:`gather`, :meth:`compute_terms` and :meth:`combine` have defaults.
     """
 
     #: The loss's key in :data:`detloss.losses.registry.LOSSES` (and the CLI's ``--loss``).
     name: ClassVar[str] = ""
     #: Term name -> name of the method computing it, in the order of ``components``.
     term_methods: ClassVar[Dict[str, str]] = {}
+
+    #: The constructor's argument that takes the network input size ``(h, w)``, if it needs one.
+    image_size_argument: ClassVar[Optional[str]] = None
 
     def __init__(self, gains: Mapping[str, float], *, reduce_across_ranks: bool = False) -> None:
         super().__init__()
@@ -93,6 +109,7 @@ class DetectionLoss(torch.nn.Module):
         inputs = self.check(*args, **kwargs)
         prepared = self.prepare(inputs)
         assignment = self.assignment(inputs, prepared)
+        prepared = self.gather(inputs, prepared, assignment)
         raw = self.compute_terms(inputs, prepared, assignment)
         return self.output(inputs, prepared, assignment, raw)
 
@@ -115,6 +132,11 @@ class DetectionLoss(torch.nn.Module):
         """Target assignment on checked inputs; no gradient flows through it."""
         raise NotImplementedError
 
+    def gather(self, inputs: Any, prepared: Any, assignment: Assignment) -> Any:
+        """What the terms share once the assignment is known, returned as the new ``prepared``
+        (default: ``prepared`` unchanged). Runs in ``forward`` only, with gradients."""
+        return prepared
+
     def compute_terms(self, inputs: Any, prepared: Any, assignment: Assignment) -> Dict[str, Tensor]:
         """Unweighted terms, one per entry of :attr:`term_methods`."""
         return {name: getattr(self, method)(inputs, prepared, assignment) for name, method in self.term_methods.items()}
@@ -124,18 +146,53 @@ class DetectionLoss(torch.nn.Module):
         raise NotImplementedError
 
     def decode(self, *head_outputs: Any, **kwargs: Any) -> Decoded:
-        """Raw head outputs -> :class:`Decoded` (inference decoding of the detector)."""
+        """Raw head outputs (``forward``'s arguments before the targets; ``kwargs``: those of
+        :meth:`call_kwargs`) -> :class:`Decoded` (inference decoding of the detector)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ hooks for the tools
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[Any, ...]:
+        """``forward``'s arguments before the targets, as an untrained head gives them for
+        ``batch_size`` images of ``image_size`` (h, w) pixels: all logits 0, float64."""
+        raise NotImplementedError
+
+    def prediction_levels(self, *head_outputs: Any, **kwargs: Any) -> List[GridLevel]:
+        """Where the predictions of ``head_outputs`` (``forward``'s arguments before the targets;
+        ``kwargs``: :meth:`call_kwargs`) lie, level by level, in the order of ``pred_index``."""
+        raise NotImplementedError
+
+    def call_kwargs(self, image_size: Tuple[int, int]) -> Dict[str, Any]:
+        """Keyword arguments ``forward`` (and :meth:`assign`) takes for images of ``image_size``
+        beyond the head outputs and targets (default: none)."""
+        return {}
+
+    def targets_from_rows(self, rows: Tensor, batch_size: int, image_size: Tuple[int, int]) -> Any:
+        """YOLO rows ``[N, 6]`` (image, class, cx, cy, w, h; normalized) as ``forward`` takes its
+        targets (default: the rows themselves)."""
+        return rows
+
+    def assignment_notes(self, assignment: Assignment) -> List[str]:
+        """One short note per positive of ``assignment`` saying why it is one (default: none)."""
+        return [""] * assignment.num_pos
+
     # ------------------------------------------------------------------ shared machinery
-    def combine(self, weighted: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """``total`` and the graph-connected ``terms`` from the weighted terms (default: their sum)."""
+    def batch_factor(self, inputs: Any, prepared: Any) -> Union[int, Tensor]:
+        """What ``total`` and ``terms`` are multiplied by (default 1; the YOLO losses' batch size,
+        the global one with ``reduce_across_ranks``)."""
+        return 1
+
+    def combine(self, weighted: Dict[str, Tensor], inputs: Any, prepared: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``total`` and the graph-connected ``terms`` (summing to ``total``) from the weighted
+        terms: ``total`` = their sum times :meth:`batch_factor`, each term times it."""
+        factor = self.batch_factor(inputs, prepared)
         total = torch.stack(list(weighted.values())).sum() if weighted else torch.zeros(())
-        return total, dict(weighted)
+        if isinstance(factor, int) and factor == 1:
+            return total, dict(weighted)
+        return total * factor, {k: v * factor for k, v in weighted.items()}
 
     def output(self, inputs: Any, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:
         weighted = {k: raw[k] * self.gains[k] for k in self.term_methods}
-        total, terms = self.combine(weighted, inputs)
+        total, terms = self.combine(weighted, inputs, prepared)
         with torch.no_grad():
             stats = self.finalize_stats(self.stats(inputs, prepared, assignment, raw))
         components = {k: v.detach() for k, v in weighted.items()}
@@ -143,10 +200,16 @@ class DetectionLoss(torch.nn.Module):
 
     def global_mean(self, value: Tensor) -> Tensor:
         """``value`` (detached) averaged over ranks when ``reduce_across_ranks`` is on and
-        ``torch.distributed`` is initialized; ``value`` itself otherwise."""
+        ``torch.distributed`` is initialized; ``value`` itself otherwise. Stack several
+        normalizers into one tensor to reduce them with one collective."""
         if not self.reduce_across_ranks:
             return value
         return distributed.reduce_mean(value.detach())
+
+    def world_size(self) -> int:
+        """The number of ranks the normalizers are reduced over: ``torch.distributed``'s world
+        size with ``reduce_across_ranks`` on, else 1 (asks no collective)."""
+        return distributed.world_size() if self.reduce_across_ranks else 1
 
     @staticmethod
     def finalize_stats(stats: Dict[str, Any]) -> Dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_pair
+from .anchors import GridLevel
 
 __all__ = [
     "AnchorGenerator",
@@ -36,6 +37,7 @@ __all__ = [
     "RETINANET_ANCHOR_SIZES",
     "RETINANET_ASPECT_RATIOS",
     "check_feature_sizes",
+    "feature_sizes_for",
 ]
 
 #: RetinaNet's default sizes on P3-P7: ``(x, int(x * 2^(1/3)), int(x * 2^(2/3)))`` for x = 32..512.
@@ -59,6 +61,13 @@ def check_feature_sizes(feature_sizes: object, num_levels: Optional[int] = None)
     if not sizes or any(h <= 0 or w <= 0 for h, w in sizes):
         raise ValueError(f"feature_sizes: expected positive (h, w) pairs, got {sizes}")
     return sizes
+
+
+def feature_sizes_for(image_size: Tuple[int, int], strides: Sequence[float]) -> List[Tuple[int, int]]:
+    """``(ceil(H / s), ceil(W / s))`` per stride: the feature sizes of a backbone of those strides
+    on a padded input of ``image_size`` (ResNet-FPN's P3-P7, SSD300's 38..1 for 300 px)."""
+    h, w = _check_image_size(image_size)
+    return [(math.ceil(h / s), math.ceil(w / s)) for s in strides]
 
 
 def _check_image_size(image_size: object) -> Tuple[int, int]:
@@ -143,6 +152,18 @@ class AnchorGenerator:
             shifts = torch.stack((xs, ys, xs, ys), dim=1).to(dtype)
             out.append((shifts[:, None, :] + cell.to(dtype=dtype, device=device)[None]).reshape(-1, 4))
         return torch.cat(out)
+
+    def grid_levels(
+        self, feature_sizes: Sequence[Tuple[int, int]], image_size: Tuple[int, int], strides: Sequence[float]
+    ) -> List[GridLevel]:
+        """Where the anchors lie (:class:`~detloss.anchors.GridLevel` per level, for the tools):
+        cells at the anchors' spacing, points at the cells' corners, the cell anchors' sizes."""
+        sizes = check_feature_sizes(feature_sizes, len(self.sizes))
+        out = []
+        for (h, w), (sy, sx), cell, s in zip(sizes, self.strides(sizes, image_size), self.cell_anchors, strides):
+            wh = [(float(x2 - x1), float(y2 - y1)) for x1, y1, x2, y2 in cell.tolist()]
+            out.append(GridLevel(float(s), (h, w), (float(sx), float(sy)), offset=0.0, anchors=wh, slot_last=True))
+        return out
 
     def __repr__(self) -> str:
         return f"AnchorGenerator(sizes={self.sizes}, aspect_ratios={self.aspect_ratios})"
@@ -262,6 +283,21 @@ class DefaultBoxGenerator:
         scale = torch.tensor([img_w, img_h], device=boxes.device)
         c, wh = boxes[:, :2], boxes[:, 2:]
         return torch.cat(((c - 0.5 * wh) * scale, (c + 0.5 * wh) * scale), dim=1)
+
+    def grid_levels(
+        self, feature_sizes: Sequence[Tuple[int, int]], image_size: Tuple[int, int], strides: Sequence[float]
+    ) -> List[GridLevel]:
+        """Where the default boxes lie (:class:`~detloss.anchors.GridLevel` per level, for the
+        tools): cells of ``image / f`` pixels, points at their centres, the boxes' sizes in pixels."""
+        sizes = check_feature_sizes(feature_sizes, len(self.aspect_ratios))
+        img_h, img_w = _check_image_size(image_size)
+        out = []
+        for k, ((h, w), s) in enumerate(zip(sizes, strides)):
+            f_x, f_y = (w, h) if self.steps is None else (img_w / self.steps[k], img_h / self.steps[k])
+            wh = self.wh_pairs[k].clamp(min=0, max=1) if self.clip else self.wh_pairs[k]
+            slots = [(bw * img_w, bh * img_h) for bw, bh in wh.double().tolist()]
+            out.append(GridLevel(float(s), (h, w), (img_w / f_x, img_h / f_y), offset=0.5, anchors=slots, slot_last=True))
+        return out
 
     def __repr__(self) -> str:
         return (

@@ -522,7 +522,8 @@ def assign_iou(
         pixels; labels; weights 1), ``ignore`` the between-threshold anchors, extras
         ``max_iou`` ``[B, A]`` (each anchor's best IoU where it reaches ``bg_iou_thresh``, else 0)
         and ``low_quality`` bool ``[B, A]``
-        (positives that only the low-quality rule made positive).
+        (positives that only the low-quality rule made positive), ``ignore_target`` ``[B, A]`` (the
+        best box of each ignored anchor, -1 elsewhere).
     """
     fg = _check_threshold("fg_iou_thresh", fg_iou_thresh)
     bg = _check_threshold("bg_iou_thresh", bg_iou_thresh)
@@ -555,7 +556,12 @@ def assign_iou(
         low_quality &= matched != m
         matched = torch.where(low_quality, m, matched)
     shape = (ov.batch_size, ov.num_anchors)
-    return _assignment(ov, matched, (matched == IGNORED).view(shape), {"low_quality": low_quality.view(shape)})
+    ignored = (matched == IGNORED).view(shape)
+    extras = {
+        "low_quality": low_quality.view(shape),
+        "ignore_target": torch.where(ignored, ov.anchor_match.view(shape), torch.full_like(ignored, -1, dtype=torch.int64)),
+    }
+    return _assignment(ov, matched, ignored, extras)
 
 
 def assign_ssd(

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .._checks import check_floating, compute_dtype, upcast
+from .._checks import as_pair, check_floating, compute_dtype, upcast
+from ..anchor_generators import AnchorGenerator, DefaultBoxGenerator, feature_sizes_for
+from ..anchors import GridLevel
 from ..assign.base import Assignment
 from ..assign.iou_matcher import AnchorsLike, check_anchors
 from ..box_coder import BoxCoder
+from ..boxes import yolo_rows_to_targets
 from ..functional.iou import _box_iou_formula
 
 
@@ -104,3 +107,75 @@ def positive_stats(inputs: AnchorHeadInputs, assignment: Assignment, coder: BoxC
         "num_pos_per_image": per_image,
         "matched_idxs": assignment.matched_idxs(),
     }
+
+
+Generator = Union[AnchorGenerator, DefaultBoxGenerator]
+
+
+class AnchorLayout:
+    """The anchor layout the tools' hooks of an anchor-based loss use (``prior_outputs``,
+    ``prediction_levels``): a generator, the backbone's strides (feature sizes
+    ``ceil(image / stride)``) and the input size. ``forward`` never reads it: it takes the
+    anchors it is given."""
+
+    def __init__(self, generator: Generator, strides: Sequence[float], image_size: Optional[Tuple[int, int]]) -> None:
+        if not isinstance(generator, (AnchorGenerator, DefaultBoxGenerator)):
+            raise TypeError(
+                f"anchor_generator: expected a detloss AnchorGenerator or DefaultBoxGenerator, got {type(generator).__name__}"
+            )
+        self.generator = generator
+        self.strides = tuple(float(s) for s in strides)
+        levels = len(generator.num_anchors_per_location())
+        if len(self.strides) != levels or min(self.strides, default=0) <= 0:
+            raise ValueError(f"strides: expected {levels} positive strides (one per level of the generator), got {tuple(strides)}")
+        self.image_size = None if image_size is None else as_pair("image_size", image_size)
+
+    def size(self, image_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        size = image_size if image_size is not None else self.image_size
+        if size is None:
+            raise ValueError("image_size: required (h, w) in pixels to lay the anchors out (pass it to the constructor)")
+        return as_pair("image_size", size)
+
+    def anchors(self, image_size: Tuple[int, int]) -> Tensor:
+        size = self.size(image_size)
+        return self.generator(feature_sizes_for(size, self.strides), size, dtype=torch.float64)
+
+    def levels(self, num_anchors: int) -> List[GridLevel]:
+        size = self.size()
+        levels = self.generator.grid_levels(feature_sizes_for(size, self.strides), size, self.strides)
+        if sum(lv.num_preds for lv in levels) != num_anchors:
+            raise ValueError(
+                f"anchors: expected {sum(lv.num_preds for lv in levels)} anchors for the layout of {size} "
+                f"(strides {self.strides}), got {num_anchors}"
+            )
+        return levels
+
+
+class AnchorHeadHooks:
+    """The tools' hooks (:class:`~detloss.losses.base.DetectionLoss`) of RetinaNet and SSD."""
+
+    image_size_argument = "image_size"
+    #: Label of YOLO class 0 (SSD: 1, its class 0 is the background).
+    first_label = 0
+    num_classes: int
+    layout: AnchorLayout
+
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[Any, ...]:
+        anchors = self.layout.anchors(image_size)
+        a = anchors.shape[0]
+        return (
+            torch.zeros(batch_size, a, self.num_classes, dtype=torch.float64),
+            torch.zeros(batch_size, a, 4, dtype=torch.float64),
+            anchors,
+        )
+
+    def prediction_levels(self, cls_logits: Tensor, bbox_regression: Tensor, anchors: AnchorsLike) -> List[GridLevel]:
+        """The anchors' grid per level, for the layout of the constructor's ``image_size``."""
+        return self.layout.levels(cls_logits.shape[1])
+
+    def targets_from_rows(self, rows: Tensor, batch_size: int, image_size: Tuple[int, int]) -> List[Dict[str, Tensor]]:
+        """YOLO rows as per-image ``{"boxes": xyxy pixels, "labels"}`` (label = class + first_label)."""
+        out = yolo_rows_to_targets(rows.detach(), batch_size, as_pair("image_size", image_size))
+        for t in out:
+            t["labels"] = t["labels"] + self.first_label
+        return out

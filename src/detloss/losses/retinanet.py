@@ -26,7 +26,7 @@ batches; nothing needs reducing across ranks.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,8 +35,16 @@ from .. import functional as F
 from .._checks import check_choice
 from ..assign.base import Assignment
 from ..assign.iou_matcher import AnchorIndexCache, AnchorsLike, assign_iou
+from ..anchor_generators import AnchorGenerator
 from ..box_coder import BBOX_XFORM_CLIP, BoxCoder
-from ._anchor_heads import AnchorHeadInputs, check_anchor_heads, decode_anchor_boxes, positive_stats
+from ._anchor_heads import (
+    AnchorHeadHooks,
+    AnchorHeadInputs,
+    AnchorLayout,
+    check_anchor_heads,
+    decode_anchor_boxes,
+    positive_stats,
+)
 from .base import Decoded, DetectionLoss
 
 __all__ = ["RetinaNetLoss", "BOX_LOSSES"]
@@ -51,7 +59,11 @@ def check_num_classes(num_classes: object) -> int:
     return num_classes
 
 
-class RetinaNetLoss(DetectionLoss):
+#: RetinaNet's backbone strides (ResNet-FPN P3-P7).
+RETINANET_STRIDES = (8, 16, 32, 64, 128)
+
+
+class RetinaNetLoss(AnchorHeadHooks, DetectionLoss):
     """RetinaNet's loss, equal to torchvision's ``RetinaNet.compute_loss`` (module docstring).
 
     Args:
@@ -63,6 +75,12 @@ class RetinaNetLoss(DetectionLoss):
         focal_alpha, focal_gamma: the focal loss's alpha and gamma (0.25, 2.0, fixed in torchvision).
         bbox_xform_clip: the decoder's clamp of the log size ratio (``log(1000 / 16)``).
         gains: multipliers of the terms ``{"cls": 1.0, "box": 1.0}``.
+        anchor_generator, strides, image_size: the anchor layout of the tools' hooks
+            (``prior_outputs``, ``prediction_levels``): a
+            :class:`~detloss.anchor_generators.AnchorGenerator` (default RetinaNet's), the
+            backbone's strides (P3-P7) and the input size; ``forward`` does not read them.
+        reduce_across_ranks: accepted like every detector loss's; it changes nothing here, there
+            being no batch-wide normalizer (module docstring).
 
     The loss keeps the search index of the anchors between calls while the anchors it is given
     stay equal (compared at every call; :class:`~detloss.assign.iou_matcher.AnchorIndexCache`).
@@ -94,8 +112,13 @@ class RetinaNetLoss(DetectionLoss):
         *,
         bbox_xform_clip: float = BBOX_XFORM_CLIP,
         gains: Optional[Mapping[str, float]] = None,
+        anchor_generator: Optional[AnchorGenerator] = None,
+        strides: Sequence[float] = RETINANET_STRIDES,
+        image_size: Optional[Tuple[int, int]] = None,
+        reduce_across_ranks: bool = False,
     ) -> None:
-        super().__init__({"cls": 1.0, "box": 1.0} if gains is None else gains)
+        super().__init__({"cls": 1.0, "box": 1.0} if gains is None else gains, reduce_across_ranks=reduce_across_ranks)
+        self.layout = AnchorLayout(AnchorGenerator() if anchor_generator is None else anchor_generator, strides, image_size)
         self.num_classes = check_num_classes(num_classes)
         self.fg_iou_thresh, self.bg_iou_thresh = float(fg_iou_thresh), float(bg_iou_thresh)
         if not self.bg_iou_thresh <= self.fg_iou_thresh:
@@ -171,6 +194,14 @@ class RetinaNetLoss(DetectionLoss):
         out["normalizer"] = sum(max(1, n) for n in out["num_pos_per_image"]) / inputs.batch_size
         out["num_ignored"] = 0 if assignment.ignore is None else assignment.ignore.sum()
         return out
+
+    def assignment_notes(self, assignment: Assignment) -> List[str]:
+        iou = assignment.extras["max_iou"][assignment.batch_index, assignment.pred_index].tolist()
+        low = assignment.extras["low_quality"][assignment.batch_index, assignment.pred_index].tolist()
+        return [
+            ("low-quality match: a box's best anchor" if lq else f"IoU {v:.2f} >= fg_iou_thresh {self.fg_iou_thresh:g}")
+            for v, lq in zip(iou, low)
+        ]
 
     def decode(self, cls_logits: Tensor, bbox_regression: Tensor, anchors: AnchorsLike) -> Decoded:
         """RetinaNet's inference decoding: boxes from the codes on the anchors (torchvision's

@@ -28,7 +28,7 @@ rank); torchvision itself normalizes per rank.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,8 +36,16 @@ from torch import Tensor
 from .. import functional as F
 from ..assign.base import Assignment
 from ..assign.iou_matcher import AnchorIndexCache, AnchorsLike, assign_ssd
+from ..anchor_generators import DefaultBoxGenerator
 from ..box_coder import BBOX_XFORM_CLIP, BoxCoder
-from ._anchor_heads import AnchorHeadInputs, check_anchor_heads, decode_anchor_boxes, positive_stats
+from ._anchor_heads import (
+    AnchorHeadHooks,
+    AnchorHeadInputs,
+    AnchorLayout,
+    check_anchor_heads,
+    decode_anchor_boxes,
+    positive_stats,
+)
 from .base import Decoded, DetectionLoss
 from .retinanet import check_num_classes
 
@@ -63,7 +71,11 @@ def mine_hard_negatives(cls_loss: Tensor, positive: Tensor, neg_to_pos_ratio: fl
     return mined
 
 
-class SSDLoss(DetectionLoss):
+#: SSD300's feature strides (VGG-16 conv4_3 .. the 1 x 1 extra layer; its default boxes' steps).
+SSD300_STRIDES = (8, 16, 32, 64, 100, 300)
+
+
+class SSDLoss(AnchorHeadHooks, DetectionLoss):
     """SSD's loss, equal to torchvision's ``SSD.compute_loss`` (module docstring).
 
     Args:
@@ -76,6 +88,11 @@ class SSDLoss(DetectionLoss):
         bbox_xform_clip: the decoder's clamp of the log size ratio (``log(1000 / 16)``).
         gains: multipliers of the terms ``{"cls": 1.0, "box": 1.0}``.
         reduce_across_ranks: normalize by the positives of all ranks (module docstring).
+        default_box_generator, strides, image_size: the default-box layout of the tools' hooks
+            (``prior_outputs``, ``prediction_levels``): a
+            :class:`~detloss.anchor_generators.DefaultBoxGenerator` (default SSD300's), the
+            feature strides and the input size; ``forward`` does not read them. YOLO-row
+            targets of the tools get label ``class + 1`` (class 0 is the background).
 
     The loss keeps the search index of the anchors between calls while the anchors it is given
     stay equal (compared at every call; :class:`~detloss.assign.iou_matcher.AnchorIndexCache`).
@@ -91,6 +108,8 @@ class SSDLoss(DetectionLoss):
     """
 
     name: ClassVar[str] = "ssd"
+    background_classes: ClassVar[int] = 1
+    first_label = 1
     term_methods: ClassVar[Dict[str, str]] = {"cls": "cls_term", "box": "box_term"}
 
     def __init__(
@@ -103,8 +122,13 @@ class SSDLoss(DetectionLoss):
         bbox_xform_clip: float = BBOX_XFORM_CLIP,
         gains: Optional[Mapping[str, float]] = None,
         reduce_across_ranks: bool = False,
+        default_box_generator: Optional[DefaultBoxGenerator] = None,
+        strides: Sequence[float] = SSD300_STRIDES,
+        image_size: Optional[Tuple[int, int]] = None,
     ) -> None:
         super().__init__({"cls": 1.0, "box": 1.0} if gains is None else gains, reduce_across_ranks=reduce_across_ranks)
+        generator = DefaultBoxGenerator.ssd300() if default_box_generator is None else default_box_generator
+        self.layout = AnchorLayout(generator, strides, image_size)
         self.num_classes = check_num_classes(num_classes)
         self.iou_thresh = float(iou_thresh)
         ratio = float(neg_to_pos_ratio)
@@ -141,11 +165,12 @@ class SSDLoss(DetectionLoss):
             asg.extras["class_target"] = target.view(b, a)
         return asg
 
-    def _normalizer(self, inputs: AnchorHeadInputs, assignment: Assignment) -> Tensor:
+    def gather(self, inputs: AnchorHeadInputs, prepared: Any, assignment: Assignment) -> Tensor:
+        """The normalizer ``N`` (the one cross-rank reduction with ``reduce_across_ranks``)."""
         n = torch.tensor(float(assignment.num_pos), dtype=inputs.dtype, device=inputs.cls_logits.device)
         return self.global_mean(n).clamp(min=1.0)
 
-    def cls_term(self, inputs: AnchorHeadInputs, prepared: Any, assignment: Assignment) -> Tensor:
+    def cls_term(self, inputs: AnchorHeadInputs, normalizer: Tensor, assignment: Assignment) -> Tensor:
         b, a, c = inputs.cls_logits.shape
         target = assignment.extras["class_target"].reshape(-1)
         count = (target > 0).to(torch.int64) + assignment.extras["mined"].reshape(-1).to(torch.int64)
@@ -153,19 +178,28 @@ class SSDLoss(DetectionLoss):
         ce = F.cross_entropy(
             inputs.cls_logits.reshape(b * a, c).index_select(0, rows), target.index_select(0, rows), reduction="none"
         )
-        return (ce * count.index_select(0, rows).to(ce.dtype)).sum() / self._normalizer(inputs, assignment)
+        return (ce * count.index_select(0, rows).to(ce.dtype)).sum() / normalizer
 
-    def box_term(self, inputs: AnchorHeadInputs, prepared: Any, assignment: Assignment) -> Tensor:
+    def box_term(self, inputs: AnchorHeadInputs, normalizer: Tensor, assignment: Assignment) -> Tensor:
         target = self.box_coder.encode(assignment.boxes.to(inputs.dtype), inputs.anchors_of(assignment))
         loss = F.smooth_l1_loss(inputs.codes_of(assignment), target, beta=1.0, reduction="sum")
-        return loss / self._normalizer(inputs, assignment)
+        return loss / normalizer
 
-    def stats(self, inputs: AnchorHeadInputs, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]):
+    def stats(self, inputs: AnchorHeadInputs, normalizer: Tensor, assignment: Assignment, raw: Dict[str, Tensor]):
         out = positive_stats(inputs, assignment, self.box_coder)
-        out["normalizer"] = self._normalizer(inputs, assignment)
+        out["normalizer"] = normalizer
         out["num_mined"] = assignment.extras["mined"].sum()
         out["mined"] = assignment.extras["mined"]
         return out
+
+    def assignment_notes(self, assignment: Assignment) -> List[str]:
+        at = (assignment.batch_index, assignment.pred_index)
+        iou = assignment.extras["max_iou"][at].tolist()
+        forced = assignment.extras["forced"][at].tolist()
+        return [
+            ("forced: the box's best default box" if f else f"IoU {v:.2f} >= iou_thresh {self.iou_thresh:g}")
+            for v, f in zip(iou, forced)
+        ]
 
     def decode(self, cls_logits: Tensor, bbox_regression: Tensor, anchors: AnchorsLike) -> Decoded:
         """SSD's inference decoding: boxes from the codes on the default boxes, class scores

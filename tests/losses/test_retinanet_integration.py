@@ -118,3 +118,51 @@ def test_unsupported_models():
     del broken.proposal_matcher
     with pytest.raises(TypeError, match="model: expected torchvision's proposal_matcher"):
         use_detloss(broken)
+
+
+class ImageList:
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
+class StubAnchorGenerator(nn.Module):
+    sizes = ((8,), (16,))
+
+    def forward(self, image_list, feature_maps):
+        return []
+
+
+class FCOS(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.center_sampling_radius = 1.5
+        self.anchor_generator = StubAnchorGenerator()
+        self.head = types.SimpleNamespace(classification_head=types.SimpleNamespace(num_classes=3))
+
+
+def test_fcos_reads_the_sizes_from_the_anchor_generator():
+    model = use_detloss(FCOS())
+    with pytest.raises(RuntimeError, match="anchor generator's sizes were not recorded"):
+        model.compute_loss([], {}, [], [])
+    # torchvision's forward calls the generator with the padded batch and the feature maps
+    model.anchor_generator(ImageList(torch.zeros(2, 3, 32, 48)), [torch.zeros(2, 8, 4, 6), torch.zeros(2, 8, 2, 3)])
+    g = torch.Generator().manual_seed(0)
+    p = 4 * 6 + 2 * 3
+    heads = {
+        "cls_logits": torch.randn(2, p, 3, generator=g, dtype=torch.float64, requires_grad=True),
+        "bbox_regression": torch.rand(2, p, 4, generator=g, dtype=torch.float64, requires_grad=True),
+        "bbox_ctrness": torch.randn(2, p, 1, generator=g, dtype=torch.float64, requires_grad=True),
+    }
+    targets = [
+        {"boxes": torch.tensor([[2.0, 3.0, 20.0, 14.0]], dtype=torch.float64), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0]], dtype=torch.float64), "labels": torch.tensor([2])},
+    ]
+    got = model.compute_loss(targets, heads, None, [p - 6, 6])
+    assert list(got) == ["classification", "bbox_regression", "bbox_ctrness"]
+    want = detloss.FCOSLoss(3, strides=(8, 16), anchor_sizes=(8.0, 16.0))(
+        heads["cls_logits"], heads["bbox_regression"], heads["bbox_ctrness"], [(4, 6), (2, 3)], targets, image_size=(32, 48)
+    )
+    for k, ours in (("classification", "cls"), ("bbox_regression", "box"), ("bbox_ctrness", "centerness")):
+        torch.testing.assert_close(got[k], want.components[ours])
+    use_torchvision_loss(model)
+    assert not model.anchor_generator._forward_pre_hooks

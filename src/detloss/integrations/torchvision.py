@@ -135,7 +135,6 @@ def _build_loss(model: torch.nn.Module, kind: str, options: Dict[str, Any]) -> t
         strides=[8 * 2**i for i in range(len(sizes))],
         center_sampling_radius=_attr(model, "center_sampling_radius"),
         anchor_sizes=sizes,
-        sync_normalizers=False,
     )
     args.update(options)
     return FCOSLoss(_attr(model, "head.classification_head.num_classes"), **args)

@@ -18,7 +18,7 @@ from detloss import functional as F
 from detloss.assign.fcos import assign_fcos
 from detloss.functional.iou import _iou_loss_formula  # unchecked: predictions may be inverted boxes
 from detloss.losses.fcos import FCOSLoss
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_growth, print_table
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -182,13 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ["boxes/img", "positives", "method", "fwd+bwd", "peak mem", "time/base", "mem/base", "assign", "assign mem"],
         rows,
     )
-    lo, hi = min(args.boxes), max(args.boxes)
-    if lo != hi:
-        print(f"\ngrowth {lo} -> {hi} boxes per image:")
-        for label, r in results.items():
-            (t0, m0, ta0, ma0), (t1, m1, ta1, ma1) = r[lo], r[hi]
-            print(f"  {label:30s} fwd+bwd time x{t1 / t0:.2f}, peak mem x{m1 / m0:.2f}; "
-                  f"assignment time x{ta1 / ta0:.2f}, peak mem x{ma1 / max(ma0, 1):.2f}")
+    print_growth(results, min(args.boxes), max(args.boxes), width=30)
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 from detloss.anchor_generators import AnchorGenerator
 from detloss.assign.iou_matcher import assign_iou
 from detloss.losses.retinanet import RetinaNetLoss
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_growth, print_table
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -148,13 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          "match mem", "match/tv"],
         rows,
     )
-    lo, hi = min(args.boxes), max(args.boxes)
-    if lo != hi:
-        print(f"\ngrowth {lo} -> {hi} boxes per image:")
-        for label, r in results.items():
-            (t0, m0, ta0, ma0), (t1, m1, ta1, ma1) = r[lo], r[hi]
-            print(f"  {label:12s} fwd+bwd time x{t1 / t0:.2f}, peak mem x{m1 / m0:.2f}; "
-                  f"matching time x{ta1 / ta0:.2f}, peak mem x{ma1 / max(ma0, 1):.2f}")
+    print_growth(results, min(args.boxes), max(args.boxes), what="matching")
     return 0
 
 

@@ -30,13 +30,13 @@ from torch import Tensor
 
 from ._checks import as_pair
 from .anchors import GridLevel
+from .assign.fcos import check_feature_sizes
 
 __all__ = [
     "AnchorGenerator",
     "DefaultBoxGenerator",
     "RETINANET_ANCHOR_SIZES",
     "RETINANET_ASPECT_RATIOS",
-    "check_feature_sizes",
     "feature_sizes_for",
 ]
 
@@ -46,21 +46,6 @@ RETINANET_ANCHOR_SIZES: Tuple[Tuple[int, ...], ...] = tuple(
 )
 #: RetinaNet's default aspect ratios (h / w) on every level.
 RETINANET_ASPECT_RATIOS: Tuple[Tuple[float, ...], ...] = ((0.5, 1.0, 2.0),) * 5
-
-
-def check_feature_sizes(feature_sizes: object, num_levels: Optional[int] = None) -> List[Tuple[int, int]]:
-    """``feature_sizes`` as a list of positive ``(h, w)`` int pairs (``num_levels`` of them if given)."""
-    if isinstance(feature_sizes, Tensor):
-        feature_sizes = feature_sizes.tolist()
-    try:
-        sizes = [as_pair("feature_sizes", s) for s in feature_sizes]  # type: ignore[union-attr]
-    except TypeError:
-        raise TypeError(f"feature_sizes: expected a sequence of (h, w) pairs, got {feature_sizes!r}") from None
-    if num_levels is not None and len(sizes) != num_levels:
-        raise ValueError(f"feature_sizes: expected {num_levels} (h, w) pairs (one per level), got {len(sizes)}")
-    if not sizes or any(h <= 0 or w <= 0 for h, w in sizes):
-        raise ValueError(f"feature_sizes: expected positive (h, w) pairs, got {sizes}")
-    return sizes
 
 
 def feature_sizes_for(image_size: Tuple[int, int], strides: Sequence[float]) -> List[Tuple[int, int]]:

@@ -96,7 +96,7 @@ def test_anchor_layout():
 def test_generator_arguments():
     with pytest.raises(ValueError, match="aspect_ratios: expected 2 levels like sizes"):
         AnchorGenerator(((32,), (64,)), ((1.0,),))
-    with pytest.raises(ValueError, match="feature_sizes: expected 1 \\(h, w\\) pairs"):
+    with pytest.raises(ValueError, match="feature_sizes: expected 1 \\(H, W\\) pairs"):
         AnchorGenerator(((32,),), ((1.0,),))([(2, 2), (1, 1)], (16, 16))
     with pytest.raises(ValueError, match="scales: expected 3 values"):
         DefaultBoxGenerator([[2], [2]], scales=[0.1, 0.2])

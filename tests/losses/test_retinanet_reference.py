@@ -16,14 +16,7 @@ import torch
 from detloss.anchor_generators import AnchorGenerator
 from detloss.assign.iou_matcher import assign_iou
 from detloss.box_coder import BoxCoder
-from torchvision_anchor_cases import RETINA_CASES, anchors_of, load, loss_of, targets_of
-
-RTOL, ATOL = 1e-6, 1e-9
-
-
-def close(a, b, msg=""):
-    torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), rtol=RTOL, atol=ATOL, msg=msg)
-
+from torchvision_anchor_cases import RETINA_CASES, close, load, loss_of, run_case, targets_of
 
 def test_every_retinanet_case_is_here():
     assert len(RETINA_CASES) == 16
@@ -31,19 +24,10 @@ def test_every_retinanet_case_is_here():
 
 @pytest.mark.parametrize("name", RETINA_CASES)
 def test_losses_gradients_and_matches(name):
-    d, cfg = load(name)
-    cls_logits = d["cls_logits"].clone().requires_grad_()
-    bbox_regression = d["bbox_regression"].clone().requires_grad_()
-    out = loss_of(cfg)(cls_logits, bbox_regression, anchors_of(d), targets_of(d))
-    close(out.components["cls"], d["loss_classification"], "classification")
-    close(out.components["box"], d["loss_bbox_regression"], "bbox_regression")
-    close(out.total.detach(), d["loss_total"], "total")
+    d, cfg, out, grad_cls, grad_box = run_case(name)
     assert set(out.terms) == {"cls", "box"}
-    close((out.terms["cls"] + out.terms["box"]).detach(), d["loss_total"])
-    out.total.backward()
-    close(cls_logits.grad, d["grad_cls_logits"], "grad cls_logits")
-    close(bbox_regression.grad, d["grad_bbox_regression"], "grad bbox_regression")
-    assert torch.equal(torch.stack(out.stats["matched_idxs"]), d["matched_idxs"])
+    close(grad_cls, d["grad_cls_logits"], "grad cls_logits")
+    close(grad_box, d["grad_bbox_regression"], "grad bbox_regression")
     assert out.stats["num_pos_per_image"] == d["num_foreground_per_image"].tolist()
     assert out.stats["num_pos"] == int(d["num_foreground_per_image"].sum())
     assert out.stats["num_ignored"] == int((d["matched_idxs"] == -2).sum())

@@ -20,14 +20,7 @@ from detloss.anchor_generators import DefaultBoxGenerator
 from detloss.assign.iou_matcher import assign_ssd
 from detloss.box_coder import BoxCoder
 from detloss.losses.ssd import mine_hard_negatives
-from torchvision_anchor_cases import SSD_CASES, anchors_of, load, loss_of, targets_of
-
-RTOL, ATOL = 1e-6, 1e-9
-
-
-def close(a, b, msg=""):
-    torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), rtol=RTOL, atol=ATOL, msg=msg)
-
+from torchvision_anchor_cases import SSD_CASES, close, load, run_case, targets_of
 
 def test_every_ssd_case_is_here():
     assert len(SSD_CASES) == 9
@@ -35,24 +28,16 @@ def test_every_ssd_case_is_here():
 
 @pytest.mark.parametrize("name", SSD_CASES)
 def test_losses_gradients_and_matches(name):
-    d, cfg = load(name)
-    cls_logits = d["cls_logits"].clone().requires_grad_()
-    bbox_regression = d["bbox_regression"].clone().requires_grad_()
-    out = loss_of(cfg)(cls_logits, bbox_regression, anchors_of(d), targets_of(d))
-    close(out.components["cls"], d["loss_classification"], "classification")
-    close(out.components["box"], d["loss_bbox_regression"], "bbox_regression")
-    close(out.total.detach(), d["loss_total"], "total")
-    out.total.backward()
-    close(bbox_regression.grad, d["grad_bbox_regression"], "grad bbox_regression")
-    assert torch.equal(torch.stack(out.stats["matched_idxs"]), d["matched_idxs"])
+    d, cfg, out, grad_cls, grad_box = run_case(name)
+    close(grad_box, d["grad_bbox_regression"], "grad bbox_regression")
     tied = d["mined_tie_dependent"]
     mined = out.stats["mined"]
     assert torch.equal(mined[~tied], d["mined_mask"][~tied])
-    close(cls_logits.grad[~tied], d["grad_cls_logits"][~tied], "grad cls_logits outside ties")
+    close(grad_cls[~tied], d["grad_cls_logits"][~tied], "grad cls_logits outside ties")
     for i in range(tied.shape[0]):
         t = tied[i]
         assert int(mined[i][t].sum()) == int(d["mined_mask"][i][t].sum())
-        ours = cls_logits.grad[i][t].sort(0).values
+        ours = grad_cls[i][t].sort(0).values
         ref = d["grad_cls_logits"][i][t].sort(0).values
         close(ours, ref, "grad cls_logits on tied rows, as a set")
     assert out.stats["num_mined"] == int(d["mined_mask"].sum())

@@ -22,11 +22,16 @@ An image without boxes is all background. The result is an :class:`~detloss.assi
 whose positives are listed image by image in ascending anchor order (torchvision's order) and
 whose :meth:`~detloss.assign.base.Assignment.matched_idxs` is torchvision's ``matched_idxs``.
 
-Cost. The matcher never builds the boxes x anchors matrix: only pairs that overlap have a
-nonzero IoU, and those are found through an index of the anchors (grouped by size, sorted by
-centre rows and columns), so time and memory grow with the number of overlapping pairs plus the
-anchors, not with anchors x boxes. The IoU of each pair is computed with torchvision's
-``box_iou`` operations in the same order, so ties and threshold comparisons come out the same.
+Cost. The matcher never builds the boxes x anchors matrix. Only pairs with an IoU of at least
+the lower threshold can make an anchor positive or ignored, and an IoU of ``t`` needs an area
+ratio within ``[t, 1 / t]`` and a wide enough overlap; an index of the anchors (size classes,
+rows of centres, sorted columns, :class:`AnchorIndex`) turns that into a few index ranges per box.
+A box whose best IoU lies below the threshold (a small or thin box) is searched again at half the
+IoU until its best anchors are found; the few anchors the low-quality rule gives to their own
+best box, when that box's IoU is below the threshold too, are looked up in an index of the boxes.
+Time and memory therefore grow with the number of such pairs plus the anchors, not with anchors x
+boxes. The IoU of each pair is computed with torchvision's ``box_iou`` operations in the same
+order, so ties and threshold comparisons come out the same.
 """
 from __future__ import annotations
 

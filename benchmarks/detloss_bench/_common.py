@@ -411,3 +411,15 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
               f"({os.cpu_count()} cores): above the thread count, other processes shared the CPU\n")
     write_json(args.json, suite, args, peer_label, rows, missing, transcription, load)
     return 0
+
+
+def print_growth(results, lo: int, hi: int, width: int = 12, what: str = "assignment") -> None:
+    """How each method's ``(fwd+bwd time, peak mem, assignment time, its peak mem)`` grows from
+    ``lo`` to ``hi`` boxes per image (``results[method][boxes]``)."""
+    if lo == hi:
+        return
+    print(f"\ngrowth {lo} -> {hi} boxes per image:")
+    for label, r in results.items():
+        (t0, m0, ta0, ma0), (t1, m1, ta1, ma1) = r[lo], r[hi]
+        print(f"  {label:{width}s} fwd+bwd time x{t1 / t0:.2f}, peak mem x{m1 / m0:.2f}; "
+              f"{what} time x{ta1 / ta0:.2f}, peak mem x{ma1 / max(ma0, 1):.2f}")

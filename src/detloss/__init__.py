@@ -20,6 +20,8 @@ _LAZY = {
     "YOLOv8Loss": "detloss.losses.yolov8",
     "TaskAlignedAssigner": "detloss.assign.tal",
     "HungarianMatcher": "detloss.assign.hungarian", "DETRLoss": "detloss.losses.detr", "RTDETRLoss": "detloss.losses.rtdetr", "DFINELoss": "detloss.losses.dfine", "DEIMLoss": "detloss.losses.dfine",  # noqa: E501
+    "RetinaNetLoss": "detloss.losses.retinanet",
+    "SSDLoss": "detloss.losses.ssd",
 }
 
 __all__ = ["LossOutput", "__version__", *_LAZY]

@@ -262,7 +262,7 @@ def test_bad_paths(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "fcos", "--labels", str(labels), "--anchor-t", "3")
     assert rc == 2 and "--anchor-t" in err
     with pytest.raises(ValueError, match="scheme"):
-        assignment_table("retinanet", [[0, 0.5, 0.5, 0.1, 0.1]])
+        assignment_table("no-such-scheme", [[0, 0.5, 0.5, 0.1, 0.1]])
     with pytest.raises(ValueError, match="rows"):
         assignment_table("yolov5", [[0, 0.5, 0.5, 0.1]])
 

@@ -103,6 +103,9 @@ class DetectionLoss(torch.nn.Module):
 
     #: The constructor's argument that takes the network input size ``(h, w)``, if it needs one.
     image_size_argument: ClassVar[Optional[str]] = None
+    #: Class columns of the class scores that are no object class (SSD's background column 0):
+    #: for ``K`` object classes the loss is built with ``num_classes = K + background_classes``.
+    background_classes: ClassVar[int] = 0
 
     def __init__(self, gains: Mapping[str, float], *, reduce_across_ranks: bool = False) -> None:
         super().__init__()

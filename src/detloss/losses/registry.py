@@ -13,6 +13,8 @@ from .detr import DETRLoss
 from .dfine import DEIMLoss, DFINELoss
 from .fcos import FCOSLoss
 from .rtdetr import RTDETRLoss
+from .retinanet import RetinaNetLoss
+from .ssd import SSDLoss
 from .yolov3 import YOLOv3Loss
 from .yolov5 import YOLOv5Loss
 from .yolov8 import YOLOv8Loss
@@ -25,4 +27,6 @@ LOSSES: Dict[str, Type[torch.nn.Module]] = {
     "fcos": FCOSLoss,
     "yolov8": YOLOv8Loss,
     "detr": DETRLoss, "rtdetr": RTDETRLoss, "dfine": DFINELoss, "deim": DEIMLoss,
+    "retinanet": RetinaNetLoss,
+    "ssd": SSDLoss,
 }

@@ -62,6 +62,9 @@ PALETTE = (
     (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128),
 )
 IGNORED_COLOUR = (128, 128, 128)
+MINED_COLOUR = (20, 20, 20)
+#: An untrained head gives every negative the same loss: which of them are mined is a tie-break.
+MINED_NOTE = "hard negative (untrained head: every negative ties)"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -178,7 +181,7 @@ def _picture_loss(scheme: str, rows: torch.Tensor, size: Tuple[int, int], kw: Di
     if kw.get("ignore_thresh") is not None:
         kw["ignore_thresh"] = _check_threshold("ignore_thresh", kw["ignore_thresh"])
     nc = kw.pop("num_classes", None)
-    nc = int(nc) if nc is not None else (int(rows[:, 1].max()) + 1 if len(rows) else 1)
+    nc = int(nc) if nc is not None else (int(rows[:, 1].max()) + 1 if len(rows) else 1) + cls.background_classes
     if cls.image_size_argument is not None:
         kw.setdefault(cls.image_size_argument, size)
     try:
@@ -233,7 +236,11 @@ def assign_view(scheme: str, rows: Any, size: Optional[Tuple[int, int]] = None, 
         ignored = asg.ignore[0].nonzero().flatten()
         owner = asg.extras.get("ignore_target")
         gts = owner[0, ignored].tolist() if owner is not None else [-1] * len(ignored)
-        records(ignored, gts, "ignored", ["no objectness term"] * len(ignored))
+        records(ignored, gts, "ignored", ["in no background term"] * len(ignored))
+    mined = asg.extras.get("mined")
+    if mined is not None:  # SSD's hard negatives (with an untrained head every negative ties)
+        picked = mined[0].nonzero().flatten()
+        records(picked, [-1] * len(picked), "mined", [MINED_NOTE] * len(picked))
     v.notes.append((type(loss).__doc__ or scheme).strip().splitlines()[0])
     v.records.sort(key=lambda r: (r["gt"], r["level"], r["status"] != "positive", r["gy"], r["gx"],
                                   -1 if r["anchor"] is None else r["anchor"]))
@@ -294,8 +301,8 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
                 d.line([(0, gy * ch), (pw, gy * ch)], fill=(0, 0, 0, 40))
         recs = [r for r in v.records if r["level"] == li]
         for r in recs:
-            c = _colour(r["gt"]) if r["status"] == "positive" else IGNORED_COLOUR
-            x0, y0 = r["gx"] * cw, r["gy"] * ch
+            c = _colour(r["gt"]) if r["status"] == "positive" else MINED_COLOUR if r["status"] == "mined" else IGNORED_COLOUR
+            x0, y0 = r["x"] * scale - cw / 2, r["y"] * scale - ch / 2  # the cell around the prediction's point
             if point_mode:
                 x, y = r["x"] * scale, r["y"] * scale
                 rad = max(2.0, min(ch, cw) * 0.3)
@@ -307,7 +314,7 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
                 d.line([(x0 + cw, y0), (x0, y0 + ch)], fill=c + (200,), width=1)
             if r["anchor_wh"] is not None and r["status"] == "positive":
                 aw, ah = r["anchor_wh"][0] * scale, r["anchor_wh"][1] * scale
-                cx, cy = x0 + cw / 2, y0 + ch / 2
+                cx, cy = r["x"] * scale, r["y"] * scale  # the anchor's centre
                 d.rectangle([cx - aw / 2, cy - ah / 2, cx + aw / 2, cy + ah / 2], outline=c + (150,), width=1)
         for i, b in enumerate(v.boxes.tolist()):
             c = _colour(i)
@@ -319,7 +326,9 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
         canvas.paste(layer, (x_off, title_h))
         n_pos = sum(r["status"] == "positive" for r in recs)
         n_ign = sum(r["status"] == "ignored" for r in recs)
-        title = f"{v.scheme} {lv.name} s{lv.stride} {lv.grid[1]}x{lv.grid[0]}: {n_pos} pos" + (f", {n_ign} ign" if n_ign else "")
+        n_mined = sum(r["status"] == "mined" for r in recs)
+        title = (f"{v.scheme} {lv.name} s{lv.stride} {lv.grid[1]}x{lv.grid[0]}: {n_pos} pos" + (f", {n_ign} ign" if n_ign else "")
+                 + (f", {n_mined} mined" if n_mined else ""))
         ImageDraw.Draw(canvas).text((x_off + 2, 2), title, fill=(0, 0, 0))
     return canvas
 

@@ -33,8 +33,13 @@ from ._model import (
     training_outputs,
 )
 from ._swap import CRITERIA, criterion_for, install_criterion, register_criterion, use_detloss
+from .detect import DetectionLoss, E2EDetectLoss
+
+# OBB, pose and segmentation criteria (OBBLoss, PoseLoss, SegmentationLoss): imported here.
 
 __all__ = [
+    "DetectionLoss",
+    "E2EDetectLoss",
     "FORMS",
     "ModelInfo",
     "UltralyticsCriterion",

@@ -74,3 +74,23 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def add_detector_arguments(parser) -> None:
+    """The options of the detector-loss suites: batch size, image side, classes, boxes per image,
+    repeats, threads and ``--quick``."""
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=640, help="image side in pixels (square)")
+    parser.add_argument("--classes", type=int, default=80)
+    parser.add_argument("--boxes", type=int, nargs="+", default=[8, 100], help="targets per image")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+
+
+def apply_detector_arguments(args, quick_boxes: int) -> None:
+    """``--quick``: batch 2, 64 px, 4 classes, ``quick_boxes`` boxes, one repeat; ``--threads``."""
+    if args.quick:
+        args.batch_size, args.size, args.classes, args.boxes, args.repeats = 2, 64, 4, [quick_boxes], 1
+    if args.threads:
+        torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import add_detector_arguments, apply_detector_arguments, fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 
 def _ultralytics_model(cfg: str, nc: int, epochs: int):
@@ -102,19 +102,10 @@ def _check_equal(a, b, rtol: float = 1e-5) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/run.py yolo26", description=__doc__.split("\n\n")[0])
     p.add_argument("--cfg", default="yolo26n.yaml", help="ultralytics model YAML (its head decides the criterion)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--size", type=int, default=640, help="image side in pixels (square)")
-    p.add_argument("--classes", type=int, default=80)
-    p.add_argument("--boxes", type=int, nargs="+", default=[8, 100], help="targets per image")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    add_detector_arguments(p)
     p.add_argument("--peers", action="store_true", help="accepted for bench-peers; this suite always runs the peer")
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.size, args.classes, args.boxes, args.repeats = 2, 64, 4, [6], 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_detector_arguments(args, quick_boxes=6)
 
     try:
         import ultralytics  # noqa: F401

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from detloss.losses.yolov8 import YOLOv8Loss, decode_distances, make_anchors, preprocess_targets
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import add_detector_arguments, apply_detector_arguments, fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 
 def synthetic(bs: int, size: int, nc: int, boxes: int, reg_max: int = 16, seed: int = 0):
@@ -57,18 +57,9 @@ def _check_equal(a, b) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="detloss bench yolov8", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--size", type=int, default=640, help="image side in pixels (square)")
-    p.add_argument("--classes", type=int, default=80)
-    p.add_argument("--boxes", type=int, nargs="+", default=[8, 100], help="targets per image")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    add_detector_arguments(p)
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch_size, args.size, args.classes, args.boxes, args.repeats = 2, 64, 4, [12], 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_detector_arguments(args, quick_boxes=12)
 
     print(
         f"YOLOv8Loss fwd+bwd, batch {args.batch_size}, {args.size}x{args.size}, nc {args.classes}, "

@@ -1,13 +1,9 @@
 """detloss.integrations.ultralytics.DetectionLoss / E2EDetectLoss against ultralytics' criteria.
 
 Reference data: tests/data/ultralytics_tasks (det01..det08), whose manifest's SOURCE line reads:
-"ultralytics 8.4.190, files ultralytics/utils/loss.py (v8DetectionLoss, BboxLoss, DFLoss,
-E2EDetectLoss, E2ELoss, v8OBBLoss, RotatedBboxLoss, v8PoseLoss, PoseLoss26, KeypointLoss, RLELoss,
-v8SegmentationLoss, SegmentLoss26, BCEDiceLoss), utils/tal.py (TaskAlignedAssigner,
-RotatedTaskAlignedAssigner, PoseTaskAlignedAssigner, SegTaskAlignedAssigner, make_anchors),
-utils/metrics.py (bbox_iou, probiou), nn/tasks.py (init_criterion), nn/modules/head.py and
-nn/modules/block.py (heads, RealNVP), run unmodified on CPU with torch 2.14.1+cu130,
-torch.set_default_dtype(torch.float64) (float32 for the Segment26 cases)".
+"ultralytics 8.4.190, files ultralytics/utils/loss.py (v8DetectionLoss, ..., E2EDetectLoss, E2ELoss, ...),
+utils/tal.py (TaskAlignedAssigner, ...), nn/tasks.py (init_criterion), ... run unmodified on CPU with
+torch 2.14.1+cu130, torch.set_default_dtype(torch.float64) ...".
 
 Each case is called exactly as ultralytics' criterion was (``loss, items = crit(preds, batch)``
 under a float64 default dtype, the manifest's rule), with the minimal model of config.model as a

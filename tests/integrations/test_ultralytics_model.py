@@ -225,6 +225,21 @@ def test_criterion_for_and_install():
         assert type(du.criterion_for(pose)) is LegacyToy  # the most derived task class wins
         with pytest.raises(TypeError, match="ultralytics task model"):
             du.criterion_for(torch.nn.Linear(1, 1))
+        # real classes: the one that defines init_criterion (or loss) decides, as in ultralytics
+        # (RTDETR, World and YOLOE models subclass DetectionModel with criteria of their own)
+        base = type("BaseModel", (Plain,), {"init_criterion": lambda self: None, "loss": lambda self: None})
+        det = type("DetectionModel", (base,), {"init_criterion": lambda self: None})
+        world = type("WorldModel", (det,), {"loss": lambda self: None})
+        obb = type("OBBModel", (det,), {"init_criterion": lambda self: None})
+        tiny = type("MyDetectionModel", (det,), {})  # a user subclass keeps DetectionModel's criterion
+        for cls, want in ((det, ToyLoss), (tiny, ToyLoss), (world, None), (obb, None)):
+            m = _plain_model("x", cfg)
+            m.__class__ = type(cls.__name__, (cls,), {"parameters": type(m).parameters})
+            if want is None:
+                with pytest.raises(TypeError, match=cls.__name__):
+                    du.criterion_for(m)
+            else:
+                assert type(du.criterion_for(m)) is want
 
         # on resume ultralytics' trainer leaves an E2ELoss with updates = start_epoch - 1, then update()
         resumed = Plain(updates=3, o2m=cfg["schedule"][2]["o2m"], o2o=cfg["schedule"][2]["o2o"])

@@ -41,9 +41,10 @@ class UltralyticsDetectBranch(YOLOv8Loss):
     ``preds``: ``boxes [B, 4 * reg_max, A]`` (DFL logits side-major, or ltrb distances in grid
     units for reg_max 1), ``scores [B, nc, A]`` logits, ``feats`` (the per-level maps; only their
     shapes are read). ``batch``: ``batch_idx``, ``cls``, ``bboxes`` (normalized xywh). Only the
-    :meth:`check` step (and the graph of an empty box term) differs from YOLOv8Loss: no per-level concatenation (the head has already
-    flattened its levels), targets on the model's device, and no finiteness check, so a diverged
-    model's NaN reaches the loss (ultralytics' trainer recovers from a NaN loss).
+    :meth:`check` step differs from YOLOv8Loss (and the graph of an empty box term, see
+    :meth:`box_term`): no per-level concatenation (the head has already flattened its levels),
+    targets on the model's device, and no finiteness check, so a diverged model's NaN reaches the
+    loss (ultralytics' trainer recovers from a NaN loss).
     """
 
     def __init__(self, info: ModelInfo, **kwargs: Any) -> None:

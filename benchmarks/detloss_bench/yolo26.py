@@ -13,7 +13,8 @@ image side). Loss vectors, items and gradients are checked to agree (1e-5 relati
 Measured: forward + backward time (median) and the peak memory torch allocates during it beyond
 the inputs. Ratio = ultralytics / detloss (above 1: detloss is faster / smaller).
 
-Run: ``python benchmarks/run.py yolo26`` (``--quick`` for tiny sizes).
+Run: ``python benchmarks/bench_yolo26.py`` or ``python benchmarks/run.py yolo26`` in the integrations
+environment (``--quick`` for tiny sizes; ``--cfg yolov8n.yaml`` for the single-head DFL criterion).
 """
 from __future__ import annotations
 

@@ -9,7 +9,11 @@ import argparse
 import importlib
 from typing import List
 
+<<<<<<< HEAD
 SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "yolo26")
+=======
+SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "detr")
+>>>>>>> main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

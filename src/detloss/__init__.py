@@ -21,6 +21,7 @@ _LAZY = {
     "YOLOv8Loss": "detloss.losses.yolov8",
     "TaskAlignedAssigner": "detloss.assign.tal",
     "EndToEndLoss": "detloss.losses.e2e",
+    "HungarianMatcher": "detloss.assign.hungarian", "DETRLoss": "detloss.losses.detr", "RTDETRLoss": "detloss.losses.rtdetr", "DFINELoss": "detloss.losses.dfine", "DEIMLoss": "detloss.losses.dfine",  # noqa: E501
 }
 
 __all__ = ["LossOutput", "__version__", *_LAZY]

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detloss.functional as DF
+from detloss import HungarianMatcher
 from detloss.tools.cli import main
 from detloss.tools.explain import LOSSES, explain
 
@@ -149,6 +150,8 @@ YS = torch.rand(2, 3, generator=g, dtype=torch.float64)
 P = _r(2, 3, lo=0.02, hi=0.98)
 BA, BB = _boxes(4), _boxes(4)
 DL, DT = _r(3, 8), _r(3, lo=0.0, hi=6.9)
+MQ = torch.cat((_r(4, 3), _r(4, 2, lo=0.3, hi=0.7), _r(4, 2, lo=0.1, hi=0.3)), 1)  # logits, cx cy w h
+MT = torch.tensor([[2, 0.4, 0.5, 0.2, 0.3], [0, 0.6, 0.4, 0.1, 0.2]], dtype=torch.float64)
 
 CASES = [
     ("bce-with-logits", X, Y01, {}, lambda: DF.bce_with_logits(X, Y01)),
@@ -186,6 +189,9 @@ CASES = [
     ("ciou", BA, BB, {"convention": "yolov5", "box_format": "cxcywh"},
      lambda: DF.iou_loss(BA, BB, kind="ciou", convention="yolov5", box_format="cxcywh")),
     ("dfl", DL, DT, {}, lambda: DF.distribution_focal_loss(DL, DT)),
+    ("matching-cost", MQ, MT, {"use_focal": True}, lambda: HungarianMatcher(use_focal=True).cost_terms(
+        {"pred_logits": MQ[None, :, :3], "pred_boxes": MQ[None, :, 3:]},
+        [{"labels": MT[:, 0].long(), "boxes": MT[:, 1:]}])[0]["total"]),
 ]
 
 

@@ -250,7 +250,8 @@ def pairwise_box_iou(
     eps: float = 1e-7,
     validate: bool = True,
 ) -> torch.Tensor:
-    r"""IoU-kind of every pair: ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` -> ``[N, M]``.
+    r"""IoU-kind of every pair: ``boxes1 [N, 4]`` x ``boxes2 [M, 4]`` -> ``[N, M]``; batches of
+    matrices ``[..., N, 4]`` x ``[..., M, 4]`` with equal batch dims give ``[..., N, M]``.
 
     The formulas are those of :func:`aligned_box_iou`. With ``convention="torchvision"`` it reproduces
     ``torchvision.ops.box_iou`` / ``generalized_box_iou`` / ``distance_box_iou`` /
@@ -259,9 +260,14 @@ def pairwise_box_iou(
     """
     b1, b2 = _prepare("boxes1", boxes1, "boxes2", boxes2, kind, box_format, convention, eps, validate)
     for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
-        if b.dim() != 2:
-            raise ValueError(f"{name}: expected a matrix of boxes [N, 4], got {tuple(b.shape)}")
-    b1, b2 = b1[:, None, :], b2[None, :, :]
+        if b.dim() < 2:
+            raise ValueError(f"{name}: expected a matrix of boxes [N, 4] (or a batch [..., N, 4]), got {tuple(b.shape)}")
+    if boxes1.shape[:-2] != boxes2.shape[:-2]:
+        raise ValueError(
+            f"boxes1: expected a matrix of boxes [N, 4], or a batch [..., N, 4] with the batch dims of boxes2 "
+            f"{tuple(boxes2.shape[:-2])}, got {tuple(boxes1.shape)}"
+        )
+    b1, b2 = b1[..., :, None, :], b2[..., None, :, :]
     if convention == "yolov5":
         return _yolov5_iou(b1, b2, kind, box_format, eps)
     return _torchvision_iou(b1, b2, kind, box_format, eps, pairwise=kind in ("iou", "giou", "diou", "ciou"))

@@ -177,6 +177,9 @@ def assign_view(scheme: str, rows: Any, size: Optional[Tuple[int, int]] = None, 
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+    if _set_prediction(scheme):
+        raise ValueError(f"scheme: {scheme} matches queries one-to-one, not cells: see "
+                         "detloss.tools.assign_detr.detr_matching")
     t = _as_rows(rows)
     size = _size(size, None)
     h, w = size
@@ -339,11 +342,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor-t", dest="anchor_t", type=float, help="yolov5: anchor ratio threshold (4.0)")
     parser.add_argument("--ignore-thresh", dest="ignore_thresh", type=float, help="yolov3: ignore threshold (0.7)")
     parser.add_argument("--convention", choices=("torchvision", "mmdet"), help="fcos: matching convention")
+    parser.add_argument("--queries", type=int, help="set-prediction losses: grid queries of an untrained decoder (100)")
+    parser.add_argument("--predictions", help="set-prediction losses: queries file, one 'cx cy w h [logits]' line per query")
+    parser.add_argument("--focal", action="store_true", help="detr: RT-DETR's focal matching costs (2, 5, 2)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def _set_prediction(scheme: str) -> bool:
+    """The DETR family matches queries one-to-one instead of assigning cells (tools.assign_detr)."""
+    from ..losses.detr import SetCriterion
+
+    return issubclass(LOSSES[scheme], SetCriterion)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+
+    if _set_prediction(args.scheme):
+        from .assign_detr import run_detr
+
+        return run_detr(args)
+    for opt in ("queries", "predictions", "focal"):
+        if getattr(args, opt, None):
+            print(f"detloss assign: error: --{opt}: applies to the set-prediction losses (detr, rtdetr, dfine, deim) "
+                  f"only, not {args.scheme}", file=sys.stderr)
+            return 2
 
     kw: Dict[str, Any] = {}
     if args.anchor_t is not None:

@@ -27,14 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", help="varifocal: 0/1 label per element")
     parser.add_argument("--kind", choices=("iou", "giou", "diou", "ciou", "eiou", "siou"))
     parser.add_argument("--box-format", dest="box_format", choices=("xyxy", "cxcywh"))
-    parser.add_argument("--convention", choices=("torchvision", "yolov5"))
+    parser.add_argument("--convention", choices=("torchvision", "yolov5", "detr", "ultralytics"),
+                        help="iou kinds: torchvision | yolov5; matching-cost: detr | ultralytics")
+    parser.add_argument("--cost-class", dest="cost_class", type=float, help="matching-cost: class cost weight")
+    parser.add_argument("--cost-bbox", dest="cost_bbox", type=float, help="matching-cost: L1 cost weight")
+    parser.add_argument("--cost-giou", dest="cost_giou", type=float, help="matching-cost: GIoU cost weight")
+    parser.add_argument("--use-focal", dest="use_focal", action="store_const", const=True,
+                        help="matching-cost: sigmoid focal class cost (RT-DETR, D-FINE, DEIM)")
     parser.add_argument("--expect", help="a claimed value (or one per element) to check")
     parser.add_argument("--digits", type=int, default=4, help="digits after the point (default 4)")
     parser.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
 
 OPTION_KEYS = ("reduction", "alpha", "gamma", "beta", "weight", "pos_weight", "label_smoothing", "ignore_index",
-                "label", "kind", "box_format", "convention")
+                "label", "kind", "box_format", "convention", "cost_class", "cost_bbox", "cost_giou", "use_focal")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,11 +9,7 @@ import argparse
 import importlib
 from typing import List
 
-<<<<<<< HEAD
-SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "yolo26")
-=======
-SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "detr")
->>>>>>> main
+SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "detr", "yolo26")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -36,6 +36,21 @@ def _quiet_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median wall time of each function, their runs interleaved (one warm-up each, then
+    ``repeats`` rounds of one run of each), so that a change of machine load between two
+    functions' runs does not show up as a ratio."""
+    for f in fns.values():
+        f()
+    times: Dict[str, List[float]] = {w: [] for w in fns}
+    for _ in range(repeats):
+        for w, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[w].append(time.perf_counter() - t0)
+    return {w: statistics.median(v) for w, v in times.items()}
 
 
 def peak_memory(fn: Callable[[], object]) -> int:

@@ -10,7 +10,8 @@ outputs (float32) shaped as the head emits them in training (one-to-many and one
 ``[B, 4, A]``, scores ``[B, nc, A]``, feats) and a batch of boxes of random size (2% to 30% of the
 image side). Loss vectors, items and gradients are checked to agree (1e-5 relative) before timing.
 
-Measured: forward + backward time (median) and the peak memory torch allocates during it beyond
+Measured: forward + backward time (median, the two criteria's runs interleaved so that a change of
+machine load does not show as a ratio) and the peak memory torch allocates during it beyond
 the inputs. Ratio = ultralytics / detloss (above 1: detloss is faster / smaller).
 
 Run: ``python benchmarks/bench_yolo26.py`` or ``python benchmarks/run.py yolo26`` in the integrations
@@ -25,7 +26,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._common import add_detector_arguments, apply_detector_arguments, fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import (
+    add_detector_arguments,
+    apply_detector_arguments,
+    fmt_mb,
+    fmt_ms,
+    interleaved_median_times,
+    peak_memory,
+    print_table,
+)
 
 
 def _ultralytics_model(cfg: str, nc: int, epochs: int):
@@ -127,9 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preds, batch = synthetic(model, args.batch_size, args.size, nb)
         preds = _leaves(preds)
         _check_equal(_run(ours, preds, batch), _run(theirs, preds, batch))
-        t = {k: median_time(lambda c=c: _run(c, preds, batch), repeats=args.repeats, warmup=1)
-             for k, c in (("detloss", ours), ("ultralytics", theirs))}
-        m = {k: peak_memory(lambda c=c: _run(c, preds, batch)) for k, c in (("detloss", ours), ("ultralytics", theirs))}
+        fns = {k: (lambda c=c: _run(c, preds, batch)) for k, c in (("detloss", ours), ("ultralytics", theirs))}
+        t = interleaved_median_times(fns, args.repeats)
+        m = {k: peak_memory(f) for k, f in fns.items()}
         rows.append([nb, fmt_ms(t["detloss"]), fmt_ms(t["ultralytics"]), f"{t['ultralytics'] / t['detloss']:.2f}x",
                      fmt_mb(m["detloss"]), fmt_mb(m["ultralytics"]), f"{m['ultralytics'] / max(m['detloss'], 1):.2f}x"])
     print_table(["boxes/img", "time detloss", "time ultra.", "ratio", "peak detloss", "peak ultra.", "ratio"], rows)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -29,7 +27,7 @@ import torch
 
 from detloss import DETRLoss, RTDETRLoss
 from detloss.assign.hungarian import check_set_targets
-from ._common import fmt_mb, fmt_ms, peak_memory, print_table
+from ._common import fmt_mb, fmt_ms, interleaved_median_times, peak_memory, print_table
 
 DN_BUDGET = 100  # RT-DETR's num_denoising: groups = budget // most boxes in an image
 
@@ -175,21 +173,6 @@ def ultralytics_case(data, nc, ul):
                                                                batch["gt_groups"]) for i in range(layers + 1)])
     names = ("dec_logits", "dec_boxes", "enc_logits", "enc_boxes", "dn_logits", "dn_boxes")
     return runs, {n: getattr(data, n) for n in names}
-
-
-def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median wall time of each function, their runs interleaved (one warm-up each, then
-    ``repeats`` rounds of one run of each), so that a change of machine load between two
-    functions' runs does not show up as a ratio."""
-    for f in fns.values():
-        f()
-    times: Dict[str, List[float]] = {w: [] for w in fns}
-    for _ in range(repeats):
-        for w, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[w].append(time.perf_counter() - t0)
-    return {w: statistics.median(v) for w, v in times.items()}
 
 
 def _pairs(found) -> List[set]:

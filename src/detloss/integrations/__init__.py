@@ -5,4 +5,6 @@ framework itself, so ``import detloss`` never imports torchvision or ultralytics
 
 - :mod:`detloss.integrations.torchvision`: ``use_detloss(model)`` for torchvision's FCOS,
   RetinaNet and SSD models.
+- :mod:`detloss.integrations.ultralytics`: drop-ins for ultralytics' criteria (``DetectionLoss``,
+  ``E2EDetectLoss``, ``OBBLoss``, ``PoseLoss``, ``SegmentationLoss``).
 """

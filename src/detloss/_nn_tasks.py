@@ -40,7 +40,7 @@ class RotatedAngleLoss(nn.Module):
 
     def forward(self, pred_angle: torch.Tensor, target_angle: torch.Tensor, target_wh: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return F.rotated_angle_loss(pred_angle, target_angle, target_wh, aspect_lambda=self.aspect_lambda,
+        return F.rotated_angle_loss(pred_angle, target_angle, target_wh=target_wh, aspect_lambda=self.aspect_lambda,
                                     weight=weight, reduction=self.reduction)
 
 
@@ -48,13 +48,13 @@ class KeypointLoss(nn.Module):
     """Module form of :func:`detloss.functional.keypoint_loss`; ``sigmas`` ``[K]`` is a buffer
     (default: COCO's 17 :data:`~detloss.functional.keypoints.COCO_KEYPOINT_SIGMAS`)."""
 
-    def __init__(self, sigmas: Optional[torch.Tensor] = None, *, reduction: str = "mean") -> None:
+    def __init__(self, *, sigmas: Optional[torch.Tensor] = None, reduction: str = "mean") -> None:
         super().__init__()
         self.register_buffer("sigmas", (F.keypoints.COCO_KEYPOINT_SIGMAS if sigmas is None else sigmas).clone())
         self.reduction = check_reduction(reduction)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
-        return F.keypoint_loss(pred, target, visible, area, sigmas=self.sigmas, reduction=self.reduction)
+        return F.keypoint_loss(pred, target, visible=visible, area=area, sigmas=self.sigmas, reduction=self.reduction)
 
 
 class RLELoss(nn.Module):
@@ -62,14 +62,14 @@ class RLELoss(nn.Module):
     with ``log_prob``, by default a fresh :class:`RealNVP`); train the flow's parameters with the
     model."""
 
-    def __init__(self, flow: Optional[nn.Module] = None, *, residual: bool = True, reduction: str = "mean") -> None:
+    def __init__(self, *, flow: Optional[nn.Module] = None, residual: bool = True, reduction: str = "mean") -> None:
         super().__init__()
         self.flow = RealNVP() if flow is None else flow
         self.residual, self.reduction = bool(residual), check_reduction(reduction)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, sigma_logit: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return F.rle_loss(pred, target, sigma_logit, log_prob=self.flow.log_prob, weight=weight,
+        return F.rle_loss(pred, target, sigma_logit=sigma_logit, log_prob=self.flow.log_prob, weight=weight,
                           residual=self.residual, reduction=self.reduction)
 
 
@@ -81,7 +81,7 @@ class CroppedMaskBCELoss(nn.Module):
         self.reduction = check_reduction(reduction)
 
     def forward(self, mask_logits: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
-        return F.cropped_mask_bce(mask_logits, target, boxes, area, reduction=self.reduction)
+        return F.cropped_mask_bce(mask_logits, target, boxes=boxes, area=area, reduction=self.reduction)
 
 
 class BCEDiceLoss(nn.Module):
@@ -113,7 +113,7 @@ class RealNVP(nn.Module):
     its parameters); ``square_in_float32`` repeats ultralytics' float32 squaring of the latent.
     """
 
-    def __init__(self, num_layers: int = 6, hidden: int = 64, *, square_in_float32: bool = False) -> None:
+    def __init__(self, *, num_layers: int = 6, hidden: int = 64, square_in_float32: bool = False) -> None:
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")

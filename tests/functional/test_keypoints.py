@@ -48,19 +48,19 @@ def test_similarity_and_oks_follow_cocoeval():
     area = torch.rand(5, dtype=D) * 30 + 1
     sig = torch.tensor([0.03, 0.06, 0.09, 0.12], dtype=D)
     vis = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
-    sim = F.keypoint_similarity(p, t, area, sigmas=sig)
+    sim = F.keypoint_similarity(p, t, area=area, sigmas=sig)
     for n in range(5):
         for k in range(4):
             d2 = float(((p[n, k, :2] - t[n, k, :2]) ** 2).sum())
             kk = 2 * float(sig[k])
             assert math.isclose(float(sim[n, k]), math.exp(-d2 / (2 * (float(area[n]) + 1e-9) * kk * kk)), rel_tol=1e-12)
-    oks = F.object_keypoint_similarity(p, t, vis, area[:, None], sigmas=sig)
+    oks = F.object_keypoint_similarity(p, t, visible=vis, area=area[:, None], sigmas=sig)
     for n in range(5):
         v = vis[n]
         expected = float(sim[n][v].sum()) / max(int(v.sum()), 1)
         assert math.isclose(float(oks[n]), expected, rel_tol=1e-12, abs_tol=1e-300)
     assert float(oks[1]) == 0.0
-    same = F.object_keypoint_similarity(p, p, vis, area, sigmas=sig)
+    same = F.object_keypoint_similarity(p, p, visible=vis, area=area, sigmas=sig)
     torch.testing.assert_close(same, (vis.sum(1) > 0).to(D))
 
 
@@ -70,12 +70,12 @@ def test_keypoint_loss_is_the_visibility_normalized_oks_loss():
     vis = torch.rand(6, 17, generator=torch.Generator().manual_seed(5)) > 0.4
     vis[2] = False
     sig = COCO_KEYPOINT_SIGMAS
-    sim = F.keypoint_similarity(p, t, area, sigmas=sig)
+    sim = F.keypoint_similarity(p, t, area=area, sigmas=sig)
     per = (17 / (vis.sum(1, keepdim=True) + 1e-9)) * (1 - sim) * vis
-    torch.testing.assert_close(F.keypoint_loss(p, t, vis, area, sigmas=sig, reduction="none"), per)
-    torch.testing.assert_close(F.keypoint_loss(p, t, vis, area, sigmas=sig), per.mean())
+    torch.testing.assert_close(F.keypoint_loss(p, t, visible=vis, area=area, sigmas=sig, reduction="none"), per)
+    torch.testing.assert_close(F.keypoint_loss(p, t, visible=vis, area=area, sigmas=sig), per.mean())
     torch.testing.assert_close(dnn.KeypointLoss()(p, t, vis, area), per.mean())
-    assert float(F.keypoint_loss(t, t, vis, area, sigmas=sig, reduction="sum")) == 0.0
+    assert float(F.keypoint_loss(t, t, visible=vis, area=area, sigmas=sig, reduction="sum")) == 0.0
 
 
 def test_realnvp_identity_flow_is_the_standard_normal():
@@ -142,13 +142,13 @@ def test_rle_loss_formula():
     e = ((p - t) / (sigma + 1e-9)).clamp(-100, 100)
     log_phi = flow.log_prob(e)
     per = (torch.log(sigma) - log_phi[:, None] + torch.log(2 * sigma) + e.abs()).sum(1) * w
-    torch.testing.assert_close(F.rle_loss(p, t, logit, log_prob=flow.log_prob, weight=w, reduction="none"), per)
-    torch.testing.assert_close(F.rle_loss(p, t, logit, log_prob=flow.log_prob, weight=w), per.mean())
+    torch.testing.assert_close(F.rle_loss(p, t, sigma_logit=logit, log_prob=flow.log_prob, weight=w, reduction="none"), per)
+    torch.testing.assert_close(F.rle_loss(p, t, sigma_logit=logit, log_prob=flow.log_prob, weight=w), per.mean())
     no_res = (torch.log(sigma) - log_phi[:, None]).sum(1)
-    torch.testing.assert_close(F.rle_loss(p, t, logit, log_prob=flow.log_prob, residual=False, reduction="sum"), no_res.sum())
-    torch.testing.assert_close(dnn.RLELoss(flow)(p, t, logit, w), per.mean())
+    torch.testing.assert_close(F.rle_loss(p, t, sigma_logit=logit, log_prob=flow.log_prob, residual=False, reduction="sum"), no_res.sum())
+    torch.testing.assert_close(dnn.RLELoss(flow=flow)(p, t, logit, w), per.mean())
     # the error is clamped to +-100: a huge miss saturates
-    far = F.rle_loss(p + 1e6, t, logit, log_prob=flow.log_prob, reduction="none")
+    far = F.rle_loss(p + 1e6, t, sigma_logit=logit, log_prob=flow.log_prob, reduction="none")
     e_far = torch.full_like(e, 100.0)
     torch.testing.assert_close(far, (torch.log(sigma) - flow.log_prob(e_far)[:, None] + torch.log(2 * sigma) + 100).sum(1))
 
@@ -160,9 +160,9 @@ def test_gradcheck_keypoint_pieces():
     area = (torch.rand(3, dtype=D) * 5 + 1).requires_grad_(True)
     sig = torch.tensor([0.3, 0.6, 0.9, 1.2], dtype=D, requires_grad=True)
     vis = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
-    assert gradcheck(lambda p, t, a, s: F.keypoint_similarity(p, t, a, sigmas=s), (p, t, area, sig))
-    assert gradcheck(lambda p, t, a, s: F.object_keypoint_similarity(p, t, vis, a, sigmas=s), (p, t, area, sig))
-    assert gradcheck(lambda p, t, a, s: F.keypoint_loss(p, t, vis, a, sigmas=s), (p, t, area, sig))
+    assert gradcheck(lambda p, t, a, s: F.keypoint_similarity(p, t, area=a, sigmas=s), (p, t, area, sig))
+    assert gradcheck(lambda p, t, a, s: F.object_keypoint_similarity(p, t, visible=vis, area=a, sigmas=s), (p, t, area, sig))
+    assert gradcheck(lambda p, t, a, s: F.keypoint_loss(p, t, visible=vis, area=a, sigmas=s), (p, t, area, sig))
 
 
 def test_gradcheck_realnvp_and_rle():
@@ -181,7 +181,7 @@ def test_gradcheck_realnvp_and_rle():
     t = torch.randn(5, 2, generator=g, dtype=D).requires_grad_(True)
     logit = torch.randn(5, 2, generator=g, dtype=D).requires_grad_(True)
     w = (torch.rand(5, generator=g, dtype=D) + 0.5).requires_grad_(True)
-    assert gradcheck(lambda p, t, s, w: F.rle_loss(p, t, s, log_prob=flow.log_prob, weight=w), (p, t, logit, w))
+    assert gradcheck(lambda p, t, s, w: F.rle_loss(p, t, sigma_logit=s, log_prob=flow.log_prob, weight=w), (p, t, logit, w))
 
 
 # ---------------------------------------------------------------------------------------- properties
@@ -202,10 +202,10 @@ def test_properties(dtype, n, scale, logit, seed):
     vis = torch.rand(n, 5, generator=g) > 0.3
     sig = torch.full((5,), 0.05)
     want = torch.float64 if dtype == torch.float64 else torch.float32
-    kl = F.keypoint_loss(p, t, vis, area, sigmas=sig)
+    kl = F.keypoint_loss(p, t, visible=vis, area=area, sigmas=sig)
     flow = dnn.RealNVP()
     s = torch.full((n * 5, 2), logit, dtype=dtype, requires_grad=True)
-    rle = F.rle_loss(p.reshape(-1, 2), t.reshape(-1, 2), s, log_prob=flow.log_prob)
+    rle = F.rle_loss(p.reshape(-1, 2), t.reshape(-1, 2), sigma_logit=s, log_prob=flow.log_prob)
     for out in (kl, rle):
         assert out.dtype == want and torch.isfinite(out)
     gp, gs = torch.autograd.grad(kl + rle, (p, s))
@@ -220,29 +220,29 @@ def test_bad_input():
     vis = torch.ones(3, 4, dtype=torch.bool)
     sig = torch.full((4,), 0.1, dtype=D)
     with pytest.raises(ValueError, match=r"target: expected keypoints of shape \(3, 4, 'D >= 2'\) like pred, got \(3, 5, 3\)"):
-        F.keypoint_loss(p, kpts(3, 5), vis, area, sigmas=sig)
+        F.keypoint_loss(p, kpts(3, 5), visible=vis, area=area, sigmas=sig)
     with pytest.raises(ValueError, match=r"pred: expected keypoints of shape \[\.\.\., K, D\] with D >= 2"):
-        F.keypoint_loss(p[..., :1], t[..., :1], vis, area, sigmas=sig)
+        F.keypoint_loss(p[..., :1], t[..., :1], visible=vis, area=area, sigmas=sig)
     with pytest.raises(ValueError, match=r"sigmas: expected one per keypoint, shape \(4,\), got \(17,\)"):
-        F.keypoint_loss(p, t, vis, area, sigmas=COCO_KEYPOINT_SIGMAS)
+        F.keypoint_loss(p, t, visible=vis, area=area, sigmas=COCO_KEYPOINT_SIGMAS)
     with pytest.raises(ValueError, match="sigmas: expected positive values"):
-        F.keypoint_loss(p, t, vis, area, sigmas=torch.zeros(4))
+        F.keypoint_loss(p, t, visible=vis, area=area, sigmas=torch.zeros(4))
     with pytest.raises(ValueError, match=r"visible: expected shape \(3, 4\) \(one flag per keypoint\), got \(3, 3\)"):
-        F.keypoint_loss(p, t, vis[:, :3], area, sigmas=sig)
+        F.keypoint_loss(p, t, visible=vis[:, :3], area=area, sigmas=sig)
     with pytest.raises(ValueError, match=r"area: expected shape \(3,\) or \(3, 1\)"):
-        F.keypoint_loss(p, t, vis, torch.ones(4, dtype=D), sigmas=sig)
+        F.keypoint_loss(p, t, visible=vis, area=torch.ones(4, dtype=D), sigmas=sig)
     with pytest.raises(ValueError, match=r"area: expected object areas in \[0.0, inf\], got -1"):
-        F.keypoint_loss(p, t, vis, -area, sigmas=sig)
+        F.keypoint_loss(p, t, visible=vis, area=-area, sigmas=sig)
     flow = dnn.RealNVP().double()
     with pytest.raises(ValueError, match=r"x: expected points of shape \[N, 2\], got \(3, 3\)"):
         flow.log_prob(torch.zeros(3, 3, dtype=D))
     with pytest.raises(ValueError, match="state: expected a RealNVP state"):
         F.realnvp_log_prob(torch.zeros(3, 2), {})
     with pytest.raises(ValueError, match=r"sigma_logit: expected shape \[3, 2\]"):
-        F.rle_loss(p[:, 0, :2], t[:, 0, :2], torch.zeros(3, 4, dtype=D), log_prob=flow.log_prob)
+        F.rle_loss(p[:, 0, :2], t[:, 0, :2], sigma_logit=torch.zeros(3, 4, dtype=D), log_prob=flow.log_prob)
     with pytest.raises(ValueError, match=r"weight: expected shape \(3,\) \(one per keypoint\)"):
-        F.rle_loss(p[:, 0, :2], t[:, 0, :2], torch.zeros(3, 2, dtype=D), log_prob=flow.log_prob, weight=torch.ones(2))
+        F.rle_loss(p[:, 0, :2], t[:, 0, :2], sigma_logit=torch.zeros(3, 2, dtype=D), log_prob=flow.log_prob, weight=torch.ones(2))
     with pytest.raises(ValueError, match=r"log_prob: expected a callable returning shape \(3,\), got \(3, 2\)"):
-        F.rle_loss(p[:, 0, :2], t[:, 0, :2], torch.zeros(3, 2, dtype=D), log_prob=lambda e: e)
+        F.rle_loss(p[:, 0, :2], t[:, 0, :2], sigma_logit=torch.zeros(3, 2, dtype=D), log_prob=lambda e: e)
     with pytest.raises(ValueError, match="num_layers"):
         dnn.RealNVP(num_layers=0)

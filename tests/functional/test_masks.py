@@ -50,12 +50,12 @@ def test_cropped_mask_bce_equals_a_loop_over_instances():
         inside = (cols >= boxes[i, 0]) & (cols < boxes[i, 2]) & (rows >= boxes[i, 1]) & (rows < boxes[i, 3])
         per.append((bce * inside).sum() / (9 * 11) / area[i])
     per = torch.stack(per)
-    torch.testing.assert_close(F.cropped_mask_bce(logits, target, boxes, area, reduction="none"), per)
-    torch.testing.assert_close(F.cropped_mask_bce(logits, target, boxes, area), per.sum())
+    torch.testing.assert_close(F.cropped_mask_bce(logits, target, boxes=boxes, area=area, reduction="none"), per)
+    torch.testing.assert_close(F.cropped_mask_bce(logits, target, boxes=boxes, area=area), per.sum())
     torch.testing.assert_close(dnn.CroppedMaskBCELoss(reduction="mean")(logits, target, boxes, area), per.mean())
     zero = area.clone()
     zero[2] = 0.0
-    out = F.cropped_mask_bce(logits, target, boxes, zero, reduction="none")
+    out = F.cropped_mask_bce(logits, target, boxes=boxes, area=zero, reduction="none")
     assert float(out[2]) == 0.0 and torch.isfinite(out).all()
 
 
@@ -77,7 +77,7 @@ def test_gradcheck():
     logits, target, boxes, area = case(3, 5, 6, seed=2)
     soft = target * 0.8 + 0.1
     args = (logits.requires_grad_(True), soft.requires_grad_(True), area.requires_grad_(True))
-    assert gradcheck(lambda x, y, a: F.cropped_mask_bce(x, y, boxes, a), args)
+    assert gradcheck(lambda x, y, a: F.cropped_mask_bce(x, y, boxes=boxes, area=a), args)
     assert gradcheck(lambda m: F.crop_mask(m, boxes), (logits,))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 3, 4, generator=g, dtype=D).requires_grad_(True)
@@ -98,7 +98,7 @@ def test_properties(dtype, n, logit, seed):
     logits[:, 0] = logit
     area[:1] = 0.0
     x = logits.to(dtype).requires_grad_(True)
-    out = F.cropped_mask_bce(x, target.to(dtype), boxes, area.to(dtype))
+    out = F.cropped_mask_bce(x, target.to(dtype), boxes=boxes, area=area.to(dtype))
     sem = F.bce_dice_loss(x[None] if n else torch.zeros(1, 1, 4, 5, dtype=dtype, requires_grad=True), (target[None] if n else torch.zeros(1, 1, 4, 5)).to(dtype))
     want = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == want and sem.dtype == want
@@ -110,15 +110,15 @@ def test_properties(dtype, n, logit, seed):
 def test_bad_input():
     logits, target, boxes, area = case()
     with pytest.raises(ValueError, match=r"target: expected the same shape as mask_logits \(5, 9, 11\), got \(5, 9, 10\)"):
-        F.cropped_mask_bce(logits, target[..., :10], boxes, area)
+        F.cropped_mask_bce(logits, target[..., :10], boxes=boxes, area=area)
     with pytest.raises(ValueError, match=r"mask_logits: expected masks of shape \[N, H, W\], got \(5, 99\)"):
-        F.cropped_mask_bce(logits.view(5, -1), target.view(5, -1), boxes, area)
+        F.cropped_mask_bce(logits.view(5, -1), target.view(5, -1), boxes=boxes, area=area)
     with pytest.raises(ValueError, match=r"boxes: expected shape \(5, 4\) \(xyxy in mask pixels, one per mask\), got \(4, 4\)"):
-        F.cropped_mask_bce(logits, target, boxes[:4], area)
+        F.cropped_mask_bce(logits, target, boxes=boxes[:4], area=area)
     with pytest.raises(ValueError, match=r"area: expected shape \(5,\)"):
-        F.cropped_mask_bce(logits, target, boxes, area[:, None])
+        F.cropped_mask_bce(logits, target, boxes=boxes, area=area[:, None])
     with pytest.raises(TypeError, match="target: expected a floating-point tensor"):
-        F.cropped_mask_bce(logits, target.to(torch.uint8), boxes, area)
+        F.cropped_mask_bce(logits, target.to(torch.uint8), boxes=boxes, area=area)
     with pytest.raises(ValueError, match=r"input: expected logits of shape \[B, C, H, W\]"):
         F.dice_loss(logits, target)
     with pytest.raises(ValueError, match=r"target: expected the same shape as input \(1, 5, 9, 11\), got \(1, 5, 4, 5\)"):

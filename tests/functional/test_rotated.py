@@ -125,12 +125,12 @@ def test_distances_round_trip():
     anchors = torch.rand(30, 2, generator=g, dtype=D) * 20
     dist = torch.rand(30, 4, generator=g, dtype=D) * 5
     ang = torch.rand(30, 1, generator=g, dtype=D) * 3 - 1
-    box = F.dist_to_rbox(dist, ang, anchors)
-    back = F.rbox_to_dist(torch.cat((box, ang), 1), anchors)
+    box = F.dist_to_rbox(dist, ang, anchor_points=anchors)
+    back = F.rbox_to_dist(torch.cat((box, ang), 1), anchor_points=anchors)
     torch.testing.assert_close(back, dist)
-    torch.testing.assert_close(F.rbox_to_dist(torch.cat((box, ang), 1), anchors, max_dist=2.0), dist.clamp(0, 2.0))
+    torch.testing.assert_close(F.rbox_to_dist(torch.cat((box, ang), 1), anchor_points=anchors, max_dist=2.0), dist.clamp(0, 2.0))
     # with angle 0 the box is the axis-aligned one of the distances
-    box0 = F.dist_to_rbox(dist, torch.zeros_like(ang), anchors)
+    box0 = F.dist_to_rbox(dist, torch.zeros_like(ang), anchor_points=anchors)
     x1y1, x2y2 = anchors - dist[:, :2], anchors + dist[:, 2:]
     torch.testing.assert_close(box0, torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1))
 
@@ -140,13 +140,13 @@ def test_angle_loss():
     p = torch.rand(40, generator=g, dtype=D) * 6 - 3
     t = torch.rand(40, generator=g, dtype=D) * 1.5
     wh = torch.rand(40, 2, generator=g, dtype=D) * 10 + 0.1
-    loss = F.rotated_angle_loss(p, t, wh)
+    loss = F.rotated_angle_loss(p, t, target_wh=wh)
     expected = torch.exp(-torch.log(wh[:, 0] / wh[:, 1]) ** 2 / 9) * torch.sin(2 * (p - t)) ** 2
     torch.testing.assert_close(loss, expected, rtol=1e-7, atol=1e-12)
-    torch.testing.assert_close(F.rotated_angle_loss(p + math.pi, t, wh), loss, rtol=1e-7, atol=1e-12)
-    assert float(F.rotated_angle_loss(t, t, wh).abs().max()) < 1e-20
+    torch.testing.assert_close(F.rotated_angle_loss(p + math.pi, t, target_wh=wh), loss, rtol=1e-7, atol=1e-12)
+    assert float(F.rotated_angle_loss(t, t, target_wh=wh).abs().max()) < 1e-20
     sq = torch.ones(40, 2, dtype=D)
-    torch.testing.assert_close(F.rotated_angle_loss(p, t, sq), torch.sin(2 * (p - t)) ** 2, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(F.rotated_angle_loss(p, t, target_wh=sq), torch.sin(2 * (p - t)) ** 2, rtol=1e-7, atol=1e-12)
     w = torch.rand(40, dtype=D)
     torch.testing.assert_close(dnn.RotatedAngleLoss(reduction="sum")(p, t, wh, w), (loss * w).sum())
 
@@ -168,8 +168,8 @@ def test_gradcheck_probiou_loss_and_conversions():
     anchors = (torch.rand(4, 2, generator=g, dtype=D) * 5).requires_grad_(True)
     dist = (torch.rand(4, 4, generator=g, dtype=D) * 5 + 0.1).requires_grad_(True)
     ang = (torch.rand(4, 1, generator=g, dtype=D)).requires_grad_(True)
-    assert gradcheck(F.dist_to_rbox, (dist, ang, anchors))
-    assert gradcheck(F.rbox_to_dist, (p, anchors))
+    assert gradcheck(lambda d, a, p: F.dist_to_rbox(d, a, anchor_points=p), (dist, ang, anchors))
+    assert gradcheck(lambda b, p: F.rbox_to_dist(b, anchor_points=p), (p, anchors))
     assert gradcheck(F.xywhr_to_corners, (p,))
 
 
@@ -178,7 +178,7 @@ def test_gradcheck_angle_loss():
     p = (torch.rand(6, generator=g, dtype=D) * 3).requires_grad_(True)
     t = (torch.rand(6, generator=g, dtype=D)).requires_grad_(True)
     wh = (torch.rand(6, 2, generator=g, dtype=D) * 4 + 0.5).requires_grad_(True)
-    assert gradcheck(lambda p, t, wh: F.rotated_angle_loss(p, t, wh, reduction="mean"), (p, t, wh))
+    assert gradcheck(lambda p, t, wh: F.rotated_angle_loss(p, t, target_wh=wh, reduction="mean"), (p, t, wh))
 
 
 def test_degenerate_boxes_give_finite_gradients():
@@ -205,11 +205,11 @@ def test_properties_probiou_and_angle(dtype, n, scale, seed):
     b[..., 4] -= 3
     b1, b2 = (x.to(dtype).requires_grad_(True) for x in b)
     out = F.probiou_loss(b1, b2, reduction="none")
-    ang = F.rotated_angle_loss(b1[:, 4], b2[:, 4], b2[:, 2:4].detach(), reduction="sum")
+    ang = F.rotated_angle_loss(b1[:, 4], b2[:, 4], target_wh=b2[:, 2:4].detach(), reduction="sum")
     want = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == want and ang.dtype == want and out.shape == (n,)
     assert torch.isfinite(out).all() and torch.isfinite(ang)
-    assert ((out >= 0) & (out <= 1)).all()
+    assert ((out >= 0) & (out <= 1 + 1e-7)).all()  # 1 - ProbIoU is at most sqrt(1 + eps)
     g1, g2 = torch.autograd.grad(out.sum() + ang, (b1, b2))
     assert g1.dtype == dtype and g2.dtype == dtype
     assert not torch.isnan(g1).any() and not torch.isnan(g2).any()
@@ -236,10 +236,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"weight: expected a shape broadcastable to the loss \(3,\), got \(4,\)"):
         F.probiou_loss(good, good, weight=torch.ones(4, dtype=D))
     with pytest.raises(ValueError, match=r"target_wh: expected shape \(3, 2\)"):
-        F.rotated_angle_loss(good[:, 4], good[:, 4], good[:, 2:5])
+        F.rotated_angle_loss(good[:, 4], good[:, 4], target_wh=good[:, 2:5])
     with pytest.raises(ValueError, match=r"target_wh: expected target sides in \[0.0, inf\], got -1"):
-        F.rotated_angle_loss(good[:, 4], good[:, 4], -torch.ones(3, 2, dtype=D))
+        F.rotated_angle_loss(good[:, 4], good[:, 4], target_wh=-torch.ones(3, 2, dtype=D))
     with pytest.raises(ValueError, match=r"target_angle: expected the same shape as pred_angle"):
-        F.rotated_angle_loss(good[:, 4], good[:2, 4], good[:, 2:4])
+        F.rotated_angle_loss(good[:, 4], good[:2, 4], target_wh=good[:, 2:4])
     with pytest.raises(ValueError, match="reduction"):
         F.probiou_loss(good, good, reduction="avg")

@@ -79,8 +79,8 @@ def _check_area(area: object, lead: torch.Size) -> None:
 def keypoint_similarity(
     pred: torch.Tensor,
     target: torch.Tensor,
-    area: torch.Tensor,
     *,
+    area: torch.Tensor,
     sigmas: torch.Tensor,
     eps: float = 1e-9,
 ) -> torch.Tensor:
@@ -107,9 +107,9 @@ def keypoint_similarity(
 def object_keypoint_similarity(
     pred: torch.Tensor,
     target: torch.Tensor,
+    *,
     visible: torch.Tensor,
     area: torch.Tensor,
-    *,
     sigmas: torch.Tensor,
     eps: float = 1e-9,
 ) -> torch.Tensor:
@@ -117,7 +117,7 @@ def object_keypoint_similarity(
     keypoints (``visible`` bool ``[..., K]``), 0 for an object without any:
     :math:`\sum_k s_k v_k / \max(\sum_k v_k, 1)` (COCO ``computeOks``; ultralytics 8.4's
     ``PoseTaskAlignedAssigner`` calls it with the box area times 0.53)."""
-    sim = keypoint_similarity(pred, target, area, sigmas=sigmas, eps=eps)
+    sim = keypoint_similarity(pred, target, area=area, sigmas=sigmas, eps=eps)
     check_tensor("visible", visible)
     if visible.shape != sim.shape:
         raise ValueError(f"visible: expected shape {tuple(sim.shape)} (one flag per keypoint), got {tuple(visible.shape)}")
@@ -128,9 +128,9 @@ def object_keypoint_similarity(
 def keypoint_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
+    *,
     visible: torch.Tensor,
     area: torch.Tensor,
-    *,
     sigmas: torch.Tensor,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -145,7 +145,7 @@ def keypoint_loss(
     ``[N, K]``; "mean" (the original's) the mean over all ``N * K`` entries.
     """
     check_reduction(reduction)
-    sim = keypoint_similarity(pred, target, area, sigmas=sigmas)
+    sim = keypoint_similarity(pred, target, area=area, sigmas=sigmas)
     check_tensor("visible", visible)
     if visible.shape != sim.shape:
         raise ValueError(f"visible: expected shape {tuple(sim.shape)} (one flag per keypoint), got {tuple(visible.shape)}")
@@ -209,8 +209,8 @@ def realnvp_log_prob(x: torch.Tensor, state: Mapping[str, torch.Tensor], *, squa
 def rle_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
-    sigma_logit: torch.Tensor,
     *,
+    sigma_logit: torch.Tensor,
     log_prob: Callable[[torch.Tensor], torch.Tensor],
     weight: Optional[torch.Tensor] = None,
     residual: bool = True,

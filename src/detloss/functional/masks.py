@@ -48,9 +48,9 @@ def crop_mask(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 def cropped_mask_bce(
     mask_logits: torch.Tensor,
     target: torch.Tensor,
+    *,
     boxes: torch.Tensor,
     area: torch.Tensor,
-    *,
     reduction: str = "sum",
 ) -> torch.Tensor:
     r"""Per-instance mask BCE cropped to the box and normalized by the box area (YOLACT):

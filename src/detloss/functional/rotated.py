@@ -175,7 +175,7 @@ def probiou_loss(
     return reduce(loss, reduction)
 
 
-def dist_to_rbox(distances: torch.Tensor, angle: torch.Tensor, anchor_points: torch.Tensor) -> torch.Tensor:
+def dist_to_rbox(distances: torch.Tensor, angle: torch.Tensor, *, anchor_points: torch.Tensor) -> torch.Tensor:
     r"""Rotated boxes ``(x, y, w, h)`` ``[..., 4]`` from distances ``(l, t, r, b)`` ``[..., 4]`` to
     the sides of a box rotated by ``angle`` ``[..., 1]`` about ``anchor_points`` ``[..., 2]``
     (broadcasting): the centre is the anchor plus the rotated offset ``((r - l) / 2, (b - t) / 2)``,
@@ -187,7 +187,7 @@ def dist_to_rbox(distances: torch.Tensor, angle: torch.Tensor, anchor_points: to
     return torch.cat((xy, lt + rb), -1)
 
 
-def rbox_to_dist(boxes: torch.Tensor, anchor_points: torch.Tensor, *, max_dist: Optional[float] = None) -> torch.Tensor:
+def rbox_to_dist(boxes: torch.Tensor, *, anchor_points: torch.Tensor, max_dist: Optional[float] = None) -> torch.Tensor:
     """Distances ``(l, t, r, b)`` ``[..., 4]`` from ``anchor_points`` ``[..., 2]`` to the sides of the
     ``xywhr`` boxes ``[..., 5]``, measured along the box's own axes; the inverse of
     :func:`dist_to_rbox` (ultralytics ``rbox2dist``). ``max_dist`` clamps them to ``[0, max_dist]``."""
@@ -205,8 +205,8 @@ def rbox_to_dist(boxes: torch.Tensor, anchor_points: torch.Tensor, *, max_dist: 
 def rotated_angle_loss(
     pred_angle: torch.Tensor,
     target_angle: torch.Tensor,
-    target_wh: torch.Tensor,
     *,
+    target_wh: torch.Tensor,
     aspect_lambda: float = 3.0,
     weight: Optional[torch.Tensor] = None,
     reduction: str = "none",

@@ -1,0 +1,1 @@
+"""Adapters from frameworks' own call formats to detloss's losses; none imports its framework."""

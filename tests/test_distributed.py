@@ -1,12 +1,17 @@
-"""detloss.distributed helpers, and FCOSLoss under DistributedDataParallel (2 gloo processes).
+"""detloss.distributed helpers, and every detector loss under DistributedDataParallel (2 gloo
+processes x 2 images against 1 process x 4 images).
 
-DDP averages gradients over ranks; with the normalizers reduced across ranks, two ranks holding
-half a batch each must produce exactly the parameter gradient of one process holding the whole
-batch.
+DDP averages gradients over ranks. With ``reduce_across_ranks=True`` the normalizers are reduced
+across ranks, so two ranks holding half a batch each must produce the parameter gradient of one
+process holding the whole batch, and the mean of their totals its loss. With the default
+(False) no collective is issued: each rank's gradient is that of its own half alone, which a
+single process reproduces half by half, and the loss computed on rank 0 only finishes.
 """
 from __future__ import annotations
 
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -15,11 +20,10 @@ import torch.multiprocessing as mp
 
 from detloss import distributed as ddist
 from detloss.losses.fcos import FCOSLoss
+from detloss.losses.yolov8 import YOLOv8Loss
 
 WORLD = 2
-SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # 64 x 64 images
-P = sum(h * w for h, w in SIZES)
-C = 3
+BATCH = 4
 FEATURES = 4
 
 
@@ -33,6 +37,184 @@ def test_helpers_are_no_ops_without_a_process_group():
     assert m.is_floating_point() and m.item() == 5.0
     with pytest.raises(TypeError, match="tensor: expected a torch.Tensor"):
         ddist.reduce_mean(5.0)
+
+
+# ------------------------------------------------------------------------------------------ cases
+# Each case: a small "model" (a per-position linear map of fixed random features, so every image's
+# loss reaches the same parameters), the whole batch, how to take one rank's images, and the loss.
+
+
+def _yolo_rows(per_image):
+    """YOLO rows [N, 6] from per-image lists of (class, cx, cy, w, h)."""
+    rows = [[float(i), *r] for i, boxes in enumerate(per_image) for r in boxes]
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
+
+
+def _rows_of(rows, images):
+    """The rows of ``images`` (a range), renumbered from 0."""
+    keep = (rows[:, 0] >= images.start) & (rows[:, 0] < images.stop)
+    out = rows[keep].clone()
+    out[:, 0] -= images.start
+    return out
+
+
+YOLO_BOXES = [
+    [(0, 0.30, 0.40, 0.35, 0.30), (1, 0.70, 0.60, 0.40, 0.50), (2, 0.5, 0.5, 0.9, 0.9)],
+    [(1, 0.40, 0.45, 0.20, 0.25)],
+    [],  # an empty image on the second rank
+    [(2, 0.25, 0.70, 0.30, 0.40), (0, 0.72, 0.20, 0.45, 0.30)],
+]
+
+
+class _ConvHead(torch.nn.Module):
+    """One 1x1 convolution shared by all levels: features [B, F, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(FEATURES, channels, 1)
+
+    def forward(self, xs):
+        return [self.conv(x) for x in xs]
+
+
+class YOLOv8Case:
+    nc, reg_max, hw = 3, 4, (64, 64)
+
+    def model(self):
+        return _ConvHead(4 * self.reg_max + self.nc)
+
+    def batch(self):
+        g = torch.Generator().manual_seed(1)
+        xs = [torch.randn(BATCH, FEATURES, self.hw[0] // s, self.hw[1] // s, generator=g, dtype=torch.float64)
+              for s in (8, 16, 32)]
+        return xs, _yolo_rows(YOLO_BOXES)
+
+    def split(self, batch, images):
+        xs, rows = batch
+        return [x[images] for x in xs], _rows_of(rows, images)
+
+    def loss(self, reduce):
+        return YOLOv8Loss(self.nc, reg_max=self.reg_max, reduce_across_ranks=reduce)
+
+    def call(self, loss_fn, model, part):
+        xs, rows = part
+        return loss_fn(model(xs), rows)
+
+
+CASES = {"yolov8": YOLOv8Case()}
+SETTINGS = (False, True)
+
+
+def _grads(model):
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def _step(case, state, part, reduce, ddp=False):
+    model = case.model().double()
+    model.load_state_dict(state)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    out = case.call(case.loss(reduce), net, part)
+    out.total.backward()
+    return _grads(model), out
+
+
+def _worker(rank, tmp, states):
+    torch.set_num_threads(1)
+    tdist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        half = BATCH // WORLD
+        images = range(rank * half, (rank + 1) * half)
+        results = {}
+        for name, case in CASES.items():
+            part = case.split(case.batch(), images)
+            for reduce in SETTINGS:
+                grads, out = _step(case, states[name], part, reduce, ddp=True)
+                results[(name, reduce)] = {"grads": grads, "total": out.total.detach().clone(), "stats": out.stats}
+        # the default issues no collective: the loss computed on rank 0 alone finishes (rank 1
+        # waits on a file, in no collective; a collective on rank 0 would fail after the timeout)
+        flag = os.path.join(tmp, "alone_done")
+        if rank == 0:
+            for name, case in CASES.items():
+                _, out = _step(case, states[name], case.split(case.batch(), range(0, BATCH)), False)
+                results[(name, "alone")] = float(out.total.detach())
+            open(flag, "w").close()
+        else:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(flag) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    torch.manual_seed(0)
+    states = {name: case.model().double().state_dict() for name, case in CASES.items()}
+    mp.spawn(_worker, args=(str(tmp), states), nprocs=WORLD, join=True)
+    return states, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _assert_grads_close(actual, expected, rtol, what):
+    for k, g in expected.items():
+        scale = float(g.abs().max())
+        torch.testing.assert_close(actual[k], g, rtol=rtol, atol=rtol * scale, msg=f"{what} {k}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reduce_across_ranks_gives_the_whole_batch(ranks, name):
+    states, results = ranks
+    case = CASES[name]
+    grads, out = _step(case, states[name], case.batch(), True)
+    for res in results:
+        _assert_grads_close(res[(name, True)]["grads"], grads, 1e-9, f"{name} reduce_across_ranks=True")
+    mean_total = sum(res[(name, True)]["total"] for res in results) / WORLD
+    torch.testing.assert_close(mean_total, out.total.detach(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_default_normalizes_each_rank_by_its_own_half(ranks, name):
+    states, results = ranks
+    case = CASES[name]
+    half = BATCH // WORLD
+    per_half = [_step(case, states[name], case.split(case.batch(), range(r * half, (r + 1) * half)), False)
+                for r in range(WORLD)]
+    mean = {k: sum(g[k] for g, _ in per_half) / WORLD for k in per_half[0][0]}
+    for r, res in enumerate(results):
+        _assert_grads_close(res[(name, False)]["grads"], mean, 1e-9, f"{name} default")
+        torch.testing.assert_close(res[(name, False)]["total"], per_half[r][1].total.detach(), rtol=1e-12, atol=0)
+    # ... which is not the whole batch's gradient (the option above is what makes it so)
+    whole, _ = _step(case, states[name], case.batch(), False)
+    assert max(float((mean[k] - g).abs().max() / g.abs().max()) for k, g in whole.items()) > 1e-3
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_default_computed_on_one_rank_only_finishes(ranks, name):
+    states, results = ranks
+    case = CASES[name]
+    _, out = _step(case, states[name], case.batch(), False)
+    assert results[0][(name, "alone")] == pytest.approx(float(out.total.detach()), rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_yolov8_normalizer_is_the_mean_of_the_ranks_sums(ranks):
+    _, results = ranks
+    local = [res[("yolov8", False)]["stats"]["target_scores_sum"] for res in results]
+    for res in results:
+        assert res[("yolov8", True)]["stats"]["normalizer"] == pytest.approx(sum(local) / WORLD, rel=1e-12)
+        assert res[("yolov8", True)]["stats"]["target_scores_sum"] == res[("yolov8", True)]["stats"]["normalizer"]
+
+
+# ------------------------------------------------------------------------------------------ FCOS
+SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # 64 x 64 images
+P = sum(h * w for h, w in SIZES)
+C = 3
 
 
 class _Head(torch.nn.Module):
@@ -75,7 +257,7 @@ def _run(model, kwargs, x, targets):
     return out
 
 
-def _worker(rank, tmp, state):
+def _fcos_worker(rank, tmp, state):
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
@@ -110,7 +292,7 @@ def test_two_ranks_with_half_batches_give_the_whole_batch_gradient(tmp_path):
         out = _run(model, kwargs, x, targets)
         ref[name] = ({k: p.grad.clone() for k, p in model.named_parameters()}, out)
 
-    mp.spawn(_worker, args=(str(tmp_path), state), nprocs=WORLD, join=True)
+    mp.spawn(_fcos_worker, args=(str(tmp_path), state), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     for name, tol in (("torchvision", 1e-12), ("mmdet", 1e-6), ("mmdet_defaults", 1e-6)):

@@ -71,6 +71,18 @@ def targets_to_yolo_rows(targets: Sequence[Dict[str, torch.Tensor]], image_size:
     return torch.cat(rows, dim=0)
 
 
+def image_slots(image_index: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, int]:
+    """Rows of several images into one padded ``[batch_size, M]`` table: the slot of each row
+    within its image (rows keep their order within an image; they need not be sorted by image)
+    and ``M``, the most rows of one image (0 without rows). ``image_index``: int64 ``[N]``."""
+    counts = torch.bincount(image_index, minlength=batch_size)
+    m = int(counts.max()) if image_index.numel() else 0
+    order = torch.sort(image_index, stable=True).indices
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(image_index.numel(), device=image_index.device) - (torch.cumsum(counts, 0) - counts)[image_index[order]]
+    return slot, m
+
+
 def _bad_rows(mask: torch.Tensor, limit: int = 5) -> str:
     rows = mask.nonzero().flatten()[:limit].tolist()
     return ", ".join(str(r) for r in rows)

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Assignment", "BACKGROUND", "IGNORED"]
+__all__ = ["Assignment", "BACKGROUND", "IGNORED", "rank_in_group"]
 
 #: ``matched_idxs`` value of a background prediction (torchvision's ``Matcher.BELOW_LOW_THRESHOLD``).
 BACKGROUND = -1
@@ -161,3 +161,37 @@ class Assignment:
             ignore=ignore,
             extras={} if extras is None else extras,
         )
+
+
+def rank_in_group(group: Tensor, value: Optional[Tensor] = None, *, descending: bool = True) -> Tensor:
+    """Rank of each element among the elements of its group (0 = first), for int64 ``group [n]``.
+
+    With ``value [n]``: ordered by ``value``, largest first (smallest first with
+    ``descending=False``); equal values keep their position order. Without ``value``: by
+    position, the last element first (``descending=True``) or the first element first. So
+    ``rank_in_group(key) == 0`` marks the last occurrence of each key (the last writer of an
+    indexed assignment), ``rank_in_group(group, score) == 0`` the best element of each group with
+    ties to the earliest, and ``rank_in_group(group, score) < k`` its top ``k``.
+
+    Two stable sorts (one without ``value``); no padding to the largest group, no Python loop.
+    """
+    n = group.shape[0]
+    idx = torch.arange(n, device=group.device)
+    if value is None:
+        order = torch.sort(group, stable=True).indices
+    else:
+        order = torch.sort(value, descending=descending, stable=True).indices
+        order = order[torch.sort(group[order], stable=True).indices]
+    g = group[order]
+    first = torch.ones(n, dtype=torch.bool, device=group.device)
+    first[1:] = g[1:] != g[:-1]
+    start = torch.cummax(torch.where(first, idx, 0), 0).values
+    rank_sorted = idx - start
+    if value is None and descending:
+        last = torch.ones(n, dtype=torch.bool, device=group.device)
+        last[:-1] = first[1:]
+        end = torch.flip(torch.cummin(torch.flip(torch.where(last, idx, n), [0]), 0).values, [0])
+        rank_sorted = end - idx
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank

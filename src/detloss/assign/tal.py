@@ -32,37 +32,70 @@ the candidate path prefers the lower anchor index; the dense path keeps ``torch.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import ClassVar, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import functional as fn
 from .._checks import check_floating, check_tensor, compute_dtype
+from ..anchors import Level, grid_points, window_cells
+from ..boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
+from .base import Assignment, rank_in_group
 
-__all__ = ["TaskAlignedAssigner", "TALAssignment", "enlarge_small_boxes", "anchor_grid"]
+__all__ = ["TaskAlignedAssigner", "TALAssignment", "TAL_OUTPUTS", "enlarge_small_boxes", "anchor_grid"]
 
-#: (h, w, stride) of one pyramid level.
-Level = Tuple[int, int, float]
+#: The reference's five outputs, in its order (what ``TALAssignment`` unpacks to).
+TAL_OUTPUTS = ("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx")
 
 
-class TALAssignment(NamedTuple):
-    """What :class:`TaskAlignedAssigner` returns, in the reference's order.
+class TALAssignment(Assignment):
+    """What :class:`TaskAlignedAssigner` returns: an :class:`~detloss.assign.base.Assignment`
+    whose positives are the foreground anchors (image-major, then anchor), plus the reference's
+    dense outputs in ``extras``.
 
-    Attributes:
-        target_labels: int64 ``[B, A]`` class of the assigned box (where ``fg_mask`` is False:
-            the class of box ``target_gt_idx`` = 0 of that image, as the reference returns it).
-        target_bboxes: ``[B, A, 4]`` xyxy of the assigned box (likewise box 0 where not fg).
-        target_scores: ``[B, A, nc]`` one-hot class times the normalized alignment; 0 where not fg.
-        fg_mask: bool ``[B, A]`` anchors assigned a box.
-        target_gt_idx: int64 ``[B, A]`` index of the assigned box among the image's ``M`` rows; 0
-            where not fg.
+    Positives: ``pred_index`` the anchor, ``target_index`` the assigned box's row among the
+    image's ``M`` rows, ``boxes`` its xyxy pixels, ``labels`` its class, ``weights`` the positive's
+    normalized alignment (its target score, the weight of YOLOv8's box terms).
+
+    ``extras`` (also attributes, and what the object unpacks to, in this order, like the
+    reference's tuple ``target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx``):
+
+    - ``target_labels``: int64 ``[B, A]`` class of the assigned box (where ``fg_mask`` is False:
+      the class of box ``target_gt_idx`` = 0 of that image, as the reference returns it);
+    - ``target_bboxes``: ``[B, A, 4]`` xyxy of the assigned box (likewise box 0 where not fg);
+    - ``target_scores``: ``[B, A, nc]`` one-hot class times the normalized alignment; 0 where not fg;
+    - ``fg_mask``: bool ``[B, A]`` anchors assigned a box;
+    - ``target_gt_idx``: int64 ``[B, A]`` index of the assigned box among the image's ``M`` rows;
+      0 where not fg.
     """
 
-    target_labels: torch.Tensor
-    target_bboxes: torch.Tensor
-    target_scores: torch.Tensor
-    fg_mask: torch.Tensor
-    target_gt_idx: torch.Tensor
+    _fields: ClassVar[Tuple[str, ...]] = TAL_OUTPUTS
+
+    @property
+    def target_labels(self) -> torch.Tensor:
+        return self.extras["target_labels"]
+
+    @property
+    def target_bboxes(self) -> torch.Tensor:
+        return self.extras["target_bboxes"]
+
+    @property
+    def target_scores(self) -> torch.Tensor:
+        return self.extras["target_scores"]
+
+    @property
+    def fg_mask(self) -> torch.Tensor:
+        return self.extras["fg_mask"]
+
+    @property
+    def target_gt_idx(self) -> torch.Tensor:
+        return self.extras["target_gt_idx"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter([self.extras[k] for k in TAL_OUTPUTS])
+
+    def foreground(self) -> torch.Tensor:
+        return self.fg_mask
 
 
 def enlarge_small_boxes(boxes: torch.Tensor, min_side: Optional[float]) -> torch.Tensor:
@@ -74,25 +107,16 @@ def enlarge_small_boxes(boxes: torch.Tensor, min_side: Optional[float]) -> torch
     """
     if min_side is None:
         return boxes
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    w, h = x2 - x1, y2 - y1
+    c = xyxy_to_cxcywh(boxes)
     side = torch.tensor(min_side, dtype=boxes.dtype, device=boxes.device)
-    w = torch.where(w < side, side, w) / 2
-    h = torch.where(h < side, side, h) / 2
-    return torch.stack((cx - w, cy - h, cx + w, cy + h), dim=-1)
+    wh = c[..., 2:]
+    return cxcywh_to_xyxy(torch.cat((c[..., :2], torch.where(wh < side, side, wh)), -1))
 
 
 def anchor_grid(levels: Sequence[Level], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Anchor centres ``[A, 2]`` in pixels, ``((x + 0.5) * s, (y + 0.5) * s)``, level by level,
     row-major inside a level (ultralytics' ``make_anchors`` times the stride)."""
-    pts = []
-    for h, w, s in levels:
-        sx = (torch.arange(w, dtype=dtype, device=device) + 0.5) * s
-        sy = (torch.arange(h, dtype=dtype, device=device) + 0.5) * s
-        gy, gx = torch.meshgrid(sy, sx, indexing="ij")
-        pts.append(torch.stack((gx, gy), -1).reshape(-1, 2))
-    return torch.cat(pts) if pts else torch.zeros((0, 2), dtype=dtype, device=device)
+    return grid_points([(h, w) for h, w, _ in levels], [(s, s) for _, _, s in levels], dtype=dtype, device=device)
 
 
 def _infer_levels(anc_points: torch.Tensor, strides: Sequence[float]) -> Optional[List[Level]]:
@@ -127,11 +151,11 @@ def _candidate_pairs(
     ``eps``), without a dense box x anchor mask.
 
     For each box and level the cells in a bounding index range (one cell wider than needed on
-    every side) are enumerated arithmetically, then tested exactly as the reference tests them.
-    Returns ``(box index, anchor index)``, sorted by box, then anchor.
+    every side) are enumerated (:func:`detloss.anchors.window_cells`), then tested exactly as the
+    reference tests them. Returns ``(box index, anchor index)``, sorted by box, then anchor.
     """
     dev, dt = boxes.device, boxes.dtype
-    n_box, n_lvl = boxes.shape[0], len(levels)
+    n_lvl = len(levels)
     x1, y1, x2, y2 = boxes.unbind(-1)
     starts, counts = [], []
     for h, w, s in levels:
@@ -141,17 +165,9 @@ def _candidate_pairs(
         lo_y = torch.floor(y1 / s - 0.5).clamp(0, h)
         hi_y = (torch.floor(y2 / s - 0.5) + 2).clamp(0, h)
         starts.append(torch.stack((lo_x, lo_y), -1).long())
-        counts.append(torch.stack((hi_x - lo_x, hi_y - lo_y), -1).clamp(min=0).long())
-    start = torch.stack(starts, 1).view(-1, 2)  # [n_box * n_lvl, 2] box-major
-    count = torch.stack(counts, 1).view(-1, 2)
-    per_block = count[:, 0] * count[:, 1]
-    total = int(per_block.sum())
-    blk = torch.repeat_interleave(torch.arange(per_block.numel(), device=dev), per_block, output_size=total)
-    t = torch.arange(total, device=dev) - (torch.cumsum(per_block, 0) - per_block)[blk]
-    nx = count[blk, 0]
-    ix = start[blk, 0] + t % nx
-    iy = start[blk, 1] + torch.div(t, nx, rounding_mode="floor")
-    del t, nx
+        counts.append(torch.stack((hi_x - lo_x, hi_y - lo_y), -1).long())
+    # windows box-major: window k is box k // n_lvl on level k % n_lvl
+    blk, ix, iy = window_cells(torch.stack(starts, 1).view(-1, 2), torch.stack(counts, 1).view(-1, 2))
     lvl = blk % n_lvl
     box = torch.div(blk, n_lvl, rounding_mode="floor")
     del blk
@@ -166,20 +182,7 @@ def _candidate_pairs(
     return box[inside], anchor[inside]
 
 
-def _rank_within(group: torch.Tensor, value: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Rank of each element among the elements of its group by ``value`` descending (0 = largest),
-    ties broken by position. O(n log n), no padding to the largest group."""
-    order = torch.sort(value, descending=True, stable=True).indices
-    order = order[torch.sort(group[order], stable=True).indices]
-    g = group[order]
-    count = torch.bincount(g, minlength=n_groups)
-    rank_sorted = torch.arange(g.numel(), device=g.device) - (torch.cumsum(count, 0) - count)[g]
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    return rank
-
-
-def _targets(
+def _result(
     gt_labels: torch.Tensor,
     gt_bboxes: torch.Tensor,
     target_gt_idx: torch.Tensor,
@@ -187,14 +190,26 @@ def _targets(
     norm: torch.Tensor,
     num_classes: int,
 ) -> TALAssignment:
-    """Gather the assigned boxes and classes ([B, A]) and build the soft class targets."""
-    bsz = gt_bboxes.shape[0]
+    """Gather the assigned boxes and classes ([B, A]), build the soft class targets and list the
+    positives."""
+    bsz, n_anchor = fg_mask.shape
     bi = torch.arange(bsz, device=gt_bboxes.device)[:, None]
     labels = gt_labels[bi, target_gt_idx].clamp(min=0)
     boxes = gt_bboxes[bi, target_gt_idx]
     scores = torch.zeros((*labels.shape, num_classes), dtype=norm.dtype, device=norm.device)
     scores.scatter_(-1, labels[..., None], torch.where(fg_mask, norm, 0.0)[..., None])
-    return TALAssignment(labels, boxes, scores, fg_mask, target_gt_idx)
+    b, a = fg_mask.nonzero(as_tuple=True)
+    return TALAssignment(
+        batch_index=b,
+        pred_index=a,
+        target_index=target_gt_idx[b, a],
+        boxes=boxes[b, a],
+        labels=labels[b, a],
+        weights=norm[b, a],
+        batch_size=bsz,
+        num_preds=n_anchor,
+        extras=dict(zip(TAL_OUTPUTS, (labels, boxes, scores, fg_mask, target_gt_idx))),
+    )
 
 
 class TaskAlignedAssigner:
@@ -228,7 +243,8 @@ class TaskAlignedAssigner:
     ``x1 + y1 + x2 + y2 > 0``, the reference's rule). Anchors laid out level by level, row-major,
     at cell centres (:func:`anchor_grid`) take the candidate path; any other layout, or
     ``feat_shapes`` not given and not recognisable, is computed densely. Returns a
-    :class:`TALAssignment`. No gradient flows through the assignment.
+    :class:`TALAssignment` (an :class:`~detloss.assign.base.Assignment` that also unpacks like
+    the reference's five-tuple). No gradient flows through the assignment.
     """
 
     def __init__(
@@ -314,18 +330,21 @@ class TaskAlignedAssigner:
         ``anc_points`` selects the candidate path (unless ``dense``)."""
         bsz, n_anchor, nc = pd_scores.shape
         if gt_bboxes.shape[1] == 0:  # the reference's early return
-            return TALAssignment(
-                torch.full((bsz, n_anchor), nc, dtype=torch.long, device=pd_scores.device),
+            dev = pd_scores.device
+            dense = (
+                torch.full((bsz, n_anchor), nc, dtype=torch.long, device=dev),
                 torch.zeros_like(pd_bboxes),
                 torch.zeros_like(pd_scores),
-                torch.zeros((bsz, n_anchor), dtype=torch.bool, device=pd_scores.device),
-                torch.zeros((bsz, n_anchor), dtype=torch.long, device=pd_scores.device),
+                torch.zeros((bsz, n_anchor), dtype=torch.bool, device=dev),
+                torch.zeros((bsz, n_anchor), dtype=torch.long, device=dev),
             )
+            empty = Assignment.empty(bsz, n_anchor, dtype=pd_scores.dtype, device=dev)
+            return TALAssignment(**{**vars(empty), "extras": dict(zip(TAL_OUTPUTS, dense))})
         if self.dense or levels is None:
             idx, fg, norm = self._dense(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt)
         else:
             idx, fg, norm = self._sparse(pd_scores, pd_bboxes, levels, gt_labels, gt_bboxes, mask_gt)
-        return _targets(gt_labels, gt_bboxes, idx, fg, norm, self.num_classes)
+        return _result(gt_labels, gt_bboxes, idx, fg, norm, self.num_classes)
 
     # ------------------------------------------------------------------ checks
     def _check(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt):
@@ -440,24 +459,21 @@ class TaskAlignedAssigner:
 
         # top-k per box among candidates of non-zero alignment
         nz = (metric > 0).nonzero().squeeze(1)
-        pre = nz[_rank_within(box[nz], metric[nz], n_box) < self.topk]
+        pre = nz[rank_in_group(box[nz], metric[nz]) < self.topk]
         claims = torch.bincount(flat[pre], minlength=bsz * n_anchor)
         owner = torch.zeros(bsz * n_anchor, dtype=torch.long, device=dev)
         owner[flat[pre]] = box[pre]
         multi = claims > 1
         if bool(multi.any()):
-            # largest overlap among all boxes containing the anchor, first box on ties
+            # largest overlap among all boxes containing the anchor, first box on ties (the
+            # candidates are in box order)
             on_multi = multi[flat].nonzero().squeeze(1)
-            best = torch.zeros(bsz * n_anchor, dtype=overlap.dtype, device=dev)
-            best.scatter_reduce_(0, flat[on_multi], overlap[on_multi], "amax")
-            at_best = on_multi[overlap[on_multi] == best[flat[on_multi]]]
-            winner = torch.full((bsz * n_anchor,), n_box, dtype=torch.long, device=dev)
-            winner.scatter_reduce_(0, flat[at_best], box[at_best], "amin")
-            owner = torch.where(multi, winner, owner)
+            win = on_multi[rank_in_group(flat[on_multi], overlap[on_multi]) == 0]
+            owner[flat[win]] = box[win]
         fg = claims > 0
         pos = (fg[flat] & (owner[flat] == box)).nonzero().squeeze(1)
         if self.topk2 != self.topk:
-            keep = (_rank_within(box[pos], metric[pos], n_box) < self.topk2) & (metric[pos] > 0)
+            keep = (rank_in_group(box[pos], metric[pos]) < self.topk2) & (metric[pos] > 0)
             pos = pos[keep]
             fg = torch.zeros_like(fg)
             fg[flat[pos]] = True

@@ -5,6 +5,7 @@ A detector loss reads top to bottom, one named step each::
     inputs     = self.check(*args, **kwargs)          # validate, upcast, gather what the loss needs
     prepared   = self.prepare(inputs)                 # training-time decoding (predicted boxes, grids)
     assignment = self.assignment(inputs, prepared)    # an Assignment (detloss.assign.base)
+    prepared   = self.gather(inputs, prepared, assignment)          # positives' predictions, normalizers
     raw        = self.compute_terms(inputs, prepared, assignment)   # {term: unweighted tensor}
     output     = self.output(inputs, prepared, assignment, raw)     # gains, total, stats -> LossOutput
 
@@ -12,6 +13,10 @@ A detector loss reads top to bottom, one named step each::
 (DETR's ``loss_map`` idea), so a term is found by its name; ``self.gains`` holds the weight of
 each term in one dict. A loss whose terms are coupled (YOLOv5's per-level objectness with its
 autobalance) overrides ``compute_terms`` instead and says why.
+
+``gather`` adds to what ``prepare`` decoded what the terms share once the assignment is known
+(the positives' predictions, the normalizers, the one cross-rank reduction); it is the only
+step that may issue a collective, and :meth:`assign` does not run it.
 
 Every loss also has
 
@@ -75,7 +80,7 @@ class DetectionLoss(torch.nn.Module):
     Subclasses set :attr:`name` (the registry key) and :attr:`term_methods`, call
     ``super().__init__(gains, reduce_across_ranks=...)`` and implement :meth:`check`,
     :meth:`assignment`, the term methods, :meth:`stats` and :meth:`decode`; :meth:`prepare`,
-    :meth:`compute_terms` and :meth:`combine` have defaults.
+    :meth:`gather`, :meth:`compute_terms` and :meth:`combine` have defaults.
     """
 
     #: The loss's key in :data:`detloss.losses.registry.LOSSES` (and the CLI's ``--loss``).
@@ -93,6 +98,7 @@ class DetectionLoss(torch.nn.Module):
         inputs = self.check(*args, **kwargs)
         prepared = self.prepare(inputs)
         assignment = self.assignment(inputs, prepared)
+        prepared = self.gather(inputs, prepared, assignment)
         raw = self.compute_terms(inputs, prepared, assignment)
         return self.output(inputs, prepared, assignment, raw)
 
@@ -115,6 +121,11 @@ class DetectionLoss(torch.nn.Module):
         """Target assignment on checked inputs; no gradient flows through it."""
         raise NotImplementedError
 
+    def gather(self, inputs: Any, prepared: Any, assignment: Assignment) -> Any:
+        """What the terms share once the assignment is known, returned as the new ``prepared``
+        (default: ``prepared`` unchanged). Runs in ``forward`` only, with gradients."""
+        return prepared
+
     def compute_terms(self, inputs: Any, prepared: Any, assignment: Assignment) -> Dict[str, Tensor]:
         """Unweighted terms, one per entry of :attr:`term_methods`."""
         return {name: getattr(self, method)(inputs, prepared, assignment) for name, method in self.term_methods.items()}
@@ -128,14 +139,15 @@ class DetectionLoss(torch.nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared machinery
-    def combine(self, weighted: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """``total`` and the graph-connected ``terms`` from the weighted terms (default: their sum)."""
+    def combine(self, weighted: Dict[str, Tensor], inputs: Any, prepared: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``total`` and the graph-connected ``terms`` (summing to ``total``) from the weighted
+        terms (default: ``total`` their sum, ``terms`` the weighted terms)."""
         total = torch.stack(list(weighted.values())).sum() if weighted else torch.zeros(())
         return total, dict(weighted)
 
     def output(self, inputs: Any, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:
         weighted = {k: raw[k] * self.gains[k] for k in self.term_methods}
-        total, terms = self.combine(weighted, inputs)
+        total, terms = self.combine(weighted, inputs, prepared)
         with torch.no_grad():
             stats = self.finalize_stats(self.stats(inputs, prepared, assignment, raw))
         components = {k: v.detach() for k, v in weighted.items()}
@@ -143,10 +155,16 @@ class DetectionLoss(torch.nn.Module):
 
     def global_mean(self, value: Tensor) -> Tensor:
         """``value`` (detached) averaged over ranks when ``reduce_across_ranks`` is on and
-        ``torch.distributed`` is initialized; ``value`` itself otherwise."""
+        ``torch.distributed`` is initialized; ``value`` itself otherwise. Stack several
+        normalizers into one tensor to reduce them with one collective."""
         if not self.reduce_across_ranks:
             return value
         return distributed.reduce_mean(value.detach())
+
+    def world_size(self) -> int:
+        """The number of ranks the normalizers are reduced over: ``torch.distributed``'s world
+        size with ``reduce_across_ranks`` on, else 1 (asks no collective)."""
+        return distributed.world_size() if self.reduce_across_ranks else 1
 
     @staticmethod
     def finalize_stats(stats: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,0 +1,85 @@
+"""Point grids of dense heads and candidate windows over them, shared by assigners and losses.
+
+A dense head predicts at the points of a grid per pyramid level. Every loss here lays the points
+of all levels out the same way: level by level, each level row-major (``y`` then ``x``), so a
+prediction's index ``p`` in ``0 .. A-1`` names one point of one level:
+
+- :func:`grid_points`: the points' coordinates, ``((x + offset) * sx, (y + offset) * sy)``;
+  ultralytics and mmdetection put them at cell centres (``offset=0.5``), torchvision's
+  AnchorGenerator at cell corners (``offset=0``);
+- :func:`make_anchors`: ultralytics' ``make_anchors`` (points in grid units and their strides);
+- :func:`per_point`: one value per level repeated over the level's points (strides, level index);
+- :func:`window_cells`: every cell of a rectangle of cell indices, for many rectangles at once:
+  the candidate enumeration of the assigners that visit only the cells near each box instead of
+  building a boxes x points mask (:mod:`detloss.assign.tal`, :mod:`detloss.assign.fcos`).
+
+No loop over boxes or points; a loop over levels only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Level", "grid_points", "make_anchors", "per_point", "window_cells"]
+
+#: ``(h, w, stride)`` of one pyramid level.
+Level = Tuple[int, int, float]
+
+
+def grid_points(
+    sizes: Sequence[Tuple[int, int]],
+    spacings: Sequence[Tuple[float, float]],
+    *,
+    offset: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """Points ``[A, 2]`` (x, y) of grids ``sizes`` (``(h, w)`` per level) with ``spacings``
+    (``(sx, sy)`` per level): ``((x + offset) * sx, (y + offset) * sy)``, level by level, each
+    level row-major. ``A`` is the sum of ``h * w``."""
+    pts = []
+    for (h, w), (sx, sy) in zip(sizes, spacings):
+        xs = (torch.arange(w, dtype=dtype, device=device) + offset) * sx
+        ys = (torch.arange(h, dtype=dtype, device=device) + offset) * sy
+        pts.append(torch.stack((xs.repeat(h), ys.repeat_interleave(w)), -1))
+    return torch.cat(pts) if pts else torch.zeros((0, 2), dtype=dtype, device=device)
+
+
+def per_point(
+    values: Sequence[float], sizes: Sequence[Tuple[int, int]], *, dtype: torch.dtype, device: Optional[torch.device] = None
+) -> Tensor:
+    """``[A]``: ``values[l]`` repeated over the ``h * w`` points of level ``l`` (strides, level index)."""
+    counts = torch.tensor([h * w for h, w in sizes], device=device)
+    return torch.repeat_interleave(torch.tensor(list(values), dtype=dtype, device=device), counts)
+
+
+def make_anchors(levels: Sequence[Level], dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+    """Anchor points ``[A, 2]`` in grid units ``(x + 0.5, y + 0.5)`` and their strides ``[A, 1]``
+    (ultralytics ``make_anchors`` with offset 0.5). Times the strides they are the points in
+    pixels, to the last bit of ``grid_points(..., spacings=strides)``."""
+    sizes = [(h, w) for h, w, _ in levels]
+    points = grid_points(sizes, [(1.0, 1.0)] * len(sizes), dtype=dtype, device=device)
+    strides = per_point([float(s) for _, _, s in levels], sizes, dtype=dtype, device=device)
+    return points, strides[:, None]
+
+
+def window_cells(start: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every cell of ``K`` rectangles of cell indices, flat.
+
+    ``start`` int64 ``[K, 2]`` is the first ``(x, y)`` index of each rectangle, ``count`` int64
+    ``[K, 2]`` its number of columns and rows (negative counts are empty). Returns ``(rect, ix,
+    iy)``, each int64 ``[T]`` with ``T`` the total number of cells: rectangle by rectangle, each
+    row-major. One host synchronization (``T``); memory ``O(T)``.
+    """
+    count = count.clamp(min=0)
+    per_rect = count[:, 0] * count[:, 1]
+    total = int(per_rect.sum())
+    dev = start.device
+    rect = torch.repeat_interleave(torch.arange(per_rect.numel(), device=dev), per_rect, output_size=total)
+    t = torch.arange(total, device=dev) - (torch.cumsum(per_rect, 0) - per_rect)[rect]
+    nx = count[rect, 0]
+    ix = start[rect, 0] + t % nx
+    iy = start[rect, 1] + torch.div(t, nx, rounding_mode="floor")
+    return rect, ix, iy

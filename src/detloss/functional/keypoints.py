@@ -150,7 +150,7 @@ def keypoint_loss(
     if visible.shape != sim.shape:
         raise ValueError(f"visible: expected shape {tuple(sim.shape)} (one flag per keypoint), got {tuple(visible.shape)}")
     vis = visible.to(torch.bool)
-    factor = vis.shape[-1] / (vis.sum(-1, keepdim=True) + 1e-9)
+    factor = vis.shape[-1] / (vis.sum(-1, keepdim=True).to(sim.dtype) + 1e-9)  # not in the default dtype
     return reduce(factor * ((1 - sim) * vis), reduction)
 
 

@@ -1,16 +1,17 @@
 """Shared by the OBB, pose and segmentation losses: the checks of their extra per-level head
-outputs and the expected box-side distances."""
+outputs, the expected box-side distances, and their end-to-end form (:func:`end_to_end`)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .._checks import check_floating, upcast
+from .._checks import check_choice, check_floating, upcast
 from ..anchors import Level
+from .e2e import LEGACY_ONE2ONE_TOPK, ONE2MANY_TOPK, ONE2ONE_TOPK, WEIGHTINGS, EndToEndLoss
 
-__all__ = ["flatten_level_maps", "expected_distances"]
+__all__ = ["flatten_level_maps", "expected_distances", "PackedOutputs", "end_to_end"]
 
 
 def flatten_level_maps(
@@ -47,3 +48,42 @@ def expected_distances(pred_dist: Tensor, reg_max: int) -> Tensor:
         return pred_dist
     proj = torch.arange(reg_max, dtype=pred_dist.dtype, device=pred_dist.device)
     return pred_dist.view(*pred_dist.shape[:-1], 4, reg_max).softmax(-1).matmul(proj)
+
+
+class PackedOutputs(torch.nn.Module):
+    """A loss whose head outputs span several arguments (``loss(feats, angles, targets)``), called
+    with them packed in one tuple (``packed((feats, angles), targets)``): the form
+    :class:`~detloss.losses.e2e.EndToEndLoss` calls its branches in. ``assign`` and ``decode``
+    unpack the same way; ``loss`` is the wrapped loss."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    @staticmethod
+    def _unpack(outputs: Any) -> tuple:
+        if not isinstance(outputs, tuple):
+            raise TypeError(f"outputs: expected the head's outputs as a tuple (e.g. (feats, angles)), got {type(outputs).__name__}")
+        return outputs
+
+    def forward(self, outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.loss(*self._unpack(outputs), *args, **kwargs)
+
+    def assign(self, outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.loss.assign(*self._unpack(outputs), *args, **kwargs)
+
+    def decode(self, outputs: Any, **kwargs: Any) -> Any:
+        return self.loss.decode(*self._unpack(outputs), **kwargs)
+
+
+def end_to_end(loss_cls: Callable[..., torch.nn.Module], *args: Any, epochs: Optional[int] = None,
+               weighting: str = "schedule", **kwargs: Any) -> EndToEndLoss:
+    """The end-to-end form (ultralytics ``E2ELoss``) of a task loss: an
+    :class:`~detloss.losses.e2e.EndToEndLoss` of two ``loss_cls(*args, tal_topk=..., tal_topk2=...,
+    **kwargs)`` branches with ultralytics' top-k settings, each taking its head's outputs as one
+    tuple (:class:`PackedOutputs`): ``loss((feats_o2m, angles_o2m), (feats_o2o, angles_o2o), targets)``.
+    Module arguments in ``kwargs`` (a pose head's flow model) are shared by the two branches."""
+    check_choice("weighting", weighting, WEIGHTINGS)
+    o2o = ONE2ONE_TOPK if weighting == "schedule" else LEGACY_ONE2ONE_TOPK
+    branches = [PackedOutputs(loss_cls(*args, tal_topk=k, tal_topk2=k2, **kwargs)) for k, k2 in (ONE2MANY_TOPK, o2o)]
+    return EndToEndLoss(*branches, epochs=epochs, weighting=weighting)

@@ -204,9 +204,9 @@ class YOLO26PoseLoss(YOLOv8PoseLoss):
     parameters with the model's). ``rle_weights`` ``[K]``: per-keypoint RLE weights (None:
     ultralytics' COCO weights for ``(17, 3)``, else ones). Usually ``reg_max=1``.
 
-    Call ``loss_fn(feats, kpts, targets, keypoints, kpts_sigma)``; ``kpts_sigma`` per level
-    ``[B, 2 K, H, W]`` (the sigma logits, channel ``2 k + d``) is required with a flow model and
-    ignored without one. Components "box", "pose", "kobj", "cls", "dfl" / "l1" [, "rle"].
+    Call ``loss_fn(feats, kpts, kpts_sigma, targets, keypoints)`` (the head's three outputs, then
+    the targets); ``kpts_sigma`` per level ``[B, 2 K, H, W]`` (the sigma logits, channel
+    ``2 k + d``) is required with a flow model and ignored (may be None) without one. Components "box", "pose", "kobj", "cls", "dfl" / "l1" [, "rle"].
     """
 
     name = "yolo26-pose"
@@ -233,11 +233,11 @@ class YOLO26PoseLoss(YOLOv8PoseLoss):
                 raise ValueError(f"rle_weights: expected shape ({k},) (one per keypoint), got {tuple(w.shape)}")
             self.register_buffer("rle_weights", w.detach().clone(), persistent=False)
 
-    def check(self, feats: Sequence[Tensor], kpts: Sequence[Tensor], targets: Tensor, keypoints: Tensor,
-              kpts_sigma: Optional[Sequence[Tensor]] = None) -> PoseInputs:
+    def check(self, feats: Sequence[Tensor], kpts: Sequence[Tensor], kpts_sigma: Optional[Sequence[Tensor]],
+              targets: Tensor, keypoints: Tensor) -> PoseInputs:
         if self.flow_model is not None and kpts_sigma is None:
             raise ValueError("kpts_sigma: expected the head's sigma logits per level [B, 2 K, H, W] (the loss has a flow model), got None")
-        return super().check(feats, kpts, targets, keypoints, kpts_sigma if self.flow_model is not None else None)
+        return super().check(feats, kpts, targets, keypoints, kpts_sigma=kpts_sigma if self.flow_model is not None else None)
 
     def decode_keypoints(self, pred_kpts: Tensor, anchor_points: Tensor) -> Tensor:
         """``(x, y) + anchor`` (grid units); further channels unchanged."""

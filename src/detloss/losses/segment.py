@@ -73,7 +73,7 @@ def _mask_chunks(image: Tensor, rows: int) -> List[Tuple[int, int, int]]:
 class YOLOv8SegmentLoss(YOLOv8Loss):
     """Segmentation loss equal to ultralytics 8.4 ``v8SegmentationLoss`` (formula and source in the
     module docstring); the arguments of :class:`~detloss.losses.yolov8.YOLOv8Loss`, plus
-    (keyword-only): ``num_masks`` (``nm``, 32), ``overlap_masks`` (True: the targets' masks come
+    (keyword-only): ``num_masks`` (``nm``, 32; None: the prototypes' channel count), ``overlap_masks`` (True: the targets' masks come
     as one instance-index map per image, ultralytics' ``overlap_mask``), ``seg`` (gain, 7.5).
 
     Call ``loss_fn(feats, mask_coef, proto, targets, masks)``: ``feats`` as for YOLOv8Loss,
@@ -86,12 +86,12 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
     name = "yolov8-seg"
 
     def __init__(self, num_classes: int, strides: Sequence[float] = (8, 16, 32), reg_max: int = 16, box: float = 7.5,
-                 cls: float = 0.5, dfl: float = 1.5, tal_topk: int = 10, *, num_masks: int = 32,
+                 cls: float = 0.5, dfl: float = 1.5, tal_topk: int = 10, *, num_masks: Optional[int] = 32,
                  overlap_masks: bool = True, seg: float = 7.5, **kwargs: Any) -> None:
         super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, **kwargs)
         self.add_term("seg", "seg_term", seg, after="box")
-        if not isinstance(num_masks, int) or isinstance(num_masks, bool) or num_masks < 1:
-            raise ValueError(f"num_masks: expected an int >= 1, got {num_masks!r}")
+        if num_masks is not None and (not isinstance(num_masks, int) or isinstance(num_masks, bool) or num_masks < 1):
+            raise ValueError(f"num_masks: expected None or an int >= 1, got {num_masks!r}")
         self.num_masks = num_masks
         self.overlap_masks = bool(overlap_masks)
 
@@ -102,7 +102,7 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
     def _check_proto(self, name: str, proto: object, bsz: int, channels: int, like: Tensor) -> Tensor:
         t = check_floating(name, proto)
         if t.ndim != 4 or t.shape[0] != bsz or t.shape[1] != channels:
-            raise ValueError(f"{name}: expected shape [{bsz}, {channels}, h, w], got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape [{bsz}, {channels if channels >= 0 else 'nm'}, h, w], got {tuple(t.shape)}")
         if t.device != like.device:
             raise TypeError(f"{name}: expected device {like.device} like feats[0], got {t.device}")
         if not bool(torch.isfinite(t.detach()).all()):
@@ -126,10 +126,11 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
     def check(self, feats: Sequence[Tensor], mask_coef: Sequence[Tensor], proto: Tensor, targets: Tensor,
               masks: Tensor) -> SegmentInputs:
         base = super().check(feats, targets)
-        nm = self.num_masks
+        proto = check_floating("proto", proto)
+        nm = self.num_masks if self.num_masks is not None else (proto.shape[1] if proto.ndim == 4 else -1)
+        proto = self._check_proto("proto", proto, base.batch_size, nm, feats[0]).to(base.dtype)
         coef = flatten_level_maps("mask_coef", mask_coef, base.levels, nm, feats[0], base.dtype,
                                   f" (num_masks = {nm} coefficients)")
-        proto = self._check_proto("proto", proto, base.batch_size, nm, feats[0]).to(base.dtype)
         masks = self._check_masks(masks, base.batch_size, base.targets.shape[0], base.image_hw).to(base.device)
         slot, _ = image_slots(base.targets[:, 0].long().to(base.device), base.batch_size)
         return SegmentInputs(**vars(base), pred_coef=coef, proto=proto, masks=masks, row_slot=slot)

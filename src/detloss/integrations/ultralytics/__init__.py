@@ -33,8 +33,14 @@ from ._model import (
     training_outputs,
 )
 from ._swap import CRITERIA, criterion_for, install_criterion, register_criterion, use_detloss
+from .obb import OBBLoss
+from .pose import PoseLoss
+from .segment import SegmentationLoss
 
 __all__ = [
+    "OBBLoss",
+    "PoseLoss",
+    "SegmentationLoss",
     "FORMS",
     "ModelInfo",
     "UltralyticsCriterion",

@@ -15,15 +15,14 @@ pixels, keypoints pixels.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import functional as fn
 from ..anchors import Level
-from .aligned import AlignedAssigner, CandidatePairs
-from .tal import _candidate_pairs, enlarge_small_boxes
+from .aligned import BoxTaskAlignedAssigner, CandidatePairs
 
 __all__ = ["PoseTaskAlignedAssigner", "OKS_AREA_SCALE", "LEVEL_RANGE"]
 
@@ -33,17 +32,7 @@ OKS_AREA_SCALE = 0.53
 LEVEL_RANGE = (2.0, 12.0)
 
 
-def box_ciou(gt: Tensor, pd: Tensor) -> Tensor:
-    """CIoU of xyxy pairs as the task-aligned assigners measure it (ultralytics ``bbox_iou``), at least 0."""
-    return fn.aligned_box_iou(gt, pd, kind="ciou", convention="yolov5", validate=False).clamp(min=0)
-
-
-def axis_aligned_candidates(boxes: Tensor, levels: Sequence[Level], min_side: Optional[float], eps: float) -> Tuple[Tensor, Tensor]:
-    """The detection assigner's candidates: anchors strictly inside the (widened) xyxy boxes."""
-    return _candidate_pairs(enlarge_small_boxes(boxes, min_side), levels, eps)
-
-
-class PoseTaskAlignedAssigner(AlignedAssigner):
+class PoseTaskAlignedAssigner(BoxTaskAlignedAssigner):
     """Task-aligned assignment by keypoint OKS with a pyramid-level gate (module docstring).
 
     Extra arguments: ``sigmas`` ``[K]`` (the OKS constants, keyword) and ``level_range``. Call
@@ -58,7 +47,7 @@ class PoseTaskAlignedAssigner(AlignedAssigner):
         self.level_range = (float(level_range[0]), float(level_range[1]))
 
     def candidates(self, boxes: Tensor, img: Tensor, levels: Sequence[Level], **extra: Any) -> Tuple[Tensor, Tensor]:
-        box, anchor = axis_aligned_candidates(boxes, levels, self.min_side, self.eps)
+        box, anchor = super().candidates(boxes, img, levels)
         pairs = CandidatePairs(box, anchor, img[box], img[box], boxes, levels)
         s = pairs.level_strides(boxes.dtype)
         wh = boxes[:, 2:] - boxes[:, :2]
@@ -73,7 +62,7 @@ class PoseTaskAlignedAssigner(AlignedAssigner):
 
     def overlaps(self, pairs: CandidatePairs, *, pd_bboxes: Tensor, pd_kpts: Tensor, gt_kpts: Tensor, **extra: Any) -> Tensor:
         gt_box = pairs.boxes[pairs.box]
-        iou = box_ciou(gt_box, pd_bboxes[pairs.img, pairs.anchor])
+        iou = super().overlaps(pairs, pd_bboxes=pd_bboxes)
         gk = gt_kpts[pairs.img, pairs.row]  # [C, K, 3]
         vis = gk[..., 2] > 0
         wh = gt_box[:, 2:] - gt_box[:, :2]

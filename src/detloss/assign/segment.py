@@ -16,16 +16,14 @@ most :data:`MASK_CHUNK_PIXELS` mask pixels; nothing of size boxes x anchors x pi
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import functional as fn
-from ..anchors import Level
-from .aligned import AlignedAssigner, CandidatePairs
+from .aligned import BoxTaskAlignedAssigner, CandidatePairs
 from .base import rank_in_group
-from .pose import axis_aligned_candidates, box_ciou
 
 __all__ = ["SegTaskAlignedAssigner", "MASK_CHUNK_PIXELS", "MASK_IOU_CANDIDATES"]
 
@@ -35,7 +33,7 @@ MASK_CHUNK_PIXELS = 1 << 24
 MASK_IOU_CANDIDATES = 3
 
 
-class SegTaskAlignedAssigner(AlignedAssigner):
+class SegTaskAlignedAssigner(BoxTaskAlignedAssigner):
     """Task-aligned assignment by box and mask quality (module docstring).
 
     Call :meth:`assign` with, besides the common inputs (``pd_bboxes`` / ``gt_bboxes`` xyxy
@@ -43,9 +41,6 @@ class SegTaskAlignedAssigner(AlignedAssigner):
     ``gt_masks [B, M, h, w]`` bool target masks at the prototype resolution and ``mask_scale``
     (prototype pixels per image pixel, a float).
     """
-
-    def candidates(self, boxes: Tensor, img: Tensor, levels: Sequence[Level], **extra: Any) -> Tuple[Tensor, Tensor]:
-        return axis_aligned_candidates(boxes, levels, self.min_side, self.eps)
 
     def overlaps(
         self,
@@ -59,7 +54,7 @@ class SegTaskAlignedAssigner(AlignedAssigner):
         mask_scale: float,
         **extra: Any,
     ) -> Tensor:
-        iou = box_ciou(pairs.boxes[pairs.box], pd_bboxes[pairs.img, pairs.anchor])
+        iou = super().overlaps(pairs, pd_bboxes=pd_bboxes)
         box_metric = score.pow(self.alpha) * iou.pow(self.beta) + self.eps
         sel = (rank_in_group(pairs.box, box_metric) < MASK_IOU_CANDIDATES * self.topk).nonzero().squeeze(1)
         miou = torch.zeros_like(iou)

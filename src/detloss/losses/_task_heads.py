@@ -2,6 +2,7 @@
 outputs, the expected box-side distances, and their end-to-end form (:func:`end_to_end`)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from .._checks import check_choice, check_floating, upcast
 from ..anchors import Level
 from .e2e import LEGACY_ONE2ONE_TOPK, ONE2MANY_TOPK, ONE2ONE_TOPK, WEIGHTINGS, EndToEndLoss
 
-__all__ = ["flatten_level_maps", "expected_distances", "PackedOutputs", "end_to_end"]
+__all__ = ["flatten_level_maps", "expected_distances", "PackedOutputs", "end_to_end", "aligned_assignment", "box_assigner"]
 
 
 def flatten_level_maps(
@@ -87,3 +88,23 @@ def end_to_end(loss_cls: Callable[..., torch.nn.Module], *args: Any, epochs: Opt
     o2o = ONE2ONE_TOPK if weighting == "schedule" else LEGACY_ONE2ONE_TOPK
     branches = [PackedOutputs(loss_cls(*args, tal_topk=k, tal_topk2=k2, **kwargs)) for k, k2 in (ONE2MANY_TOPK, o2o)]
     return EndToEndLoss(*branches, epochs=epochs, weighting=weighting)
+
+
+def aligned_assignment(loss: Any, inputs: Any, pd_bboxes: Tensor, **extra: Any) -> Any:
+    """Run a task loss's :class:`~detloss.assign.aligned.AlignedAssigner` (``loss.assigner``) on
+    its checked inputs (``pred_logits``, ``gt_*``, ``levels``) and the predicted boxes in pixels,
+    without gradient; ``target_index`` becomes the row of ``targets``."""
+    with torch.no_grad():
+        asg = loss.assigner.assign(inputs.pred_logits.detach().sigmoid(), pd_bboxes.detach(), inputs.gt_labels,
+                                   inputs.gt_bboxes, inputs.mask_gt, inputs.levels, **extra)
+        return replace(asg, target_index=inputs.gt_rows[asg.batch_index, asg.target_index])
+
+
+def box_assigner(base: Any, num_classes: int, strides: Sequence[float], zero_ties: bool, cls: Any = None, **kwargs: Any) -> Any:
+    """An :class:`~detloss.assign.aligned.AlignedAssigner` (``cls``, default the detection rule)
+    with the settings of YOLOv8Loss's own assigner ``base``."""
+    from ..assign.aligned import BoxTaskAlignedAssigner
+
+    cls = BoxTaskAlignedAssigner if cls is None else cls
+    return cls(base.topk, num_classes, alpha=base.alpha, beta=base.beta, topk2=base.topk2, strides=strides,
+               min_side=base.min_side, zero_ties=zero_ties, **kwargs)

@@ -34,7 +34,7 @@ from ..anchors import make_anchors
 from ..assign.base import Assignment
 from ..assign.rotated import RotatedTaskAlignedAssigner
 from ..boxes import check_yolo_targets, image_slots
-from ._task_heads import expected_distances, flatten_level_maps
+from ._task_heads import aligned_assignment, box_assigner, expected_distances, flatten_level_maps
 from .base import Decoded
 from .yolov8 import DFL_MARGIN, YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
@@ -79,6 +79,8 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         angle_range: the range of the head's angles, checked (``HEAD_ANGLE_RANGE``, the
             ``(sigmoid - 0.25) * pi`` of YOLOv8 / YOLO11 OBB heads); None for heads emitting a raw
             angle (YOLO26-OBB, ``reg_max=1``).
+        zero_ties: the reference's zero-alignment ties (see :mod:`detloss.assign.aligned`; the
+            OBB terms do not depend on them, only ``num_pos`` does).
 
     Call ``loss_fn(feats, angles, targets)``: ``feats`` as for YOLOv8Loss (per level ``[B, 4 *
     reg_max + nc, H, W]``), ``angles`` per level ``[B, 1, H, W]`` in radians, ``targets`` rows
@@ -109,6 +111,7 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         enlarge_small_boxes: bool = True,
         min_target_side: float = MIN_TARGET_SIDE,
         angle_range: Optional[Tuple[float, float]] = HEAD_ANGLE_RANGE,
+        zero_ties: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, tal_topk2=tal_topk2,
@@ -118,11 +121,7 @@ class YOLOv8OBBLoss(YOLOv8Loss):
             raise ValueError(f"min_target_side: expected a number >= 0, got {min_target_side!r}")
         self.min_target_side = float(min_target_side)
         self.angle_range = None if angle_range is None else (float(angle_range[0]), float(angle_range[1]))
-        base = self.assigner
-        self.assigner = RotatedTaskAlignedAssigner(
-            base.topk, num_classes, alpha=tal_alpha, beta=tal_beta, topk2=tal_topk2, strides=self.strides,
-            min_side=base.min_side,
-        )
+        self.assigner = box_assigner(self.assigner, num_classes, self.strides, zero_ties, RotatedTaskAlignedAssigner)
 
     # ------------------------------------------------------------------ checks
     def _check_angles(self, angles: Sequence[Tensor], inputs_like: Tensor, levels, dtype) -> Tensor:
@@ -174,12 +173,8 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         return YOLOv8Decoding(anchor_points, stride_tensor, self.decode_rboxes(inputs.pred_dist, inputs.pred_angle, anchor_points))
 
     def assignment(self, inputs: OBBInputs, prepared: YOLOv8Decoding) -> Assignment:
-        with torch.no_grad():
-            boxes = prepared.pred_bboxes.detach()
-            px = torch.cat((boxes[..., :4] * prepared.stride_tensor, boxes[..., 4:]), -1)
-            asg = self.assigner.assign(inputs.pred_logits.detach().sigmoid(), px, inputs.gt_labels, inputs.gt_bboxes,
-                                       inputs.mask_gt, inputs.levels)
-            return replace(asg, target_index=inputs.gt_rows[asg.batch_index, asg.target_index])
+        boxes = prepared.pred_bboxes.detach()
+        return aligned_assignment(self, inputs, torch.cat((boxes[..., :4] * prepared.stride_tensor, boxes[..., 4:]), -1))
 
     def gather(self, inputs: OBBInputs, prepared: YOLOv8Decoding, assignment: Assignment) -> YOLOv8Decoding:
         out = super().gather(inputs, prepared, assignment)

@@ -34,7 +34,7 @@ from .._checks import check_floating
 from ..assign.base import Assignment
 from ..assign.pose import PoseTaskAlignedAssigner
 from ..functional.keypoints import COCO_KEYPOINT_SIGMAS, COCO_RLE_WEIGHTS
-from ._task_heads import flatten_level_maps
+from ._task_heads import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
 __all__ = ["YOLOv8PoseLoss", "YOLO26PoseLoss", "PoseInputs", "PoseDecoding", "default_sigmas"]
@@ -86,6 +86,8 @@ class YOLOv8PoseLoss(YOLOv8Loss):
             visibility) (``(17, 3)``, COCO).
         pose, kobj: gains of the keypoint and keypoint-visibility terms (12.0, 1.0).
         sigmas: ``[K]`` OKS constants (None: :func:`default_sigmas`).
+        zero_ties: the reference's zero-alignment positives (True; see :mod:`detloss.assign.aligned`:
+            they count in the keypoint terms' means).
 
     Call ``loss_fn(feats, kpts, targets, keypoints)``: ``feats`` as for YOLOv8Loss, ``kpts`` per
     level ``[B, K * D, H, W]`` (channel ``k * D + d``), ``targets`` rows ``[N, 6]`` and
@@ -109,9 +111,11 @@ class YOLOv8PoseLoss(YOLOv8Loss):
         pose: float = 12.0,
         kobj: float = 1.0,
         sigmas: Optional[Tensor] = None,
+        zero_ties: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, **kwargs)
+        self.assigner = box_assigner(self.assigner, num_classes, self.strides, zero_ties)
         self.add_term("pose", "pose_term", pose, after="box")
         self.add_term("kobj", "kobj_term", kobj, after="pose")
         self.kpt_shape = _check_kpt_shape(kpt_shape)
@@ -155,6 +159,9 @@ class YOLOv8PoseLoss(YOLOv8Loss):
         return PoseInputs(**vars(base), pred_kpts=flat.unflatten(-1, (k, d)), keypoints=kp, pred_sigma=sigma)
 
     # ------------------------------------------------------------------ the steps
+    def assignment(self, inputs: PoseInputs, prepared: PoseDecoding) -> Assignment:
+        return aligned_assignment(self, inputs, prepared.pred_bboxes * prepared.stride_tensor)
+
     def decode_keypoints(self, pred_kpts: Tensor, anchor_points: Tensor) -> Tensor:
         """Keypoints in grid units from the raw outputs ``[..., K, D]`` at ``anchor_points``
         ``[..., 2]``: ``2 (x, y) + anchor - 0.5``; further channels unchanged."""
@@ -216,11 +223,8 @@ class YOLO26PoseLoss(YOLOv8PoseLoss):
                  flow_model: Optional[nn.Module] = None, rle: float = 1.0, rle_weights: Optional[Tensor] = None,
                  **kwargs: Any) -> None:
         super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, **kwargs)
-        base = self.assigner
-        self.assigner = PoseTaskAlignedAssigner(
-            base.topk, num_classes, sigmas=self.sigmas, alpha=base.alpha, beta=base.beta, topk2=base.topk2,
-            strides=self.strides, min_side=base.min_side,
-        )
+        self.assigner = box_assigner(self.assigner, num_classes, self.strides, self.assigner.zero_ties,
+                                     PoseTaskAlignedAssigner, sigmas=self.sigmas)
         self.flow_model = flow_model
         if flow_model is not None:
             if not callable(getattr(flow_model, "log_prob", None)):
@@ -244,16 +248,10 @@ class YOLO26PoseLoss(YOLOv8PoseLoss):
         return torch.cat((pred_kpts[..., :2] + anchor_points[..., None, :], pred_kpts[..., 2:]), -1)
 
     def assignment(self, inputs: PoseInputs, prepared: PoseDecoding) -> Assignment:
-        with torch.no_grad():
-            stride = prepared.stride_tensor
-            pd_kpts = self.decode_keypoints(inputs.pred_kpts.detach()[..., :2], prepared.anchor_points) * stride[:, None]
-            valid = inputs.gt_rows.clamp(min=0)
-            gt_kpts = inputs.keypoints[valid] * (inputs.gt_rows >= 0)[..., None, None]
-            asg = self.assigner.assign(
-                inputs.pred_logits.detach().sigmoid(), prepared.pred_bboxes.detach() * stride, inputs.gt_labels,
-                inputs.gt_bboxes, inputs.mask_gt, inputs.levels, pd_kpts=pd_kpts, gt_kpts=gt_kpts,
-            )
-            return replace(asg, target_index=inputs.gt_rows[asg.batch_index, asg.target_index])
+        stride = prepared.stride_tensor
+        pd_kpts = self.decode_keypoints(inputs.pred_kpts.detach()[..., :2], prepared.anchor_points) * stride[:, None]
+        gt_kpts = inputs.keypoints[inputs.gt_rows.clamp(min=0)] * (inputs.gt_rows >= 0)[..., None, None]
+        return aligned_assignment(self, inputs, prepared.pred_bboxes * stride, pd_kpts=pd_kpts, gt_kpts=gt_kpts)
 
     def rle_term(self, inputs: PoseInputs, prepared: PoseDecoding, assignment: Assignment) -> Tensor:
         """RLE over the positives' visible keypoints, clamped at 0."""

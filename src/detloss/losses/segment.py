@@ -36,7 +36,7 @@ from .._checks import check_floating, check_tensor
 from ..assign.base import Assignment
 from ..assign.segment import SegTaskAlignedAssigner
 from ..boxes import image_slots
-from ._task_heads import flatten_level_maps
+from ._task_heads import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
 __all__ = ["YOLOv8SegmentLoss", "YOLO26SegmentLoss", "SegmentInputs", "MASK_LOSS_CHUNK_PIXELS"]
@@ -74,7 +74,9 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
     """Segmentation loss equal to ultralytics 8.4 ``v8SegmentationLoss`` (formula and source in the
     module docstring); the arguments of :class:`~detloss.losses.yolov8.YOLOv8Loss`, plus
     (keyword-only): ``num_masks`` (``nm``, 32; None: the prototypes' channel count), ``overlap_masks`` (True: the targets' masks come
-    as one instance-index map per image, ultralytics' ``overlap_mask``), ``seg`` (gain, 7.5).
+    as one instance-index map per image, ultralytics' ``overlap_mask``), ``seg`` (gain, 7.5),
+    ``zero_ties`` (the reference's zero-alignment positives, True; see :mod:`detloss.assign.aligned`:
+    they count in the mask term's mean).
 
     Call ``loss_fn(feats, mask_coef, proto, targets, masks)``: ``feats`` as for YOLOv8Loss,
     ``mask_coef`` per level ``[B, nm, H, W]``, ``proto`` ``[B, nm, h, w]``, ``targets`` rows
@@ -87,8 +89,9 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
 
     def __init__(self, num_classes: int, strides: Sequence[float] = (8, 16, 32), reg_max: int = 16, box: float = 7.5,
                  cls: float = 0.5, dfl: float = 1.5, tal_topk: int = 10, *, num_masks: Optional[int] = 32,
-                 overlap_masks: bool = True, seg: float = 7.5, **kwargs: Any) -> None:
+                 overlap_masks: bool = True, seg: float = 7.5, zero_ties: bool = True, **kwargs: Any) -> None:
         super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, **kwargs)
+        self.assigner = box_assigner(self.assigner, num_classes, self.strides, zero_ties)
         self.add_term("seg", "seg_term", seg, after="box")
         if num_masks is not None and (not isinstance(num_masks, int) or isinstance(num_masks, bool) or num_masks < 1):
             raise ValueError(f"num_masks: expected None or an int >= 1, got {num_masks!r}")
@@ -134,6 +137,9 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
         masks = self._check_masks(masks, base.batch_size, base.targets.shape[0], base.image_hw).to(base.device)
         slot, _ = image_slots(base.targets[:, 0].long().to(base.device), base.batch_size)
         return SegmentInputs(**vars(base), pred_coef=coef, proto=proto, masks=masks, row_slot=slot)
+
+    def assignment(self, inputs: SegmentInputs, prepared: YOLOv8Decoding) -> Assignment:
+        return aligned_assignment(self, inputs, prepared.pred_bboxes * prepared.stride_tensor)
 
     # ------------------------------------------------------------------ the mask term
     def target_masks(self, inputs: SegmentInputs, rows: Tensor, image: Tensor) -> Tensor:
@@ -184,9 +190,7 @@ class YOLO26SegmentLoss(YOLOv8SegmentLoss):
                  cls: float = 0.5, dfl: float = 1.5, tal_topk: int = 10, *, sem: float = 7.5, **kwargs: Any) -> None:
         super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, **kwargs)
         self.add_term("sem", "sem_term", sem)
-        base = self.assigner
-        self.assigner = SegTaskAlignedAssigner(base.topk, num_classes, alpha=base.alpha, beta=base.beta,
-                                               topk2=base.topk2, strides=self.strides, min_side=base.min_side)
+        self.assigner = box_assigner(self.assigner, num_classes, self.strides, self.assigner.zero_ties, SegTaskAlignedAssigner)
 
     def check(self, feats: Sequence[Tensor], mask_coef: Sequence[Tensor], proto: Tensor, targets: Tensor,
               masks: Tensor, semantic: Tensor, sem_masks: Tensor) -> SegmentInputs:
@@ -219,15 +223,10 @@ class YOLO26SegmentLoss(YOLOv8SegmentLoss):
 
     def assignment(self, inputs: SegmentInputs, prepared: YOLOv8Decoding) -> Assignment:
         with torch.no_grad():
-            stride = prepared.stride_tensor
-            mh = inputs.proto.shape[-2]
-            asg = self.assigner.assign(
-                inputs.pred_logits.detach().sigmoid(), prepared.pred_bboxes.detach() * stride, inputs.gt_labels,
-                inputs.gt_bboxes, inputs.mask_gt, inputs.levels, pd_coef=inputs.pred_coef.detach(),
-                proto=inputs.proto.detach(), gt_masks=self.instance_masks_for_assigner(inputs),
-                mask_scale=mh / inputs.image_hw[0],
-            )
-            return replace(asg, target_index=inputs.gt_rows[asg.batch_index, asg.target_index])
+            gt_masks = self.instance_masks_for_assigner(inputs)
+        return aligned_assignment(self, inputs, prepared.pred_bboxes * prepared.stride_tensor,
+                                  pd_coef=inputs.pred_coef.detach(), proto=inputs.proto.detach(), gt_masks=gt_masks,
+                                  mask_scale=inputs.proto.shape[-2] / inputs.image_hw[0])
 
     def sem_term(self, inputs: SegmentInputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """BCE + Dice (0.5 each) of the semantic logits against the covered pixels' one-hot classes."""

@@ -9,7 +9,7 @@ import argparse
 import importlib
 from typing import List
 
-SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "ultralytics_tasks")
+SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "yolo26", "ultralytics_tasks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -414,7 +414,7 @@ class TaskAlignedAssigner:
         scores[mask_in] = pd_scores.permute(0, 2, 1)[bi, gt_labels][mask_in]
         pd = pd_bboxes[:, None].expand(bsz, m, n_anchor, 4)[mask_in]
         gt = gt_bboxes[:, :, None].expand(bsz, m, n_anchor, 4)[mask_in]
-        overlaps[mask_in] = fn.aligned_box_iou(gt, pd, kind="ciou", convention="yolov5").clamp(min=0)
+        overlaps[mask_in] = fn.aligned_box_iou(gt, pd, kind="ciou", convention="yolov5", validate=False).clamp(min=0)
         del pd, gt
         metric = scores.pow(self.alpha) * overlaps.pow(self.beta)
         del scores
@@ -451,7 +451,7 @@ class TaskAlignedAssigner:
         box, anchor = _candidate_pairs(enlarge_small_boxes(boxes, self.min_side), levels, self.eps)
         flat = img[box] * n_anchor + anchor  # anchor index over the batch
         cand_img = img[box]
-        overlap = fn.aligned_box_iou(boxes[box], pd_bboxes[cand_img, anchor], kind="ciou", convention="yolov5").clamp(min=0)
+        overlap = fn.aligned_box_iou(boxes[box], pd_bboxes[cand_img, anchor], kind="ciou", convention="yolov5", validate=False).clamp(min=0)
         score = pd_scores[cand_img, anchor, box_label[box]]  # no copy of pd_scores, even if a strided view
         del cand_img
         metric = score.pow(self.alpha) * overlap.pow(self.beta)

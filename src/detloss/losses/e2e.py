@@ -147,6 +147,7 @@ class EndToEndLoss(torch.nn.Module):
     def from_loss(
         cls,
         base: Callable[..., torch.nn.Module],
+        /,
         *args: Any,
         epochs: Optional[int] = None,
         weighting: str = "schedule",

@@ -14,6 +14,16 @@ classes), boxes in grid units (pixels / the anchor's stride)::
     dfl = sum_{a in pos} w_a * mean_sides DFL(dist logits, clamp(target distance, 0, reg_max - 1.01)) / S
     total = (box_gain * box + cls_gain * cls + dfl_gain * dfl) * batch_size
 
+``reg_max = 1`` (YOLO26's DFL-free head, ultralytics 8.4 ``BboxLoss`` without ``dfl_loss``): the
+four box channels are the ltrb distances themselves (``pred box = anchor -/+ d``, not clamped), and
+an L1 term on image-normalized distances replaces DFL, weighted by the same ``dfl`` gain (item
+"l1"); ``s_a`` is the anchor's stride, ``W, H`` the image size, ``t`` the target's distances::
+
+    l1 = sum_{a in pos} w_a * mean_{k in l,t,r,b} |d_k - t_k| * s_a / (W for l, r; H for t, b) / S
+
+``class_weights`` ``c`` (``[nc]``, ultralytics' ``model.class_weights``) multiply the per-class
+BCE: ``cls = sum_{a, c} c_c * BCEWithLogits(...) / S``.
+
 The steps (:class:`~detloss.losses.base.DetectionLoss`): :meth:`YOLOv8Loss.check` splits the
 head outputs into the box distributions and the class logits and pads the targets per image;
 :meth:`~YOLOv8Loss.prepare` decodes the boxes (:meth:`~YOLOv8Loss.decode_boxes`);
@@ -85,6 +95,17 @@ def preprocess_targets(
     return _padded_targets(targets, batch_size, image_hw, dtype)[:3]
 
 
+def _check_class_weights(weights: Optional[Tensor], num_classes: int) -> Optional[Tensor]:
+    if weights is None:
+        return None
+    w = check_floating("class_weights", weights)
+    if w.shape != (num_classes,):
+        raise ValueError(f"class_weights: expected shape [{num_classes}] (num_classes), got {tuple(w.shape)}")
+    if not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise ValueError(f"class_weights: expected finite non-negative weights, got {w.tolist()}")
+    return w.detach().clone()
+
+
 @dataclass
 class YOLOv8Inputs:
     """Checked inputs of :class:`YOLOv8Loss` (what :meth:`YOLOv8Loss.check` returns).
@@ -137,7 +158,8 @@ class YOLOv8Loss(DetectionLoss):
         num_classes: ``nc``; each level's head output has ``4 * reg_max + nc`` channels.
         strides: stride of each level in pixels; the image size is level 0's ``H, W`` times
             ``strides[0]``.
-        reg_max: bins of each box-side distribution (16).
+        reg_max: bins of each box-side distribution (16); 1: the head predicts the distances
+            themselves and the third term is "l1" instead of "dfl" (YOLO26).
         box, cls, dfl: gains of the three terms (7.5, 0.5, 1.5).
         tal_topk: anchors kept per box by the assigner (10).
         tal_topk2: optional second cut after resolving shared anchors (None; YOLO26 one-to-one: 1).
@@ -146,6 +168,7 @@ class YOLOv8Loss(DetectionLoss):
             inside test (ultralytics 8.4, default); False gives ultralytics 8.3's assignment.
         dense_assigner: run the assigner the reference's dense ``[B, M, A]`` way (same results,
             more memory; a baseline for tests and benchmarks).
+        class_weights: optional ``[nc]`` non-negative weights of the classes' BCE (None).
         reduce_across_ranks: off (default, as ultralytics): each rank divides by its own ``S``
             and multiplies by its own batch size, so under DistributedDataParallel the averaged
             gradient weighs ranks by the inverse of their own sums. On: every rank divides by
@@ -160,7 +183,7 @@ class YOLOv8Loss(DetectionLoss):
     is bin ``j`` of side ``k`` in the order left, top, right, bottom; then the class logits),
     ``targets`` rows ``[N, 6]`` ``(image_index, class, cx, cy, w, h)`` normalized to 0..1.
     Returns a :class:`~detloss.LossOutput`: ``total`` = the sum of what v8DetectionLoss returns
-    first (``(box + cls + dfl) * B`` after the gains); ``components`` "box", "cls", "dfl" = its
+    first (``(box + cls + dfl) * B`` after the gains); ``components`` "box", "cls", "dfl" ("l1" for reg_max 1) = its
     detached items (after the gains, before ``* B``); ``terms`` the same times ``B``, with their
     graph (they sum to ``total``); ``stats``: ``num_pos`` (positive anchors), ``num_targets``
     (valid boxes), ``matched_targets`` (boxes with at least one positive), ``normalizer`` and
@@ -178,8 +201,8 @@ class YOLOv8Loss(DetectionLoss):
 
     name = "yolov8"
     term_methods = {"box": "box_term", "cls": "cls_term", "dfl": "dfl_term"}
-    #: The smallest ``reg_max`` the box decoding handles (a variant without distributions sets 1).
-    min_reg_max = 2
+    #: The smallest ``reg_max`` the box decoding handles (1: distances without distributions).
+    min_reg_max = 1
 
     def __init__(
         self,
@@ -196,11 +219,18 @@ class YOLOv8Loss(DetectionLoss):
         tal_beta: float = 6.0,
         enlarge_small_boxes: bool = True,
         dense_assigner: bool = False,
+        class_weights: Optional[Tensor] = None,
         reduce_across_ranks: bool = False,
     ) -> None:
-        super().__init__({"box": box, "cls": cls, "dfl": dfl}, reduce_across_ranks=reduce_across_ranks)
         if not isinstance(reg_max, int) or isinstance(reg_max, bool) or reg_max < self.min_reg_max:
-            raise ValueError(f"reg_max: expected an int >= {self.min_reg_max} (the DFL head), got {reg_max!r}")
+            raise ValueError(
+                f"reg_max: expected an int >= {self.min_reg_max} (1: ltrb distances, >= 2: DFL bins), got {reg_max!r}"
+            )
+        if reg_max == 1:  # the L1 term replaces DFL, under the dfl gain
+            self.term_methods = {"box": "box_term", "cls": "cls_term", "l1": "l1_term"}
+        third = "l1" if reg_max == 1 else "dfl"
+        super().__init__({"box": box, "cls": cls, third: dfl}, reduce_across_ranks=reduce_across_ranks)
+        self.register_buffer("class_weights", _check_class_weights(class_weights, num_classes), persistent=False)
         strides = tuple(float(s) for s in strides)
         if not strides:
             raise ValueError("strides: expected at least one level, got ()")
@@ -272,7 +302,11 @@ class YOLOv8Loss(DetectionLoss):
     # ------------------------------------------------------------------ the steps
     def decode_boxes(self, pred_dist: Tensor, anchor_points: Tensor) -> Tensor:
         """Predicted xyxy boxes around ``anchor_points`` (their units) from the head's box
-        channels: the expectation of each side's distribution (:func:`decode_distances`)."""
+        channels: the expectation of each side's distribution (:func:`decode_distances`), or
+        the distances themselves when ``reg_max`` is 1."""
+        if self.reg_max == 1:
+            lt, rb = pred_dist.chunk(2, -1)
+            return torch.cat((anchor_points - lt, anchor_points + rb), -1)
         return decode_distances(pred_dist, anchor_points)
 
     def prepare(self, inputs: YOLOv8Inputs) -> YOLOv8Decoding:
@@ -321,7 +355,8 @@ class YOLOv8Loss(DetectionLoss):
     def cls_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """BCE of every class logit against the soft target scores, over S."""
         target_scores = assignment.extras["target_scores"]
-        return F.bce_with_logits(inputs.pred_logits, target_scores, reduction="sum") / prepared.normalizer
+        cw = None if self.class_weights is None else self.class_weights.to(inputs.pred_logits)
+        return F.bce_with_logits(inputs.pred_logits, target_scores, weight=cw, reduction="sum") / prepared.normalizer
 
     def box_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """``sum w_a (1 - CIoU)`` over the positives, over S."""
@@ -341,6 +376,17 @@ class YOLOv8Loss(DetectionLoss):
         ltrb = torch.cat((anchor - target[:, :2], target[:, 2:] - anchor), -1).clamp(0, reg_max - 1 - DFL_MARGIN)
         dfl = F.distribution_focal_loss(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), reduction="none")
         return (dfl.view(-1, 4).mean(-1) * assignment.weights).sum() / prepared.normalizer
+
+    def l1_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
+        """``reg_max`` 1: ``sum w_a mean_sides |d - t| * stride / (W, H, W, H)`` over the positives, over S."""
+        if not assignment.num_pos:
+            return torch.zeros((), dtype=inputs.dtype, device=inputs.device)
+        anchor, target = prepared.pos_anchor_points, prepared.pos_target_bboxes
+        ltrb = torch.cat((anchor - target[:, :2], target[:, 2:] - anchor), -1)
+        h, w = inputs.image_hw
+        scale = prepared.pos_strides / ltrb.new_tensor([w, h, w, h])
+        l1 = F.l1_loss(prepared.pos_pred_dist * scale, ltrb * scale, reduction="none")
+        return (l1.mean(-1) * assignment.weights).sum() / prepared.normalizer
 
     def combine(self, weighted: Dict[str, Tensor], inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Tuple[Tensor, Dict[str, Tensor]]:
         """``total = (box + cls + dfl) * B`` (ultralytics' return value); each term times ``B``."""

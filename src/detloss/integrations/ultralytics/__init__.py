@@ -33,11 +33,14 @@ from ._model import (
     training_outputs,
 )
 from ._swap import CRITERIA, criterion_for, install_criterion, register_criterion, use_detloss
+from .detect import DetectionLoss, E2EDetectLoss
 from .obb import OBBLoss
 from .pose import PoseLoss
 from .segment import SegmentationLoss
 
 __all__ = [
+    "DetectionLoss",
+    "E2EDetectLoss",
     "OBBLoss",
     "PoseLoss",
     "SegmentationLoss",

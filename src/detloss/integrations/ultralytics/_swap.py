@@ -39,14 +39,20 @@ def register_criterion(model_class_name: str) -> Callable[[C], C]:
 
 def criterion_for(model: Any) -> UltralyticsCriterion:
     """The detloss criterion for an ultralytics task model, as its ``init_criterion`` would pick
-    ultralytics' own: the most derived class in ``type(model).__mro__`` that has one (a PoseModel
-    is also a DetectionModel); the criterion then chooses its end-to-end form from the head."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in CRITERIA:
-            return CRITERIA[cls.__name__](model)
-    raise TypeError(
-        f"model: expected an ultralytics task model ({', '.join(sorted(CRITERIA))}), got {type(model).__name__}"
-    )
+    ultralytics' own.
+
+    The task is the class in ``type(model).__mro__`` that defines ``init_criterion`` or ``loss``
+    itself (a PoseModel's, not its DetectionModel base's; RTDETR, World and YOLOE models define
+    their own and have no detloss criterion); for stand-ins whose classes define neither, the most
+    derived class named in :data:`CRITERIA`. The criterion then chooses its end-to-end form from
+    the head."""
+    owner = next((c for c in type(model).__mro__ if "init_criterion" in vars(c) or "loss" in vars(c)), None)
+    if owner is None:
+        owner = next((c for c in type(model).__mro__ if c.__name__ in CRITERIA), None)
+    if owner is None or owner.__name__ not in CRITERIA:
+        task = type(model).__name__ if owner is None else owner.__name__
+        raise TypeError(f"model: expected an ultralytics task model with a detloss criterion ({', '.join(sorted(CRITERIA))}), got {task}")
+    return CRITERIA[owner.__name__](model)
 
 
 def _unwrap(model: Any) -> Any:

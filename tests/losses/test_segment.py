@@ -52,13 +52,11 @@ def head_outputs(branch):
 
 def call(loss, preds, batch, method="__call__"):
     rows, masks = target_rows(batch), batch["masks"]
-    tail = (rows, masks) + ((batch["sem_masks"],) if "sem_masks" in batch else ())
+    branch = preds.get("one2many", preds)
+    tail = (rows, masks) + ((batch["sem_masks"],) if isinstance(branch["proto"], tuple) else ())
     if isinstance(loss, EndToEndLoss):
         return getattr(loss, method)(head_outputs(preds["one2many"]), head_outputs(preds["one2one"]), *tail)
-    outs = head_outputs(preds)
-    if len(outs) == 4:  # YOLO26: (feats, coef, proto, targets, masks, semantic, sem_masks)
-        return getattr(loss, method)(*outs[:3], rows, masks, outs[3], batch["sem_masks"])
-    return getattr(loss, method)(*outs, rows, masks)
+    return getattr(loss, method)(*head_outputs(preds), *tail)
 
 
 @pytest.mark.parametrize("name", SEG)
@@ -147,7 +145,7 @@ def test_properties(dtype, scale, seed, overlap, yolo26, empty, size):
         masks = masks if overlap else masks[:0]
     if yolo26:
         loss = YOLO26SegmentLoss(2, reg_max=16, overlap_masks=overlap, num_masks=4)
-        out = loss(feats, coef, proto, rows, masks, semantic, sem)
+        out = loss(feats, coef, proto, semantic, rows, masks, sem)
         leaves = feats + coef + [proto, semantic]
     else:
         loss = YOLOv8SegmentLoss(2, overlap_masks=overlap, num_masks=4)
@@ -199,8 +197,8 @@ def test_bad_input():
         YOLOv8SegmentLoss(3, num_masks=4)(feats, coef, proto, rows, masks)
     seg26 = YOLO26SegmentLoss(2, reg_max=16, num_masks=4)
     with pytest.raises(ValueError, match=r"sem_masks: expected shape \(2, 16, 16\) \(one class map per image, the size of masks\), got \(2, 8, 8\)"):
-        seg26(feats, coef, proto, rows, masks, semantic, sem[:, :8, :8])
+        seg26(feats, coef, proto, semantic, rows, masks, sem[:, :8, :8])
     with pytest.raises(ValueError, match=r"sem_masks: expected class ids in \[0, 1\]"):
-        seg26(feats, coef, proto, rows, masks, semantic, sem + 5)
+        seg26(feats, coef, proto, semantic, rows, masks, sem + 5)
     with pytest.raises(ValueError, match=r"semantic: expected shape \[2, 2, h, w\], got \(2, 3, 8, 8\)"):
-        seg26(feats, coef, proto, rows, masks, torch.zeros(2, 3, 8, 8, dtype=torch.float64), sem)
+        seg26(feats, coef, proto, torch.zeros(2, 3, 8, 8, dtype=torch.float64), rows, masks, sem)

@@ -178,9 +178,9 @@ class YOLO26SegmentLoss(YOLOv8SegmentLoss):
     (:class:`~detloss.assign.segment.SegTaskAlignedAssigner`), and the semantic term "sem" (gain
     ``sem``, 7.5 as the box gain) trains the head's semantic logits. Usually ``reg_max=1``.
 
-    Call ``loss_fn(feats, mask_coef, proto, targets, masks, semantic, sem_masks)``: ``semantic``
-    ``[B, nc, hs, ws]`` logits, ``sem_masks`` ``[B, Hm, Wm]`` the class of each pixel (the size of
-    ``masks``; pixels no instance covers are ignored). Components "box", "seg", "cls", "dfl" /
+    Call ``loss_fn(feats, mask_coef, proto, semantic, targets, masks, sem_masks)`` (the head's four
+    outputs, then the targets): ``semantic`` ``[B, nc, hs, ws]`` logits, ``sem_masks`` ``[B, Hm, Wm]``
+    the class of each pixel (the size of ``masks``; pixels no instance covers are ignored). Components "box", "seg", "cls", "dfl" /
     "l1", "sem".
     """
 
@@ -192,8 +192,8 @@ class YOLO26SegmentLoss(YOLOv8SegmentLoss):
         self.add_term("sem", "sem_term", sem)
         self.assigner = box_assigner(self.assigner, num_classes, self.strides, self.assigner.zero_ties, SegTaskAlignedAssigner)
 
-    def check(self, feats: Sequence[Tensor], mask_coef: Sequence[Tensor], proto: Tensor, targets: Tensor,
-              masks: Tensor, semantic: Tensor, sem_masks: Tensor) -> SegmentInputs:
+    def check(self, feats: Sequence[Tensor], mask_coef: Sequence[Tensor], proto: Tensor, semantic: Tensor,
+              targets: Tensor, masks: Tensor, sem_masks: Tensor) -> SegmentInputs:
         semantic = self._check_proto("semantic", semantic, feats[0].shape[0] if len(feats) else 0, self.num_classes, feats[0])
         sem = check_tensor("sem_masks", sem_masks)
         out = super().check(feats, mask_coef, proto, targets, masks)
@@ -211,8 +211,8 @@ class YOLO26SegmentLoss(YOLOv8SegmentLoss):
         """bool ``[B, M, h, w]``: each padded target slot's mask at the prototypes' size (nearest)."""
         mh, mw = inputs.proto.shape[-2:]
         masks = inputs.masks
-        if masks.numel() and masks.shape[-2:] != (mh, mw):
-            masks = TF.interpolate(masks[None].float(), (mh, mw), mode="nearest")[0]
+        if masks.shape[-2:] != (mh, mw):
+            masks = TF.interpolate(masks[None].float(), (mh, mw), mode="nearest")[0] if masks.numel() else masks.new_zeros((masks.shape[0], mh, mw))
         m = inputs.gt_rows.shape[1]
         if self.overlap_masks:
             return masks[:, None] == torch.arange(1, m + 1, device=masks.device)[:, None, None]

@@ -54,14 +54,14 @@ class PoseBranch(torch.nn.Module):
         feats = box_class_maps(preds, levels, self.info.reg_max, self.info.num_classes)
         k, d = self.loss.kpt_shape
         kpts = level_maps("preds['kpts']", pred_tensor(preds, "kpts", k * d, f" = K * D {k} * {d}"), levels)
-        sigma = None
-        if getattr(self.loss, "flow_model", None) is not None:
-            sigma = level_maps("preds['kpts_sigma']", pred_tensor(preds, "kpts_sigma", 2 * k, f" = 2 * K {k}"), levels)
         rows = batch_rows(batch, feats[0].device)
         keypoints = batch_tensor(batch, "keypoints").to(feats[0].device)
-        if sigma is None:
+        if not isinstance(self.loss, YOLO26PoseLoss):
             return self.loss(feats, kpts, rows, keypoints)
-        return self.loss(feats, kpts, rows, keypoints, sigma)
+        sigma = None
+        if self.loss.flow_model is not None:
+            sigma = level_maps("preds['kpts_sigma']", pred_tensor(preds, "kpts_sigma", 2 * k, f" = 2 * K {k}"), levels)
+        return self.loss(feats, kpts, sigma, rows, keypoints)
 
 
 @register_criterion("PoseModel")

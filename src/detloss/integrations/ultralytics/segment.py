@@ -51,10 +51,10 @@ class SegmentBranch(torch.nn.Module):
             want = "(prototypes, semantic logits) from a Segment26 head" if is26 else "the prototypes alone (a Segment head)"
             raise ValueError(f"preds['proto']: expected {want}, got {'a tuple' if semantic is not None else 'a tensor'}")
         dev = feats[0].device
-        args = (feats, coef, proto, batch_rows(batch, dev), batch_tensor(batch, "masks").to(dev))
+        rows, masks = batch_rows(batch, dev), batch_tensor(batch, "masks").to(dev)
         if is26:
-            return self.loss(*args, semantic, batch_tensor(batch, "sem_masks").to(dev))
-        out = self.loss(*args)
+            return self.loss(feats, coef, proto, semantic, rows, masks, batch_tensor(batch, "sem_masks").to(dev))
+        out = self.loss(feats, coef, proto, rows, masks)
         zero = out.total.new_zeros(())
         return LossOutput(out.total, {**out.components, "sem": zero}, out.stats, {**out.terms, "sem": zero})
 

@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 
 from detloss import distributed as ddist
 from detloss.losses.fcos import FCOSLoss
+from detloss.losses.yolov3 import YOLOv3Loss
+from detloss.losses.yolov5 import YOLOv5Loss
 from detloss.losses.yolov8 import YOLOv8Loss
 
 WORLD = 2
@@ -77,31 +79,139 @@ class _ConvHead(torch.nn.Module):
         return [self.conv(x) for x in xs]
 
 
-class YOLOv8Case:
-    nc, reg_max, hw = 3, 4, (64, 64)
+class _YOLOv5Head(torch.nn.Module):
+    """A linear map per anchor and cell: features [B, na, H, W, F] -> [B, na, H, W, 5 + nc]."""
 
-    def model(self):
-        return _ConvHead(4 * self.reg_max + self.nc)
+    def __init__(self, no):
+        super().__init__()
+        self.lin = torch.nn.Linear(FEATURES, no)
+
+    def forward(self, xs):
+        return [self.lin(x) for x in xs]
+
+
+class YOLOCase:
+    """Head outputs from per-level features, YOLO rows as targets."""
+
+    nc, rtol = 3, 1e-9
+
+    def features(self, shapes):
+        g = torch.Generator().manual_seed(1)
+        return [torch.randn(BATCH, *shape, generator=g, dtype=torch.float64) for shape in shapes]
 
     def batch(self):
-        g = torch.Generator().manual_seed(1)
-        xs = [torch.randn(BATCH, FEATURES, self.hw[0] // s, self.hw[1] // s, generator=g, dtype=torch.float64)
-              for s in (8, 16, 32)]
-        return xs, _yolo_rows(YOLO_BOXES)
+        return self.features(self.shapes), _yolo_rows(YOLO_BOXES)
 
     def split(self, batch, images):
         xs, rows = batch
         return [x[images] for x in xs], _rows_of(rows, images)
-
-    def loss(self, reduce):
-        return YOLOv8Loss(self.nc, reg_max=self.reg_max, reduce_across_ranks=reduce)
 
     def call(self, loss_fn, model, part):
         xs, rows = part
         return loss_fn(model(xs), rows)
 
 
-CASES = {"yolov8": YOLOv8Case()}
+class YOLOv8Case(YOLOCase):
+    reg_max = 4
+    shapes = [(FEATURES, 64 // s, 64 // s) for s in (8, 16, 32)]
+
+    def model(self):
+        return _ConvHead(4 * self.reg_max + self.nc)
+
+    def loss(self, reduce):
+        return YOLOv8Loss(self.nc, reg_max=self.reg_max, reduce_across_ranks=reduce)
+
+
+class YOLOv5Case(YOLOCase):
+    shapes = [(3, 64 // s, 64 // s, FEATURES) for s in (8, 16, 32)]
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def model(self):
+        return _YOLOv5Head(5 + self.nc)
+
+    def loss(self, reduce):
+        return YOLOv5Loss(self.nc, reduce_across_ranks=reduce, **self.kwargs)
+
+
+class YOLOv3Case(YOLOCase):
+    shapes = [(FEATURES, 64 // s, 64 // s) for s in (32, 16, 8)]
+
+    def __init__(self, flavor):
+        self.flavor = flavor
+
+    def model(self):
+        return _ConvHead(3 * (5 + self.nc))
+
+    def loss(self, reduce):
+        return YOLOv3Loss(self.nc, img_size=64, flavor=self.flavor, reduce_across_ranks=reduce)
+
+
+class _FCOSHead(torch.nn.Module):
+    """Per-point linear head: features [B, P, F] -> (cls [B, P, C], reg [B, P, 4], ctr [B, P, 1])."""
+
+    def __init__(self, nc):
+        super().__init__()
+        self.nc = nc
+        self.lin = torch.nn.Linear(FEATURES, nc + 5)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y[..., : self.nc], y[..., self.nc : self.nc + 4].exp(), y[..., self.nc + 4 :]
+
+
+class FCOSCase:
+    """Per-image box dicts as targets, 64 x 64 images."""
+
+    nc = 3
+    sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+
+    def __init__(self, rtol=1e-9, **kwargs):
+        self.rtol, self.kwargs = rtol, kwargs
+
+    def model(self):
+        return _FCOSHead(self.nc)
+
+    def batch(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, sum(h * w for h, w in self.sizes), FEATURES, generator=g, dtype=torch.float64)
+        boxes = [
+            [[4.0, 6.0, 40.0, 30.0], [10.0, 10.0, 60.0, 62.0], [0.0, 0.0, 64.0, 64.0]],
+            [[20.0, 20.0, 30.0, 34.0]],
+            [],  # an empty image on the second rank
+            [[2.0, 30.0, 50.0, 60.0], [30.0, 2.0, 62.0, 20.0]],
+        ]
+        labels = [[0, 1, 2], [1], [], [2, 0]]
+        targets = [
+            {"boxes": torch.tensor(b, dtype=torch.float64).reshape(-1, 4), "labels": torch.tensor(lb, dtype=torch.int64)}
+            for b, lb in zip(boxes, labels)
+        ]
+        return x, targets
+
+    def split(self, batch, images):
+        x, targets = batch
+        return x[images.start : images.stop], targets[images.start : images.stop]
+
+    def loss(self, reduce):
+        return FCOSLoss(self.nc, reduce_across_ranks=reduce, **self.kwargs)
+
+    def call(self, loss_fn, model, part):
+        x, targets = part
+        return loss_fn(*model(x), self.sizes, targets)
+
+
+CASES = {
+    "yolov8": YOLOv8Case(),
+    "yolov5": YOLOv5Case(),
+    "yolov5_autobalance": YOLOv5Case(autobalance=True),
+    "yolov3_darknet": YOLOv3Case("darknet"),
+    "yolov3_pytorch": YOLOv3Case("pytorch-yolov3"),
+    "fcos_torchvision": FCOSCase(),
+    # mmdet's normalizers equal the whole batch's up to its eps (module docstring of FCOSLoss)
+    "fcos_mmdet": FCOSCase(1e-6, convention="mmdet", center_sampling=True, box_loss="giou"),
+    "fcos_mmdet_defaults": FCOSCase(1e-6, convention="mmdet"),
+}
 SETTINGS = (False, True)
 
 
@@ -113,8 +223,10 @@ def _step(case, state, part, reduce, ddp=False):
     model = case.model().double()
     model.load_state_dict(state)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    out = case.call(case.loss(reduce), net, part)
+    loss_fn = case.loss(reduce)
+    out = case.call(loss_fn, net, part)
     out.total.backward()
+    out.stats["balance_after"] = getattr(loss_fn, "balance", None)
     return _grads(model), out
 
 
@@ -164,41 +276,42 @@ def _assert_grads_close(actual, expected, rtol, what):
         torch.testing.assert_close(actual[k], g, rtol=rtol, atol=rtol * scale, msg=f"{what} {k}")
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_reduce_across_ranks_gives_the_whole_batch(ranks, name):
+@pytest.fixture(params=sorted(CASES))
+def each(request, ranks):
+    """(name, case, initial model state, the ranks' results) of each case."""
     states, results = ranks
-    case = CASES[name]
-    grads, out = _step(case, states[name], case.batch(), True)
+    return request.param, CASES[request.param], states[request.param], results
+
+
+@pytest.mark.distributed
+def test_reduce_across_ranks_gives_the_whole_batch(each):
+    name, case, state, results = each
+    grads, out = _step(case, state, case.batch(), True)
     for res in results:
-        _assert_grads_close(res[(name, True)]["grads"], grads, 1e-9, f"{name} reduce_across_ranks=True")
+        _assert_grads_close(res[(name, True)]["grads"], grads, case.rtol, f"{name} reduce_across_ranks=True")
     mean_total = sum(res[(name, True)]["total"] for res in results) / WORLD
-    torch.testing.assert_close(mean_total, out.total.detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(mean_total, out.total.detach(), rtol=case.rtol, atol=0)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_default_normalizes_each_rank_by_its_own_half(ranks, name):
-    states, results = ranks
-    case = CASES[name]
+def test_default_normalizes_each_rank_by_its_own_half(each):
+    name, case, state, results = each
     half = BATCH // WORLD
-    per_half = [_step(case, states[name], case.split(case.batch(), range(r * half, (r + 1) * half)), False)
+    per_half = [_step(case, state, case.split(case.batch(), range(r * half, (r + 1) * half)), False)
                 for r in range(WORLD)]
     mean = {k: sum(g[k] for g, _ in per_half) / WORLD for k in per_half[0][0]}
     for r, res in enumerate(results):
         _assert_grads_close(res[(name, False)]["grads"], mean, 1e-9, f"{name} default")
         torch.testing.assert_close(res[(name, False)]["total"], per_half[r][1].total.detach(), rtol=1e-12, atol=0)
     # ... which is not the whole batch's gradient (the option above is what makes it so)
-    whole, _ = _step(case, states[name], case.batch(), False)
+    whole, _ = _step(case, state, case.batch(), False)
     assert max(float((mean[k] - g).abs().max() / g.abs().max()) for k, g in whole.items()) > 1e-3
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_default_computed_on_one_rank_only_finishes(ranks, name):
-    states, results = ranks
-    case = CASES[name]
-    _, out = _step(case, states[name], case.batch(), False)
+def test_default_computed_on_one_rank_only_finishes(each):
+    name, case, state, results = each
+    _, out = _step(case, state, case.batch(), False)
     assert results[0][(name, "alone")] == pytest.approx(float(out.total.detach()), rel=1e-12)
 
 
@@ -211,101 +324,23 @@ def test_yolov8_normalizer_is_the_mean_of_the_ranks_sums(ranks):
         assert res[("yolov8", True)]["stats"]["target_scores_sum"] == res[("yolov8", True)]["stats"]["normalizer"]
 
 
-# ------------------------------------------------------------------------------------------ FCOS
-SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # 64 x 64 images
-P = sum(h * w for h, w in SIZES)
-C = 3
-
-
-class _Head(torch.nn.Module):
-    """Per-point linear head: features [B, P, F] -> (cls [B, P, C], reg [B, P, 4], ctr [B, P, 1])."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(FEATURES, C + 5)
-
-    def forward(self, x):
-        y = self.lin(x)
-        return y[..., :C], y[..., C:C + 4].exp(), y[..., C + 4:]
-
-
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, P, FEATURES, generator=g, dtype=torch.float64)
-    boxes = [
-        torch.tensor([[4.0, 6.0, 40.0, 30.0], [10.0, 10.0, 60.0, 62.0], [0.0, 0.0, 64.0, 64.0]]),
-        torch.tensor([[20.0, 20.0, 30.0, 34.0]]),
-        torch.zeros(0, 4),  # an empty image on the second rank
-        torch.tensor([[2.0, 30.0, 50.0, 60.0], [30.0, 2.0, 62.0, 20.0]]),
-    ]
-    labels = [torch.tensor([0, 1, 2]), torch.tensor([1]), torch.zeros(0, dtype=torch.int64), torch.tensor([2, 0])]
-    targets = [{"boxes": b.double(), "labels": lb} for b, lb in zip(boxes, labels)]
-    return x, targets
-
-
-SCENARIOS = {
-    "torchvision": dict(convention="torchvision"),
-    "mmdet": dict(convention="mmdet", center_sampling=True, norm_on_bbox=False, box_loss="giou"),
-    "mmdet_defaults": dict(convention="mmdet"),
-    "torchvision_unsynced": dict(convention="torchvision", sync_normalizers=False),
-}
-
-
-def _run(model, kwargs, x, targets):
-    out = FCOSLoss(C, **kwargs)(*model(x), SIZES, targets)
-    out.total.backward()
-    return out
-
-
-def _fcos_worker(rank, tmp, state):
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
-        x, targets = _batch()
-        half = x.shape[0] // WORLD
-        sl = slice(rank * half, (rank + 1) * half)
-        results = {}
-        for name, kwargs in SCENARIOS.items():
-            model = _Head().double()
-            model.load_state_dict(state)
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            out = _run(ddp, kwargs, x[sl], targets[sl])
-            results[name] = {
-                "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
-                "total": out.total.detach().clone(),
-                "num_pos_total": out.stats["num_pos_total"],
-            }
-        torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        tdist.destroy_process_group()
+@pytest.mark.distributed
+def test_fcos_counts_the_positives_of_all_ranks(ranks):
+    states, results = ranks
+    case = CASES["fcos_torchvision"]
+    _, out = _step(case, states["fcos_torchvision"], case.batch(), True)
+    for res in results:
+        assert res[("fcos_torchvision", True)]["stats"]["num_pos_total"] == out.stats["num_pos"]
 
 
 @pytest.mark.distributed
-def test_two_ranks_with_half_batches_give_the_whole_batch_gradient(tmp_path):
-    torch.manual_seed(0)
-    state = _Head().double().state_dict()
-    x, targets = _batch()
-    ref = {}
-    for name, kwargs in SCENARIOS.items():
-        model = _Head().double()
-        model.load_state_dict(state)
-        out = _run(model, kwargs, x, targets)
-        ref[name] = ({k: p.grad.clone() for k, p in model.named_parameters()}, out)
-
-    mp.spawn(_fcos_worker, args=(str(tmp_path), state), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-
-    for name, tol in (("torchvision", 1e-12), ("mmdet", 1e-6), ("mmdet_defaults", 1e-6)):
-        grads, out = ref[name]
-        for res in ranks:
-            assert res[name]["num_pos_total"] == out.stats["num_pos"]
-            for k, g in grads.items():
-                torch.testing.assert_close(res[name]["grads"][k], g, rtol=tol, atol=1e-14, msg=f"{name} {k}")
-        # the mean of the per-rank losses is the whole-batch loss
-        mean_total = sum(res[name]["total"] for res in ranks) / WORLD
-        torch.testing.assert_close(mean_total, out.total.detach(), rtol=tol, atol=0)
-
-    # local normalizers (torchvision's own behaviour) do depend on the split: the check above can fail
-    grads, _ = ref["torchvision_unsynced"]
-    diff = max((ranks[0]["torchvision_unsynced"]["grads"][k] - g).abs().max().item() for k, g in grads.items())
-    assert diff > 1e-3
+def test_yolov5_autobalance_keeps_the_ranks_balance_equal_to_the_whole_batch(ranks):
+    states, results = ranks
+    case = CASES["yolov5_autobalance"]
+    _, out = _step(case, states["yolov5_autobalance"], case.batch(), True)
+    for res in results:
+        got = res[("yolov5_autobalance", True)]["stats"]["balance_after"]
+        assert got == pytest.approx(out.stats["balance_after"], rel=1e-12)
+    # by default each rank follows its own half
+    mine = [res[("yolov5_autobalance", False)]["stats"]["balance_after"] for res in results]
+    assert mine[0] != mine[1]

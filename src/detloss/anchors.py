@@ -11,18 +11,22 @@ prediction's index ``p`` in ``0 .. A-1`` names one point of one level:
 - :func:`per_point`: one value per level repeated over the level's points (strides, level index);
 - :func:`window_cells`: every cell of a rectangle of cell indices, for many rectangles at once:
   the candidate enumeration of the assigners that visit only the cells near each box instead of
-  building a boxes x points mask (:mod:`detloss.assign.tal`, :mod:`detloss.assign.fcos`).
+  building a boxes x points mask (:mod:`detloss.assign.tal`, :mod:`detloss.assign.fcos`);
+- :class:`GridLevel` and :func:`locate`: where a prediction index lies on the image (level,
+  anchor slot, cell, point), for heads with several anchors per cell too
+  (:meth:`detloss.losses.base.DetectionLoss.prediction_levels`).
 
 No loop over boxes or points; a loop over levels only.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Level", "grid_points", "make_anchors", "per_point", "window_cells"]
+__all__ = ["Level", "GridLevel", "grid_points", "locate", "make_anchors", "per_point", "window_cells"]
 
 #: ``(h, w, stride)`` of one pyramid level.
 Level = Tuple[int, int, float]
@@ -83,3 +87,47 @@ def window_cells(start: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     ix = start[rect, 0] + t % nx
     iy = start[rect, 1] + torch.div(t, nx, rounding_mode="floor")
     return rect, ix, iy
+
+
+@dataclass
+class GridLevel:
+    """How one level's predictions lie on the image: ``num_anchors * ny * nx`` predictions laid
+    out ``[anchor slot, ny, nx]``, the point of cell ``(gy, gx)`` at ``((gx + offset) * sx,
+    (gy + offset) * sy)`` pixels. ``anchors``: the slots' ``(w, h)`` in pixels, or None for one
+    prediction per point (anchor-free heads)."""
+
+    stride: float
+    grid: Tuple[int, int]
+    spacing: Tuple[float, float]
+    offset: float = 0.5
+    anchors: Optional[List[Tuple[float, float]]] = None
+
+    @property
+    def num_preds(self) -> int:
+        return (1 if self.anchors is None else len(self.anchors)) * self.grid[0] * self.grid[1]
+
+
+def locate(levels: Sequence[GridLevel], pred_index: Tensor) -> Dict[str, Tensor]:
+    """Where predictions ``pred_index`` (int64 ``[P]``, levels concatenated) lie: int64 ``level``,
+    ``anchor`` (slot in its level, 0 for anchor-free levels), ``gy``, ``gx`` and float64 ``x``,
+    ``y`` (the cell's point in pixels), each ``[P]``."""
+    sizes = torch.tensor([lv.num_preds for lv in levels], device=pred_index.device)
+    ends = torch.cumsum(sizes, 0)
+    level = torch.searchsorted(ends, pred_index, right=True)
+    local = pred_index - (ends - sizes)[level]
+    ny = torch.tensor([lv.grid[0] for lv in levels], device=pred_index.device)[level]
+    nx = torch.tensor([lv.grid[1] for lv in levels], device=pred_index.device)[level]
+    cell = local % (ny * nx)
+    gy, gx = torch.div(cell, nx, rounding_mode="floor"), cell % nx
+    f64 = dict(dtype=torch.float64, device=pred_index.device)
+    offset = torch.tensor([lv.offset for lv in levels], **f64)[level]
+    sx = torch.tensor([lv.spacing[0] for lv in levels], **f64)[level]
+    sy = torch.tensor([lv.spacing[1] for lv in levels], **f64)[level]
+    return {
+        "level": level,
+        "anchor": torch.div(local, ny * nx, rounding_mode="floor"),
+        "gy": gy,
+        "gx": gx,
+        "x": (gx + offset) * sx,
+        "y": (gy + offset) * sy,
+    }

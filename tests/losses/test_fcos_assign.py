@@ -1,8 +1,9 @@
-"""FCOS assignment: the candidate-window matcher against dense points x boxes transcriptions.
+"""FCOS assignment: the candidate-window matcher against dense points x boxes implementations.
 
-The dense functions below are line-by-line transcriptions of the originals' matchers:
-torchvision 0.29 ``FCOS.compute_loss`` (the matcher part, run on the anchors its
-``AnchorGenerator`` makes) and mmdetection 3.x ``FCOSHead._get_targets_single``. The reference
+:func:`torchvision_dense_match` is written here from torchvision's matching rules as the module
+docstring of detloss.assign.fcos states them (torchvision 0.29 ``FCOS.compute_loss``, run on the
+anchors its ``AnchorGenerator`` makes, :func:`tv_anchors`), over every point and box at once;
+``mmdet_dense_targets`` follows mmdetection 3.x ``FCOSHead._get_targets_single``. The reference
 data (tests/data/torchvision_fcos/, SOURCE: "torchvision 0.29.1+cu130 ... FCOS.compute_loss
 (matcher) -> FCOSHead.compute_loss. Run unmodified on CPU in float64.") pins the torchvision
 matcher in test_fcos.py; here random boxes, many of them on point boundaries and with equal
@@ -18,7 +19,41 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detloss.assign.fcos import _candidate_pairs, assign_fcos, make_point_grid
-from detloss_bench.fcos import torchvision_dense_match_image  # the dense matcher, transcribed
+
+
+def torchvision_dense_match(anchors, counts, boxes, center_sampling_radius=1.5):
+    """Box index per anchor point (-1: background), every (point, box) pair tested.
+
+    A point (the anchor's centre, anchor side ``s``) is a candidate for a box when it lies
+    strictly inside the box, within ``radius * s`` of the box centre in both axes (Chebyshev
+    distance) and its largest distance to a side is strictly between ``4 s`` (0 on the first
+    level) and ``8 s`` (infinite on the last). Candidates score ``1e8 - area`` in the boxes'
+    dtype; the largest score wins, the lowest box index on ties, and a score under 1e-5 is no match.
+    """
+    n_points = anchors.shape[0]
+    if boxes.shape[0] == 0:
+        return torch.full((n_points,), -1, dtype=torch.int64)
+    centre = (anchors[:, :2] + anchors[:, 2:]) / 2
+    side = anchors[:, 2] - anchors[:, 0]
+    px, py = centre[:, 0:1], centre[:, 1:2]
+    x1, y1, x2, y2 = (boxes[:, k][None] for k in range(4))
+    dist = torch.stack((px - x1, py - y1, x2 - px, y2 - py), -1)  # [points, boxes, 4]
+    box_centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    near = torch.maximum((px - box_centre[None, :, 0]).abs(), (py - box_centre[None, :, 1]).abs())
+    lower = 4 * side
+    lower[: counts[0]] = 0
+    upper = 8 * side
+    upper[-counts[-1]:] = math.inf
+    far = dist.max(-1).values
+    ok = (dist.min(-1).values > 0) & (near < center_sampling_radius * side[:, None])
+    ok &= (far > lower[:, None]) & (far < upper[:, None])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    score = torch.where(ok, 1e8 - area[None], torch.zeros((), dtype=boxes.dtype))
+    best = score.max(1).values
+    index = torch.arange(boxes.shape[0]).expand_as(score)
+    first = torch.where(score == best[:, None], index, boxes.shape[0]).min(1).values
+    return torch.where(best < 1e-5, -1, first)
+
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -157,9 +192,9 @@ def test_torchvision_matches_dense(scene, radius):
     (h, w), images = scene
     fs = _feature_sizes(h, w)
     anchors, counts = tv_anchors(fs, (h, w))
-    ours = assign_fcos(images, fs, STRIDES, center_sampling_radius=radius, image_size=(h, w)).matched_idxs
+    ours = assign_fcos(images, fs, STRIDES, center_sampling_radius=radius, image_size=(h, w)).matched_idxs()
     for i, boxes in enumerate(images):
-        ref = torchvision_dense_match_image(anchors, counts, boxes, center_sampling_radius=radius)
+        ref = torchvision_dense_match(anchors, counts, boxes, center_sampling_radius=radius)
         assert torch.equal(ours[i], ref)
 
 
@@ -176,19 +211,19 @@ def test_mmdet_matches_dense(scene, center_sampling, radius):
     for i, boxes in enumerate(images):
         labels = torch.zeros(len(boxes), dtype=torch.int64)
         *_, ref = mmdet_dense_targets(points, fs, boxes, labels, 1, center_sampling, radius)
-        assert torch.equal(ours.matched_idxs[i], ref)
+        assert torch.equal(ours.matched_idxs()[i], ref)
 
 
 @settings(max_examples=25, deadline=None)
 @given(scene=scenes())
 def test_torchvision_without_center_sampling_matches_dense(scene):
-    # no centre sampling = an infinite radius in the dense transcription
+    # no centre sampling = an infinite radius in the dense implementation
     (h, w), images = scene
     fs = _feature_sizes(h, w)
     anchors, counts = tv_anchors(fs, (h, w))
-    ours = assign_fcos(images, fs, STRIDES, center_sampling_radius=None, image_size=(h, w)).matched_idxs
+    ours = assign_fcos(images, fs, STRIDES, center_sampling_radius=None, image_size=(h, w)).matched_idxs()
     for i, boxes in enumerate(images):
-        assert torch.equal(ours[i], torchvision_dense_match_image(anchors, counts, boxes, center_sampling_radius=math.inf))
+        assert torch.equal(ours[i], torchvision_dense_match(anchors, counts, boxes, center_sampling_radius=math.inf))
 
 
 def test_float32_boxes_follow_torchvision_float32_rounding():
@@ -196,8 +231,8 @@ def test_float32_boxes_follow_torchvision_float32_rounding():
     boxes = torch.tensor([[0.0, 0.0, 40.0, 25.075], [0.0, 0.0, 40.0, 25.0]], dtype=torch.float32)
     fs = _feature_sizes(64, 64)
     anchors, counts = tv_anchors(fs, (64, 64), dtype=torch.float32)
-    ref = torchvision_dense_match_image(anchors, counts, boxes)
-    ours = assign_fcos([boxes], fs, STRIDES).matched_idxs[0]
+    ref = torchvision_dense_match(anchors, counts, boxes)
+    ours = assign_fcos([boxes], fs, STRIDES).matched_idxs()[0]
     assert (ref == 0).any()
     assert torch.equal(ours, ref)
 
@@ -205,9 +240,9 @@ def test_float32_boxes_follow_torchvision_float32_rounding():
 def test_levels_and_foreground_helpers():
     boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0], [0.0, 0.0, 120.0, 120.0]])
     a = assign_fcos([boxes], _feature_sizes(128, 128), STRIDES)
-    assert a.levels.shape == a.matched_idxs.shape[1:]
+    assert a.levels.shape == a.matched_idxs()[0].shape
     per_level = a.num_pos_per_level()
-    assert sum(per_level) == int(a.foreground.sum())
+    assert sum(per_level) == int(a.foreground().sum())
     assert per_level[0] > 0 and sum(per_level[1:]) > 0
 
 
@@ -224,7 +259,7 @@ def test_crowded_image_memory_grows_with_candidates_not_points_x_boxes():
     box, point = _candidate_pairs(boxes, grid, "torchvision")
     assert len(box) < 20 * n
     a = assign_fcos([boxes], fs, STRIDES)
-    assert int(a.foreground.sum()) > 0
+    assert int(a.foreground().sum()) > 0
     # without centre sampling the windows stay bounded by the level ranges
     grid = make_point_grid(fs, STRIDES, center_sampling_radius=None, dtype=torch.float32)
     box, _ = _candidate_pairs(boxes, grid, "torchvision")

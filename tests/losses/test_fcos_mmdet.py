@@ -208,5 +208,5 @@ def test_mmdet_center_sample_radius_alias():
     b = FCOSLoss(4, convention="mmdet", center_sampling=True, center_sampling_radius=2.5)
     c = FCOSLoss(4, convention="mmdet", center_sampling=True)
     assert a.center_sampling_radius == 2.5
-    ma, mb, mc = (f.assign(fs, targets).matched_idxs for f in (a, b, c))
+    ma, mb, mc = (torch.stack(f.assign(*heads, fs, targets).matched_idxs()) for f in (a, b, c))
     assert torch.equal(ma, mb) and not torch.equal(ma, mc)

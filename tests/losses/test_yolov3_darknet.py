@@ -389,3 +389,67 @@ def test_bad_arguments(kwargs, match):
     kwargs = {"num_classes": 3, **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
         YOLOv3Loss(**kwargs)
+
+
+def test_best_truth_iou_equals_a_loop_over_truths():
+    """The vectorized ignore pass against darknet's own loop: for each truth in order, keep the
+    IoU when it is strictly larger than the best so far (so ties keep the first truth)."""
+    from detloss.assign import darknet
+
+    g = torch.Generator().manual_seed(1)
+    pred = torch.cat((torch.rand(2, 40, 2, generator=g), torch.rand(2, 40, 2, generator=g) * 0.5 + 0.01), -1)
+    truth = torch.cat((torch.rand(2, 5, 2, generator=g), torch.rand(2, 5, 2, generator=g) * 0.4 + 0.05), -1)
+    truth[1, 3] = truth[1, 1]  # a duplicate: a tie
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[0, 4] = False
+    best, slot = darknet._best_truth_iou(pred, truth, valid)
+    want_best = torch.zeros(2, 40)
+    want_slot = torch.zeros(2, 40, dtype=torch.long)
+    for t in range(5):
+        iou = darknet.darknet_iou(pred, truth[:, t : t + 1].expand_as(pred))
+        better = (iou > want_best) & valid[:, t : t + 1]
+        want_best = torch.where(better, iou, want_best)
+        want_slot = torch.where(better, t, want_slot)
+    assert bool((best > 0).any())
+    assert torch.equal(best, want_best) and torch.equal(slot[best > 0], want_slot[best > 0])
+
+
+@pytest.mark.parametrize("flavor", ["darknet", "pytorch-yolov3"])
+def test_assignment_terms_stats_and_decode(flavor):
+    from detloss.assign.base import Assignment
+    from detloss.losses.base import STAT_KEYS
+
+    inputs, targets, kw = make_case(3, "yolov3", 2, 3, (96, 64), 4, True, False, True)
+    loss_fn = YOLOv3Loss(3, flavor=flavor, **kw)
+    asg = loss_fn.assign(inputs, targets)
+    assert isinstance(asg, Assignment) and len(asg) == 3
+    out = loss_fn(inputs, targets)
+    assert out.stats["num_pos"] == asg.num_pos > 0
+    assert out.stats["num_ignored"] == int(asg.ignore.sum())
+    # pred_index: the layers' [A, H, W] cells, layers concatenated; target_index: the cell's row
+    offset = 0
+    for i, (a, x) in enumerate(zip(asg, inputs)):
+        h, w = x.shape[2:]
+        positive = a.positive if flavor == "darknet" else a.obj_mask
+        owner = a.box_truth if flavor == "darknet" else a.cell_truth
+        sel = asg.extras["level"] == i
+        b, k, y, c = positive.nonzero(as_tuple=True)
+        assert torch.equal(asg.pred_index[sel], offset + (k * h + y) * w + c)
+        assert torch.equal(asg.target_index[sel], owner[b, k, y, c])
+        offset += 3 * h * w
+    assert torch.equal(asg.labels, targets[asg.target_index, 1].long())
+    torch.testing.assert_close(sum(out.terms.values()), out.total, rtol=1e-6, atol=0)
+    for k, typ in STAT_KEYS.items():
+        assert type(out.stats[k]) is typ, k
+    assert 0.0 < out.stats["iou_mean"] <= 1.0
+    # decode: layer 0 (stride 32, 3 x 2 cells), anchor slot 1, cell (y 2, x 1), by hand
+    zeros = [torch.zeros_like(x) for x in inputs]
+    no = 8
+    zeros[0][0, 1 * no + 2, 2, 1] = math.log(2.0)  # tw: twice the anchor's width
+    boxes, scores = loss_fn.decode(zeros)
+    k = 1 * 6 + 2 * 2 + 1
+    aw, ah = ANCHORS[kw["masks"][0][1]]
+    cx, cy = 1.5 * 32, 2.5 * 32
+    torch.testing.assert_close(boxes[0, k], torch.tensor([cx - aw, cy - ah / 2, cx + aw, cy + ah / 2]))
+    torch.testing.assert_close(scores[0, k], torch.full((3,), 0.25))
+    assert boxes.shape == (2, sum(3 * x.shape[2] * x.shape[3] for x in inputs), 4)

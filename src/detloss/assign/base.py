@@ -26,12 +26,12 @@ synchronizes a GPU: only shapes are checked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Assignment", "BACKGROUND", "IGNORED", "rank_in_group"]
+__all__ = ["Assignment", "PerLevelAssignment", "BACKGROUND", "IGNORED", "rank_in_group", "cell_index"]
 
 #: ``matched_idxs`` value of a background prediction (torchvision's ``Matcher.BELOW_LOW_THRESHOLD``).
 BACKGROUND = -1
@@ -161,6 +161,37 @@ class Assignment:
             ignore=ignore,
             extras={} if extras is None else extras,
         )
+
+
+class PerLevelAssignment(Assignment):
+    """An :class:`Assignment` of a scheme that decides level by level (YOLOv5, YOLOv3): the flat
+    positives of all levels, level after level, and ``extras["levels"]`` the scheme's own
+    per-level results, which the object also is a sequence of (``len``, indexing, iteration),
+    as the scheme's functions returned them before they returned an ``Assignment``.
+
+    ``pred_index`` follows the head layout ``[A_l, H_l, W_l]`` per level, levels concatenated
+    (:func:`cell_index`); ``extras["level"]`` int64 ``[P]`` is each positive's level.
+    """
+
+    def __len__(self) -> int:
+        return len(self.extras["levels"])
+
+    def __getitem__(self, i: int) -> Any:
+        return self.extras["levels"][i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.extras["levels"])
+
+
+def cell_index(
+    shapes: Sequence[Tuple[int, int, int]], level: int, anchor: Tensor, gy: Tensor, gx: Tensor
+) -> Tensor:
+    """Prediction index of (anchor slot, cell row, cell column) on ``level`` when every level
+    ``(num_anchors, ny, nx)`` of ``shapes`` is laid out ``[num_anchors, ny, nx]`` and the levels
+    are concatenated: ``offset_l + (anchor * ny + gy) * nx + gx``."""
+    offset = sum(na * ny * nx for na, ny, nx in shapes[:level])
+    _, ny, nx = shapes[level]
+    return offset + (anchor * ny + gy) * nx + gx
 
 
 def rank_in_group(group: Tensor, value: Optional[Tensor] = None, *, descending: bool = True) -> Tensor:

@@ -34,9 +34,12 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .._checks import check_floating, check_like_first
-from ..boxes import check_yolo_targets
+from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
+from .base import PerLevelAssignment, cell_index
 
 __all__ = [
+    "DarknetAssignment",
+    "PyTorchYOLOv3Assignment",
     "DarknetLayerAssignment",
     "PyTorchYOLOv3LayerAssignment",
     "assign_darknet",
@@ -122,6 +125,52 @@ class PyTorchYOLOv3LayerAssignment:
     cell_truth: torch.Tensor
 
 
+class DarknetAssignment(PerLevelAssignment):
+    """What :func:`assign_darknet` returns: the cells with an object term of every layer, layer
+    after layer (each in cell order), as an :class:`~detloss.assign.base.Assignment`, and the
+    list of the layers' :class:`DarknetLayerAssignment` (``assignment[i]``, iteration).
+
+    ``pred_index``: the cell of the layer's ``[A, H, W]`` predictions, layers concatenated;
+    ``target_index`` the row of ``targets`` whose box target the cell gets (``box_truth``);
+    ``boxes`` that row's ``(cx, cy, w, h)`` normalized; ``labels`` its class; ``weights`` ones;
+    ``ignore`` the predictions without any objectness term (ignored and not positive).
+    ``extras``: ``levels`` (the per-layer results), ``level`` (int64 ``[P]``), ``ignore_target``
+    (int64 ``[B, A]``: the truth whose IoU put each prediction above the ignore threshold,
+    ``best_truth``, -1 where none).
+    """
+
+
+class PyTorchYOLOv3Assignment(PerLevelAssignment):
+    """What :func:`assign_pytorch_yolov3` returns, shaped as :class:`DarknetAssignment`: the object
+    cells of every layer (``target_index`` the row written last into the cell, ``cell_truth``),
+    ``ignore`` the cells in neither the object nor the no-object set, and the layers'
+    :class:`PyTorchYOLOv3LayerAssignment` as ``extras["levels"]``."""
+
+
+def _layers_assignment(cls, layers, positive, owner, ignore, rows: torch.Tensor, batch: int, **extras):
+    """The positives of per-layer masks ``positive``, ``owner`` (row per cell), ``ignore``
+    ``[B, A, H, W]``, layer after layer; ``extras`` per-layer ``[B, A, H, W]`` maps, flattened."""
+    shapes = [tuple(p.shape[1:]) for p in positive]
+    parts = [m.nonzero(as_tuple=True) for m in positive]
+    target = torch.cat([o[b, a, y, x] for o, (b, a, y, x) in zip(owner, parts)])
+    return cls(
+        batch_index=torch.cat([b for b, _, _, _ in parts]),
+        pred_index=torch.cat([cell_index(shapes, i, a, y, x) for i, (_, a, y, x) in enumerate(parts)]),
+        target_index=target,
+        boxes=rows[target, 2:6],
+        labels=rows[target, 1].long(),
+        weights=torch.ones(target.shape[0], dtype=rows.dtype, device=rows.device),
+        batch_size=batch,
+        num_preds=sum(a * h * w for a, h, w in shapes),
+        ignore=torch.cat([m.reshape(batch, -1) for m in ignore], 1),
+        extras={
+            "levels": layers,
+            "level": torch.cat([torch.full_like(b, i) for i, (b, _, _, _) in enumerate(parts)]),
+            **{k: torch.cat([m.reshape(batch, -1) for m in v], 1) for k, v in extras.items()},
+        },
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # checks
 
@@ -205,18 +254,12 @@ def _darknet_logistic(x: torch.Tensor) -> torch.Tensor:
 def _pad_truths(targets32: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-image truth table: boxes ``[B, T, 4]`` (cx, cy, w, h) and rows ``[B, T]`` (-1 = padding),
     keeping each image's row order; ``T`` is the largest count of truths in one image."""
-    n = targets32.shape[0]
-    dev = targets32.device
     img = targets32[:, 0].long()
-    counts = torch.bincount(img, minlength=batch)
-    t_max = int(counts.max()) if n else 0
-    order = torch.sort(img, stable=True).indices
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(n, device=dev) - starts[img[order]]
-    rows = torch.full((batch, t_max), -1, dtype=torch.long, device=dev)
-    rows[img[order], slot] = order
-    boxes = torch.zeros((batch, t_max, 4), dtype=torch.float32, device=dev)
-    boxes[img[order], slot] = targets32[order, 2:6]
+    slot, t_max = image_slots(img, batch)
+    rows = torch.full((batch, t_max), -1, dtype=torch.long, device=targets32.device)
+    rows[img, slot] = torch.arange(img.numel(), device=targets32.device)
+    boxes = torch.zeros((batch, t_max, 4), dtype=torch.float32, device=targets32.device)
+    boxes[img, slot] = targets32[:, 2:6]
     return boxes, rows
 
 
@@ -241,8 +284,8 @@ def _best_truth_iou(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor
         return best, slot
 
     def edges(box):
-        x, y, w, h = box.unbind(-1)
-        return x - w / 2, x + w / 2, y - h / 2, y + h / 2, w * h
+        x1, y1, x2, y2 = cxcywh_to_xyxy(box).unbind(-1)
+        return x1, x2, y1, y2, box[..., 2] * box[..., 3]
 
     tx1, tx2, ty1, ty2, ta = (v[:, None, :] for v in edges(truth))
     ta = ta.masked_fill(~valid[:, None, :], float("inf"))
@@ -292,7 +335,7 @@ def assign_darknet(
     img_size: Tuple[int, int],
     ignore_thresh: float = 0.7,
     truth_thresh: float = 1.0,
-) -> List[DarknetLayerAssignment]:
+) -> DarknetAssignment:
     """Darknet's YOLOv3 assignment for every layer (see the module docstring).
 
     Args:
@@ -305,7 +348,8 @@ def assign_darknet(
         img_size: network input ``(h, w)`` in pixels (darknet's ``net.h, net.w``).
 
     Returns:
-        one :class:`DarknetLayerAssignment` per layer, in the order of ``inputs``.
+        a :class:`DarknetAssignment`, also one :class:`DarknetLayerAssignment` per layer, in the
+        order of ``inputs``.
     """
     net_h, net_w = img_size
     dev = inputs[0].device
@@ -364,7 +408,10 @@ def assign_darknet(
                 positive=box_truth >= 0, box_truth=box_truth,
             )
         )
-    return out
+    return _layers_assignment(
+        DarknetAssignment, out, [a.positive for a in out], [a.box_truth for a in out],
+        [a.ignore & ~a.positive for a in out], t32, batch, ignore_target=[a.best_truth for a in out],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +434,7 @@ def assign_pytorch_yolov3(
     masks: Sequence[Sequence[int]],
     img_size: Tuple[int, int],
     ignore_thresh: float = 0.5,
-) -> List[PyTorchYOLOv3LayerAssignment]:
+) -> PyTorchYOLOv3Assignment:
     """PyTorch-YOLOv3's ``build_targets`` for every layer (see the module docstring).
 
     Each layer scales the truths to its grid (``cx * W``, ``cy * H``) and its own anchors to grid
@@ -396,7 +443,8 @@ def assign_pytorch_yolov3(
     wh-IoU exceeds ``ignore_thresh``. Arguments as in :func:`assign_darknet`.
 
     Returns:
-        one :class:`PyTorchYOLOv3LayerAssignment` per layer, in the order of ``inputs``.
+        a :class:`PyTorchYOLOv3Assignment`, also one :class:`PyTorchYOLOv3LayerAssignment` per
+        layer, in the order of ``inputs``.
     """
     img_h, img_w = img_size
     dev = inputs[0].device
@@ -433,4 +481,7 @@ def assign_pytorch_yolov3(
                 cell_truth=last.reshape(nb, na, h, w),
             )
         )
-    return out
+    return _layers_assignment(
+        PyTorchYOLOv3Assignment, out, [a.obj_mask for a in out], [a.cell_truth for a in out],
+        [~a.obj_mask & ~a.noobj_mask for a in out], t32, inputs[0].shape[0],
+    )

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from .._checks import as_pair, check_choice, check_floating, check_tensor
+from ..anchors import grid_points, per_point, window_cells
+from .base import Assignment, rank_in_group
 
 __all__ = ["FCOSAssignment", "PointGrid", "assign_fcos", "make_point_grid", "check_targets"]
 
@@ -78,30 +80,65 @@ class PointGrid:
     ranges: List[Tuple[float, float]]
 
 
-@dataclass
-class FCOSAssignment:
-    """What :func:`assign_fcos` returns.
+class FCOSAssignment(Assignment):
+    """What :func:`assign_fcos` returns: an :class:`~detloss.assign.base.Assignment` with one
+    positive per foreground point (image-major, then point): ``pred_index`` the point,
+    ``target_index`` the box's index in its image's ``boxes``, ``boxes`` its xyxy pixels,
+    ``labels`` its class (-1 when the targets carry no labels), ``weights`` ones.
 
-    Attributes:
-        matched_idxs: ``[B, P]`` int64: for each image and point, the index of the matched box in
-            that image's ``boxes``, ``-1`` for background (torchvision's ``matched_idxs``).
-        levels: ``[P]`` int64 pyramid level of each point (the same for every image).
-        grid: the :class:`PointGrid` (point coordinates, scales, per-level layout).
+    ``extras``: ``matched_idxs`` int64 ``[B, P]`` (torchvision's ``matched_idxs``: the box index
+    per point, ``-1`` background; :meth:`matched_idxs` gives its rows), ``levels`` int64 ``[P]``
+    (pyramid level per point, also :attr:`levels`) and ``grid`` (the :class:`PointGrid`, also
+    :attr:`grid`).
     """
 
-    matched_idxs: Tensor
-    levels: Tensor
-    grid: PointGrid
+    @property
+    def levels(self) -> Tensor:
+        return self.extras["levels"]
 
     @property
+    def grid(self) -> PointGrid:
+        return self.extras["grid"]
+
     def foreground(self) -> Tensor:
-        """``[B, P]`` bool mask of points matched to a box."""
-        return self.matched_idxs >= 0
+        return self.extras["matched_idxs"] >= 0
+
+    def matched_idxs(self) -> List[Tensor]:
+        return list(self.extras["matched_idxs"].unbind(0))
 
     def num_pos_per_level(self) -> List[int]:
         """Number of foreground points per level, summed over the batch."""
-        lv = self.levels.expand_as(self.matched_idxs)[self.foreground]
-        return torch.bincount(lv, minlength=len(self.grid.num_points_per_level)).tolist()
+        return torch.bincount(self.levels[self.pred_index], minlength=len(self.grid.num_points_per_level)).tolist()
+
+
+def _assignment(
+    matched: Tensor, boxes_list: Sequence[Tensor], labels_list: Sequence[Optional[Tensor]], grid: PointGrid
+) -> FCOSAssignment:
+    """The positives of ``matched [B, P]``, with their boxes and labels gathered."""
+    num_points = matched.shape[1]
+    pos = (matched.reshape(-1) >= 0).nonzero().squeeze(1)
+    img, point = torch.div(pos, num_points, rounding_mode="floor"), pos % num_points
+    local = matched.reshape(-1)[pos]
+    device = matched.device
+    counts = torch.tensor([b.shape[0] for b in boxes_list], device=device)
+    row = (torch.cumsum(counts, 0) - counts)[img] + local  # in the concatenated boxes
+    dtype = grid.points.dtype
+    boxes = torch.cat([b.to(device=device, dtype=dtype) for b in boxes_list]) if boxes_list else grid.points.new_zeros((0, 4))
+    labels = torch.cat([
+        (lb if lb is not None else torch.full((b.shape[0],), -1)).to(device=device, dtype=torch.int64)
+        for b, lb in zip(boxes_list, labels_list)
+    ]) if boxes_list else torch.zeros(0, dtype=torch.int64, device=device)
+    return FCOSAssignment(
+        batch_index=img,
+        pred_index=point,
+        target_index=local,
+        boxes=boxes[row],
+        labels=labels[row],
+        weights=torch.ones(pos.shape[0], dtype=dtype, device=device),
+        batch_size=matched.shape[0],
+        num_preds=num_points,
+        extras={"matched_idxs": matched, "levels": grid.levels, "grid": grid},
+    )
 
 
 def check_feature_sizes(feature_sizes: Sequence, num_levels: int) -> List[Tuple[int, int]]:
@@ -178,24 +215,17 @@ def make_point_grid(
             raise ValueError(f"regress_ranges: expected {n_lvl} (lower, upper) pairs, got {len(regress_ranges)}")
         for s in strides:
             spacing.append((float(s), float(s)))
-            origin.append((0.5 * s, 0.5 * s))
+            origin.append((0.5 * s, 0.5 * s))  # the cell centre
             scales.append(float(s))
         ranges = [(float(lo), float(hi)) for lo, hi in regress_ranges]
         radius = None if center_sampling_radius is None else [center_sampling_radius * s for s in strides]
 
-    pts, scl, lvls = [], [], []
-    for lvl, (h, w) in enumerate(sizes):
-        ys, xs = torch.meshgrid(
-            torch.arange(h, device=device, dtype=dtype), torch.arange(w, device=device, dtype=dtype), indexing="ij"
-        )
-        (sx, sy), (ox, oy) = spacing[lvl], origin[lvl]
-        pts.append(torch.stack((xs.reshape(-1) * sx + ox, ys.reshape(-1) * sy + oy), dim=-1))
-        scl.append(torch.full((h * w,), scales[lvl], dtype=dtype, device=device))
-        lvls.append(torch.full((h * w,), lvl, dtype=torch.int64, device=device))
+    offset = 0.0 if convention == "torchvision" else 0.5  # corners / cell centres
+    points = grid_points(sizes, spacing, offset=offset, dtype=dtype, device=device)
     return PointGrid(
-        points=torch.cat(pts),
-        scales=torch.cat(scl),
-        levels=torch.cat(lvls),
+        points=points,
+        scales=per_point(scales, sizes, dtype=dtype, device=device),
+        levels=per_point(range(n_lvl), sizes, dtype=torch.int64, device=device),
         num_points_per_level=[h * w for h, w in sizes],
         feature_sizes=sizes,
         spacing=spacing,
@@ -272,17 +302,17 @@ def check_targets(
 def _candidate_pairs(boxes: Tensor, grid: PointGrid, convention: str) -> Tuple[Tensor, Tensor]:
     """Enumerate (box, point) pairs that pass the convention's tests; ``boxes`` is ``[T, 4]``.
 
-    For each box and level only a window of points is visited: the points inside the box,
-    the centre-sampling square and the band where ``max(l, t, r, b)`` stays under the level's
-    upper bound, widened by one point each side so rounding can never drop a true candidate.
-    Returns ``(box_index [K], point_index [K])``.
+    For each box and level only a window of points is visited (:func:`detloss.anchors.window_cells`):
+    the points inside the box, the centre-sampling square and the band where ``max(l, t, r, b)``
+    stays under the level's upper bound, widened by one point each side so rounding can never
+    drop a true candidate. Returns ``(box_index [K], point_index [K])``, by box, then level.
     """
     dev = boxes.device
-    t_all, p_all = [], []
+    n_lvl = len(grid.feature_sizes)
     b64 = boxes.to(torch.float64)
     x1, y1, x2, y2 = b64.unbind(-1)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    offset = 0
+    starts, counts = [], []
     for lvl, (h, w) in enumerate(grid.feature_sizes):
         (sx, sy), (ox, oy) = grid.spacing[lvl], grid.origin[lvl]
         upper = grid.ranges[lvl][1]
@@ -298,24 +328,15 @@ def _candidate_pairs(boxes: Tensor, grid: PointGrid, convention: str) -> Tuple[T
         ix1 = torch.ceil((hi_x - ox) / sx).clamp(-1, w - 1).long()
         iy0 = torch.floor((lo_y - oy) / sy).clamp(0, h).long()
         iy1 = torch.ceil((hi_y - oy) / sy).clamp(-1, h - 1).long()
-        nx = (ix1 - ix0 + 1).clamp(min=0)
-        ny = (iy1 - iy0 + 1).clamp(min=0)
-        counts = nx * ny
-        total = int(counts.sum())
-        if total:
-            box = torch.repeat_interleave(torch.arange(len(boxes), device=dev), counts, output_size=total)
-            start = torch.cumsum(counts, 0) - counts
-            j = torch.arange(total, device=dev) - start[box]
-            nxb = nx[box]
-            ix = ix0[box] + j % nxb
-            iy = iy0[box] + torch.div(j, nxb, rounding_mode="floor")
-            t_all.append(box)
-            p_all.append(offset + iy * w + ix)
-        offset += h * w
-    if not t_all:
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return empty, empty
-    box, point = torch.cat(t_all), torch.cat(p_all)
+        starts.append(torch.stack((ix0, iy0), -1))
+        counts.append(torch.stack((ix1 - ix0 + 1, iy1 - iy0 + 1), -1))
+    # windows box-major: window k is box k // n_lvl on level k % n_lvl
+    rect, ix, iy = window_cells(torch.stack(starts, 1).view(-1, 2), torch.stack(counts, 1).view(-1, 2))
+    lvl_of = rect % n_lvl
+    box = torch.div(rect, n_lvl, rounding_mode="floor")
+    width = torch.tensor([w for _, w in grid.feature_sizes], device=dev)
+    first = torch.tensor([0] + grid.num_points_per_level, device=dev).cumsum(0)[:-1]
+    point = first[lvl_of] + iy * width[lvl_of] + ix
 
     # The exact tests, written as the originals write them, on the candidate pairs only.
     g = boxes[box]
@@ -380,8 +401,9 @@ def assign_fcos(
         grid: a precomputed :func:`make_point_grid` (then the grid arguments above are ignored).
 
     Returns:
-        :class:`FCOSAssignment` with ``matched_idxs [B, P]`` (box index per point, ``-1``
-        background) and ``levels [P]`` (level per point).
+        :class:`FCOSAssignment`: the foreground points as positives, with ``matched_idxs [B, P]``
+        (box index per point, ``-1`` background), ``levels [P]`` (level per point) and the grid
+        in its extras.
     """
     check_choice("convention", convention, CONVENTIONS)
     pairs = check_targets(targets)
@@ -404,7 +426,7 @@ def assign_fcos(
             device=device,
         )
     matched = match_boxes(boxes_list, grid, convention, dtype)
-    return FCOSAssignment(matched_idxs=matched, levels=grid.levels, grid=grid)
+    return _assignment(matched, boxes_list, [lb for _, lb in pairs], grid)
 
 
 def match_boxes(boxes_list: Sequence[Tensor], grid: PointGrid, convention: str, dtype: torch.dtype) -> Tensor:
@@ -430,10 +452,7 @@ def match_boxes(boxes_list: Sequence[Tensor], grid: PointGrid, convention: str, 
         keep = area[box] < MMDET_INF
     box, point, score = box[keep], point[keep], score[keep]
     flat = image[box] * num_points + point
-    best = torch.full((num_images * num_points,), -math.inf, dtype=score.dtype, device=device)
-    best = best.scatter_reduce(0, flat, score, reduce="amax", include_self=True)
-    tie = score == best[flat]
-    first = torch.full((num_images * num_points,), len(boxes), dtype=torch.int64, device=device)
-    first = first.scatter_reduce(0, flat[tie], local[box[tie]], reduce="amin", include_self=True)
-    matched = torch.where(first < len(boxes), first, matched)
+    # the best score of each point wins, the lowest box index on ties (candidates are in box order)
+    win = rank_in_group(flat, score) == 0
+    matched[flat[win]] = local[box[win]]
     return matched.view(num_images, num_points)

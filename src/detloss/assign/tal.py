@@ -71,25 +71,11 @@ class TALAssignment(Assignment):
 
     _fields: ClassVar[Tuple[str, ...]] = TAL_OUTPUTS
 
-    @property
-    def target_labels(self) -> torch.Tensor:
-        return self.extras["target_labels"]
-
-    @property
-    def target_bboxes(self) -> torch.Tensor:
-        return self.extras["target_bboxes"]
-
-    @property
-    def target_scores(self) -> torch.Tensor:
-        return self.extras["target_scores"]
-
-    @property
-    def fg_mask(self) -> torch.Tensor:
-        return self.extras["fg_mask"]
-
-    @property
-    def target_gt_idx(self) -> torch.Tensor:
-        return self.extras["target_gt_idx"]
+    target_labels = property(lambda self: self.extras["target_labels"])
+    target_bboxes = property(lambda self: self.extras["target_bboxes"])
+    target_scores = property(lambda self: self.extras["target_scores"])
+    fg_mask = property(lambda self: self.extras["fg_mask"])
+    target_gt_idx = property(lambda self: self.extras["target_gt_idx"])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter([self.extras[k] for k in TAL_OUTPUTS])

@@ -20,6 +20,10 @@ then anchor, then target row. Several positives may share one (image, anchor, ce
 original writes ``tobj[b, a, gj, gi] = iou`` in that order and, on CPU, the value written last
 wins. :attr:`YOLOv5LevelAssignment.obj_owner` marks, for each positive, whether it is that last
 writer, so a loss can reproduce the rule exactly and deterministically on any device.
+
+:func:`assign_yolov5` returns a :class:`YOLOv5Assignment`: the flat positives of all levels (an
+:class:`~detloss.assign.base.Assignment`) that is also the list of the levels'
+:class:`YOLOv5LevelAssignment`.
 """
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..boxes import check_yolo_targets
+from .base import PerLevelAssignment, cell_index, rank_in_group
 
 __all__ = [
+    "YOLOv5Assignment",
     "YOLOv5LevelAssignment",
     "assign_yolov5",
     "check_yolo_targets",
@@ -90,6 +96,21 @@ class YOLOv5LevelAssignment:
         return self.image, self.anchor, self.gy, self.gx
 
 
+class YOLOv5Assignment(PerLevelAssignment):
+    """What :func:`assign_yolov5` returns: the positives of every level, level after level, each
+    level in ``build_targets``' order; also the list of the levels' :class:`YOLOv5LevelAssignment`
+    (``assignment[i]``, ``len``, iteration).
+
+    ``pred_index``: the cell of ``preds[i]`` ``[bs, na, ny, nx, ...]`` flattened per level, levels
+    concatenated (``offset_i + (anchor * ny + gy) * nx + gx``); ``target_index`` the row of
+    ``targets``; ``boxes`` the regression targets ``(x, y, w, h)`` in grid units, x and y relative
+    to the cell (``tbox``); ``labels`` the classes; ``weights`` ones. ``extras``: ``levels`` (the
+    per-level results), ``level`` (int64 ``[P]``), ``anchors`` (``[P, 2]`` matched anchor in grid
+    units), ``offset`` (neighbour offset, :data:`OFFSET_NAMES`), ``obj_owner`` (bool ``[P]``: the
+    positive whose IoU is its cell's objectness target).
+    """
+
+
 def grid_anchors(
     anchors: Sequence[Sequence[float]], strides: Sequence[float], dtype: torch.dtype = torch.float64
 ) -> List[torch.Tensor]:
@@ -113,18 +134,6 @@ def grid_anchors(
     if len(na) != 1:
         raise ValueError(f"anchors: expected the same number of anchors on every level, got {[t.shape[0] for t in out]}")
     return out
-
-
-def _last_writer(key: torch.Tensor) -> torch.Tensor:
-    """Bool mask: True where this element is the last occurrence of its key (one stable sort)."""
-    n = key.shape[0]
-    owner = torch.ones(n, dtype=torch.bool, device=key.device)
-    if n > 1:
-        sorted_key, order = torch.sort(key, stable=True)  # equal keys keep their order
-        last_in_run = torch.ones_like(owner)
-        last_in_run[:-1] = sorted_key[1:] != sorted_key[:-1]
-        owner[order] = last_in_run
-    return owner
 
 
 def _assign_level(
@@ -172,7 +181,7 @@ def _assign_level(
         classes=targets[tix, 1].long(),
         target_index=tix,
         offset=o_idx,
-        obj_owner=_last_writer(key),
+        obj_owner=rank_in_group(key) == 0,  # the last writer of each (image, anchor, cell)
         grid_size=(int(ny), int(nx)),
     )
 
@@ -186,7 +195,7 @@ def assign_yolov5(
     num_classes: Optional[int] = None,
     batch_size: Optional[int] = None,
     validate: bool = True,
-) -> List[YOLOv5LevelAssignment]:
+) -> YOLOv5Assignment:
     """YOLOv5's target assignment (``ComputeLoss.build_targets`` of ultralytics/yolov5 v7.0).
 
     Args:
@@ -196,12 +205,14 @@ def assign_yolov5(
         anchors: per level a ``[na, 2]`` tensor of anchor (w, h) in grid units of that level
             (pixels / stride; :func:`grid_anchors` converts yolov5-yaml anchors).
         anchor_t: width/height ratio threshold (hyp ``anchor_t``).
-        num_classes, batch_size: when given, classes and image indices are checked against them.
+        num_classes, batch_size: when given, classes and image indices are checked against them
+            (``batch_size`` also sizes the assignment; default: the largest image index + 1).
         validate: check ``targets`` (see :func:`check_yolo_targets`); turn off only for rows
             already checked.
 
     Returns:
-        One :class:`YOLOv5LevelAssignment` per level: the positives' ``(image, anchor, gy, gx)``,
+        A :class:`YOLOv5Assignment`, which is also one :class:`YOLOv5LevelAssignment` per level:
+        the positives' ``(image, anchor, gy, gx)``,
         their regression targets, anchors, classes, the target row each came from, the
         neighbour offset used and which positive owns the objectness target of its cell
         (the last written, see the module docstring).
@@ -212,6 +223,8 @@ def assign_yolov5(
         raise ValueError(
             f"grid_sizes: expected one (ny, nx) per anchor level ({len(anchors)} levels), got {len(grid_sizes)}"
         )
+    if not grid_sizes:
+        raise ValueError("grid_sizes: expected at least one level, got none")
     if not anchor_t > 0:
         raise ValueError(f"anchor_t: expected a positive ratio threshold, got {anchor_t!r}")
     if targets.dtype in (torch.float16, torch.bfloat16):
@@ -223,4 +236,33 @@ def assign_yolov5(
         if anc.ndim != 2 or anc.shape[1] != 2:
             raise ValueError(f"anchors: expected a [na, 2] tensor per level, got {tuple(anc.shape)}")
         out.append(_assign_level(targets, (ny, nx), anc, float(anchor_t)))
-    return out
+    if batch_size is None:
+        batch_size = int(targets[:, 0].max()) + 1 if targets.shape[0] else 0
+    return _flatten(out, [int(a.shape[0]) for a in anchors], batch_size)
+
+
+def _flatten(levels: List[YOLOv5LevelAssignment], num_anchors: List[int], batch_size: int) -> YOLOv5Assignment:
+    """The levels' positives, flat, level after level."""
+    shapes = [(na, *lvl.grid_size) for na, lvl in zip(num_anchors, levels)]
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(lvl, name) for lvl in levels])
+
+    boxes = cat("boxes")
+    return YOLOv5Assignment(
+        batch_index=cat("image"),
+        pred_index=torch.cat([cell_index(shapes, i, lvl.anchor, lvl.gy, lvl.gx) for i, lvl in enumerate(levels)]),
+        target_index=cat("target_index"),
+        boxes=boxes,
+        labels=cat("classes"),
+        weights=torch.ones(boxes.shape[0], dtype=boxes.dtype, device=boxes.device),
+        batch_size=batch_size,
+        num_preds=sum(na * ny * nx for na, ny, nx in shapes),
+        extras={
+            "levels": levels,
+            "level": torch.cat([torch.full_like(lvl.image, i) for i, lvl in enumerate(levels)]),
+            "anchors": cat("anchors"),
+            "offset": cat("offset"),
+            "obj_owner": cat("obj_owner"),
+        },
+    )

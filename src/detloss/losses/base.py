@@ -26,6 +26,13 @@ Every loss also has
   scores in 0..1, the detector's inference decoding: the demo, the ``assign`` pictures and the
   evaluation use it instead of copies of their own.
 
+Hooks that let the tools (the demo, the ``assign`` pictures) drive any registered loss without
+a table of their own: :meth:`prior_outputs` (an untrained head's outputs for one image size),
+:meth:`prediction_levels` (where each prediction lies), :meth:`call_kwargs` and
+:meth:`targets_from_rows` (how YOLO rows and an image size reach ``forward``),
+:attr:`image_size_argument` (the constructor's image-size argument, if it has one) and
+:meth:`assignment_notes` (a word on each positive).
+
 Stats: the keys of :data:`STAT_KEYS` mean the same in every loss and have the same Python type;
 :meth:`finalize_stats` turns the 0-dim tensors a loss computes into Python numbers with one
 device synchronization.
@@ -39,12 +46,13 @@ gradient of the whole global batch; each loss's docstring says which normalizers
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import distributed
+from ..anchors import GridLevel
 from ..assign.base import Assignment
 from ..output import LossOutput
 
@@ -87,6 +95,9 @@ class DetectionLoss(torch.nn.Module):
     name: ClassVar[str] = ""
     #: Term name -> name of the method computing it, in the order of ``components``.
     term_methods: ClassVar[Dict[str, str]] = {}
+
+    #: The constructor's argument that takes the network input size ``(h, w)``, if it needs one.
+    image_size_argument: ClassVar[Optional[str]] = None
 
     def __init__(self, gains: Mapping[str, float], *, reduce_across_ranks: bool = False) -> None:
         super().__init__()
@@ -153,15 +164,49 @@ class DetectionLoss(torch.nn.Module):
         raise NotImplementedError
 
     def decode(self, *head_outputs: Any, **kwargs: Any) -> Decoded:
-        """Raw head outputs -> :class:`Decoded` (inference decoding of the detector)."""
+        """Raw head outputs (``forward``'s arguments before the targets; ``kwargs``: those of
+        :meth:`call_kwargs`) -> :class:`Decoded` (inference decoding of the detector)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ hooks for the tools
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[Any, ...]:
+        """``forward``'s arguments before the targets, as an untrained head gives them for
+        ``batch_size`` images of ``image_size`` (h, w) pixels: all logits 0, float64."""
+        raise NotImplementedError
+
+    def prediction_levels(self, *head_outputs: Any, **kwargs: Any) -> List[GridLevel]:
+        """Where the predictions of ``head_outputs`` (``forward``'s arguments before the targets;
+        ``kwargs``: :meth:`call_kwargs`) lie, level by level, in the order of ``pred_index``."""
+        raise NotImplementedError
+
+    def call_kwargs(self, image_size: Tuple[int, int]) -> Dict[str, Any]:
+        """Keyword arguments ``forward`` (and :meth:`assign`) takes for images of ``image_size``
+        beyond the head outputs and targets (default: none)."""
+        return {}
+
+    def targets_from_rows(self, rows: Tensor, batch_size: int, image_size: Tuple[int, int]) -> Any:
+        """YOLO rows ``[N, 6]`` (image, class, cx, cy, w, h; normalized) as ``forward`` takes its
+        targets (default: the rows themselves)."""
+        return rows
+
+    def assignment_notes(self, assignment: Assignment) -> List[str]:
+        """One short note per positive of ``assignment`` saying why it is one (default: none)."""
+        return [""] * assignment.num_pos
+
     # ------------------------------------------------------------------ shared machinery
+    def batch_factor(self, inputs: Any, prepared: Any) -> Union[int, Tensor]:
+        """What ``total`` and ``terms`` are multiplied by (default 1; the YOLO losses' batch size,
+        the global one with ``reduce_across_ranks``)."""
+        return 1
+
     def combine(self, weighted: Dict[str, Tensor], inputs: Any, prepared: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
         """``total`` and the graph-connected ``terms`` (summing to ``total``) from the weighted
-        terms (default: ``total`` their sum, ``terms`` the weighted terms)."""
+        terms: ``total`` = their sum times :meth:`batch_factor`, each term times it."""
+        factor = self.batch_factor(inputs, prepared)
         total = torch.stack(list(weighted.values())).sum() if weighted else torch.zeros(())
-        return total, dict(weighted)
+        if isinstance(factor, int) and factor == 1:
+            return total, dict(weighted)
+        return total * factor, {k: v * factor for k, v in weighted.items()}
 
     def output(self, inputs: Any, prepared: Any, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:
         weighted = {k: raw[k] * self.gains[k] for k in self.term_methods}

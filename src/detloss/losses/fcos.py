@@ -28,24 +28,26 @@ float32 machine epsilon) as mmdet's ``weight_reduce_loss`` does. Remaining diffe
 the IoU-family losses use torchvision's ``eps`` placement (``inter / (union + eps)``) instead of
 mmdet's ``clamp(union, min=eps)``, a difference of order 1e-7 relative.
 
-Distributed training (DDP averages gradients over the ``W`` ranks): when ``torch.distributed``
-is initialized and ``sync_normalizers`` is true, the normalizers are computed over all ranks.
-``torchvision``: each rank divides by ``max(1, N_all) / W`` (``N_all`` the foreground count of
-the whole global batch), so the averaged gradient is exactly the single-process gradient of the
-whole batch, and the mean over ranks of the reported losses equals the whole-batch loss.
-``mmdet``: mmdet's ``reduce_mean`` normalizers (``max(N_all / W, 1)``, ``max(sum c*_all / W,
-1e-6)``) give the same equivalence whenever the global batch has at least ``W`` positives (and up
-to mmdet's ``eps``, a 1e-7 relative effect). ``torchvision`` itself does not synchronize; pass
-``sync_normalizers=False`` for its per-rank behaviour.
+Distributed training (DDP averages gradients over the ``W`` ranks): with
+``reduce_across_ranks=True`` and ``torch.distributed`` initialized, the normalizers are computed
+over all ranks (one all-reduce per call). ``torchvision``: each rank divides by
+``max(1, N_all) / W`` (``N_all`` the foreground count of the whole global batch), so the averaged
+gradient is exactly the single-process gradient of the whole batch, and the mean over ranks of
+the reported losses equals the whole-batch loss. ``mmdet``: mmdet's ``reduce_mean`` normalizers
+(``max(N_all / W, 1)``, ``max(sum c*_all / W, 1e-6)``) give the same equivalence whenever the
+global batch has at least ``W`` positives (and up to mmdet's ``eps``, a 1e-7 relative effect).
+The default (False) issues no collective, as torchvision itself: each rank normalizes by its own
+positives (mmdet's ``reduce_mean`` is that too on one process).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .. import distributed as dist
 from .. import functional as F
 from .._checks import as_pair, check_choice, check_floating, check_tensor, compute_dtype, upcast
 from ..assign.fcos import (
@@ -53,14 +55,15 @@ from ..assign.fcos import (
     DEFAULT_STRIDES,
     FCOSAssignment,
     PointGrid,
+    _assignment,
     check_feature_sizes,
     check_targets,
     make_point_grid,
     match_boxes,
 )
 from ..boxes import yolo_rows_to_targets
-from ..functional.iou import _box_iou_formula, _iou_loss_formula
-from ..output import LossOutput
+from ..anchors import GridLevel
+from .base import Decoded, DetectionLoss
 
 __all__ = ["FCOSLoss", "BOX_LOSSES"]
 
@@ -70,7 +73,44 @@ MMDET_IOU_EPS = 1e-6  # mmdet IoULoss(eps=1e-6): -log(clamp(iou, min=eps))
 MMDET_MIN_CENTERNESS_DENORM = 1e-6
 
 
-class FCOSLoss(torch.nn.Module):
+@dataclass
+class FCOSInputs:
+    """Checked inputs of :class:`FCOSLoss`: the three head outputs, the feature sizes, the
+    targets as ``(boxes, labels)`` per image, the image size, the compute dtype of the heads and
+    the one the assignment is decided in (the boxes' too)."""
+
+    cls_logits: Tensor
+    bbox_regression: Tensor
+    centerness: Tensor
+    feature_sizes: List[Tuple[int, int]]
+    pairs: List[Tuple[Tensor, Tensor]]
+    image_size: Optional[Tuple[int, int]]
+    dtype: torch.dtype
+    assign_dtype: torch.dtype
+
+
+@dataclass
+class FCOSPositives:
+    """The point grid (:meth:`FCOSLoss.prepare`), then per positive (:meth:`FCOSLoss.gather`) its
+    regression outputs and centerness logit, point, box scale, target box, the decoded box and
+    regression target in the convention's units, the centerness target, and the normalizers."""
+
+    grid: PointGrid
+    reg: Optional[Tensor] = None
+    ctr_logit: Optional[Tensor] = None
+    points: Optional[Tensor] = None
+    scale: Optional[Tensor] = None
+    gt: Optional[Tensor] = None
+    pred_boxes: Optional[Tensor] = None
+    target_boxes: Optional[Tensor] = None
+    pred_boxes_px: Optional[Tensor] = None
+    ctr_target: Optional[Tensor] = None
+    num_pos_total: float = 0.0
+    normalizer: float = 1.0
+    box_normalizer: float = 1.0
+
+
+class FCOSLoss(DetectionLoss):
     """FCOS loss with torchvision's (default) or mmdetection's convention.
 
     Args:
@@ -89,8 +129,10 @@ class FCOSLoss(torch.nn.Module):
         anchor_sizes: torchvision's anchor side per level (default: the strides).
         regress_ranges: mmdet's ``(lower, upper)`` per level (default: mmdet's).
         focal_alpha, focal_gamma: focal loss hyperparameters (0.25, 2.0 in both originals).
-        cls_weight, box_weight, centerness_weight: multipliers of the three terms (1.0).
-        sync_normalizers: compute normalizers over all ranks when distributed (default True).
+        cls_weight, box_weight, centerness_weight: multipliers of the three terms (1.0); the
+            loss's ``gains`` ``"cls"``, ``"box"``, ``"centerness"``.
+        reduce_across_ranks: compute the normalizers over all ranks (module docstring); default
+            False, torchvision's behaviour, which issues no collective.
 
     Call ``loss_fn(cls_logits [B, P, C], bbox_regression [B, P, 4], centerness [B, P, 1] or [B, P],
     feature_sizes, targets, image_size=None)``: ``P`` is the sum of ``H * W`` over
@@ -103,10 +145,15 @@ class FCOSLoss(torch.nn.Module):
 
     Returns a :class:`~detloss.LossOutput`: ``total = cls + box + centerness`` (weighted);
     ``components`` ``"cls"``, ``"box"``, ``"centerness"`` (torchvision's ``classification``,
-    ``bbox_regression``, ``bbox_ctrness``); ``stats``: ``num_pos`` (this rank), ``num_pos_per_level``,
-    ``num_pos_total`` (all ranks), ``num_targets``, ``normalizer``, ``box_normalizer``,
-    ``mean_iou`` (mean IoU of the decoded boxes of positives with their targets, 0 when none).
+    ``bbox_regression``, ``bbox_ctrness``) and ``terms`` the same with their graph; ``stats``:
+    ``num_pos`` (this rank), ``num_pos_per_level``, ``num_pos_total`` (all ranks), ``num_targets``,
+    ``normalizer``, ``box_normalizer``, ``iou_mean`` (mean IoU of the decoded boxes of positives
+    with their targets, 0.0 when none). :meth:`assign` (``forward``'s arguments) gives the
+    :class:`~detloss.assign.fcos.FCOSAssignment`; :meth:`decode` the inference boxes and scores.
     """
+
+    name = "fcos"
+    term_methods = {"cls": "cls_term", "box": "box_term", "centerness": "centerness_term"}
 
     def __init__(
         self,
@@ -126,9 +173,12 @@ class FCOSLoss(torch.nn.Module):
         cls_weight: float = 1.0,
         box_weight: float = 1.0,
         centerness_weight: float = 1.0,
-        sync_normalizers: bool = True,
+        reduce_across_ranks: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            {"cls": cls_weight, "box": box_weight, "centerness": centerness_weight},
+            reduce_across_ranks=reduce_across_ranks,
+        )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         self.num_classes = num_classes
@@ -151,9 +201,6 @@ class FCOSLoss(torch.nn.Module):
         self.anchor_sizes = None if anchor_sizes is None else tuple(float(a) for a in anchor_sizes)
         self.regress_ranges = None if regress_ranges is None else tuple(tuple(map(float, r)) for r in regress_ranges)
         self.focal_alpha, self.focal_gamma = float(focal_alpha), float(focal_gamma)
-        self.cls_weight, self.box_weight = float(cls_weight), float(box_weight)
-        self.centerness_weight = float(centerness_weight)
-        self.sync_normalizers = bool(sync_normalizers)
         # Fail at construction, not at the first call, on inconsistent level settings.
         self._grid(tuple((1, 1) for _ in self.strides), None, torch.float32, torch.device("cpu"))
 
@@ -161,10 +208,11 @@ class FCOSLoss(torch.nn.Module):
         return (
             f"num_classes={self.num_classes}, strides={self.strides}, convention={self.convention!r}, "
             f"center_sampling={self.center_sampling}, center_sampling_radius={self.center_sampling_radius}, "
-            f"box_loss={self.box_loss!r}, norm_on_bbox={self.norm_on_bbox}"
+            f"box_loss={self.box_loss!r}, norm_on_bbox={self.norm_on_bbox}, gains={self.gains}, "
+            f"reduce_across_ranks={self.reduce_across_ranks}"
         )
 
-    # ----------------------------------------------------------------------------- assignment
+    # ----------------------------------------------------------------------------- checks
     def _grid(self, feature_sizes, image_size, dtype, device) -> PointGrid:
         return make_point_grid(
             feature_sizes,
@@ -183,26 +231,6 @@ class FCOSLoss(torch.nn.Module):
             targets = _rows_to_targets(targets, batch_size, image_size)
         return check_targets(targets, batch_size, self.num_classes)  # type: ignore[return-value]
 
-    def assign(
-        self,
-        feature_sizes: Sequence[Tuple[int, int]],
-        targets: Union[Sequence[Dict[str, Tensor]], Tensor],
-        image_size: Optional[Tuple[int, int]] = None,
-        batch_size: Optional[int] = None,
-    ) -> FCOSAssignment:
-        """The assignment this loss uses (see :func:`detloss.assign.fcos.assign_fcos`)."""
-        if batch_size is None:
-            if isinstance(targets, Tensor):
-                raise ValueError("batch_size: required with YOLO rows targets")
-            batch_size = len(targets)
-        pairs = self._targets(targets, batch_size, image_size)
-        dtype = compute_dtype(*(b for b, _ in pairs))
-        device = pairs[0][0].device if pairs else torch.device("cpu")
-        grid = self._grid(check_feature_sizes(feature_sizes, len(self.strides)), image_size, dtype, device)
-        matched = match_boxes([b for b, _ in pairs], grid, self.convention, dtype)
-        return FCOSAssignment(matched_idxs=matched, levels=grid.levels, grid=grid)
-
-    # ----------------------------------------------------------------------------- loss
     def _check_heads(self, cls_logits, bbox_regression, centerness, feature_sizes):
         check_floating("cls_logits", cls_logits)
         check_floating("bbox_regression", bbox_regression)
@@ -225,7 +253,7 @@ class FCOSLoss(torch.nn.Module):
             )
         return sizes
 
-    def forward(
+    def check(
         self,
         cls_logits: Tensor,
         bbox_regression: Tensor,
@@ -233,129 +261,165 @@ class FCOSLoss(torch.nn.Module):
         feature_sizes: Sequence[Tuple[int, int]],
         targets: Union[Sequence[Dict[str, Tensor]], Tensor],
         image_size: Optional[Tuple[int, int]] = None,
-    ) -> LossOutput:
-        """Check inputs, assign points, gather positives, compute the three terms, normalize.
-
-        See the class docstring for the shapes; returns a :class:`~detloss.LossOutput`.
-        """
+    ) -> FCOSInputs:
         sizes = self._check_heads(cls_logits, bbox_regression, centerness, feature_sizes)
-        batch, num_points, num_classes = cls_logits.shape
-        pairs = self._targets(targets, batch, image_size)
-        boxes_list = [b for b, _ in pairs]
+        pairs = self._targets(targets, cls_logits.shape[0], image_size)
         dtype = compute_dtype(cls_logits, bbox_regression, centerness)
-        assign_dtype = compute_dtype(cls_logits, bbox_regression, centerness, *boxes_list)
-        device = cls_logits.device
-        grid = self._grid(sizes, image_size, assign_dtype, device)
-        matched = match_boxes(boxes_list, grid, self.convention, assign_dtype).view(-1)
+        assign_dtype = compute_dtype(cls_logits, bbox_regression, centerness, *(b for b, _ in pairs))
+        return FCOSInputs(cls_logits, bbox_regression, centerness, sizes, pairs, image_size, dtype, assign_dtype)
 
-        # Gather the positives: flat index b * P + p, their box, label, point and scale.
-        pos = (matched >= 0).nonzero().squeeze(1)
-        counts = torch.tensor([b.shape[0] for b in boxes_list], device=device)
-        first_box = torch.cumsum(counts, 0) - counts
-        img, point = torch.div(pos, num_points, rounding_mode="floor"), pos % num_points
-        gidx = first_box[img] + matched[pos]
-        if len(pos):
-            gt = torch.cat([b.to(device=device, dtype=dtype) for b in boxes_list])[gidx]
-            labels = torch.cat([lb.to(device) for _, lb in pairs])[gidx]
+    # ----------------------------------------------------------------------------- the steps
+    def prepare(self, inputs: FCOSInputs) -> FCOSPositives:
+        return FCOSPositives(self._grid(inputs.feature_sizes, inputs.image_size, inputs.assign_dtype, inputs.cls_logits.device))
+
+    def assignment(self, inputs: FCOSInputs, prepared: FCOSPositives) -> FCOSAssignment:
+        """The points' boxes (:func:`detloss.assign.fcos.match_boxes`), decided in the boxes' dtype."""
+        boxes_list = [b for b, _ in inputs.pairs]
+        matched = match_boxes(boxes_list, prepared.grid, self.convention, inputs.assign_dtype)
+        return _assignment(matched, boxes_list, [lb for _, lb in inputs.pairs], prepared.grid)
+
+    def gather(self, inputs: FCOSInputs, prepared: FCOSPositives, assignment: FCOSAssignment) -> FCOSPositives:
+        dtype, grid = inputs.dtype, prepared.grid
+        flat = assignment.flat_index
+        reg = upcast(inputs.bbox_regression, dtype).reshape(-1, 4)[flat]
+        ctr_logit = upcast(inputs.centerness, dtype).reshape(-1)[flat]
+        pts = grid.points[assignment.pred_index].to(dtype)
+        scale = grid.scales[assignment.pred_index].to(dtype)
+        gt = assignment.boxes.to(dtype)
+        num_pos = float(assignment.num_pos)
+        if self.convention == "torchvision":
+            # BoxLinearCoder(normalize_by_size=True): distances are in anchor sides.
+            d = reg * scale[:, None]
+            pred = torch.cat((pts - d[:, :2], pts + d[:, 2:]), dim=1)
+            target_boxes, pred_px = gt, pred
+            ctr_target = _centerness_target(torch.cat((pts - gt[:, :2], gt[:, 2:] - pts), dim=1) / scale[:, None])
+            mean_pos = float(self.global_mean(torch.tensor(num_pos, dtype=torch.float64)))
+            world = self.world_size()
+            n_all = mean_pos * world
+            normalizer = box_normalizer = max(1.0, n_all) / world
         else:
-            gt = torch.zeros((0, 4), dtype=dtype, device=device)
-            labels = torch.zeros((0,), dtype=torch.int64, device=device)
-        pts = grid.points[point].to(dtype)
-        scale = grid.scales[point].to(dtype)
-        num_pos = int(pos.numel())
+            target = torch.cat((pts - gt[:, :2], gt[:, 2:] - pts), dim=1)
+            if self.norm_on_bbox:
+                target = target / scale[:, None]
+            ctr_target = _centerness_target(target)
+            # mmdet decodes prediction and target around the point in the same units (IoU is
+            # invariant to that common scale and shift)
+            pred = torch.cat((pts - reg[:, :2], pts + reg[:, 2:]), dim=1)
+            target_boxes = torch.cat((pts - target[:, :2], pts + target[:, 2:]), dim=1)
+            pred_px = pred if not self.norm_on_bbox else torch.cat(
+                (pts - reg[:, :2] * scale[:, None], pts + reg[:, 2:] * scale[:, None]), dim=1
+            )
+            local = torch.stack((torch.tensor(num_pos, dtype=ctr_target.dtype, device=ctr_target.device), ctr_target.sum().detach()))
+            mean_pos, mean_ctr = (float(v) for v in self.global_mean(local).tolist())
+            n_all = mean_pos * self.world_size()
+            normalizer = max(mean_pos, 1.0)
+            box_normalizer = max(mean_ctr, MMDET_MIN_CENTERNESS_DENORM)
+        return replace(
+            prepared, reg=reg, ctr_logit=ctr_logit, points=pts, scale=scale, gt=gt, pred_boxes=pred,
+            target_boxes=target_boxes, pred_boxes_px=pred_px, ctr_target=ctr_target,
+            num_pos_total=n_all, normalizer=normalizer, box_normalizer=box_normalizer,
+        )
 
-        # Classification: focal loss over every point and class; one-hot targets on positives.
-        cls_target = torch.zeros((batch * num_points, num_classes), dtype=dtype, device=device)
-        cls_target[pos, labels] = 1.0
+    def _divisor(self, normalizer: float) -> float:
+        """mmdet's ``weight_reduce_loss`` divides by ``avg_factor + eps``; torchvision by the normalizer."""
+        return normalizer + MMDET_AVG_EPS if self.convention == "mmdet" else normalizer
+
+    # ----------------------------------------------------------------------------- the terms
+    def cls_term(self, inputs: FCOSInputs, pos: FCOSPositives, assignment: FCOSAssignment) -> Tensor:
+        """Focal loss over every point and class (one-hot targets on positives), over N."""
+        batch, num_points, num_classes = inputs.cls_logits.shape
+        cls_target = torch.zeros((batch * num_points, num_classes), dtype=inputs.dtype, device=inputs.cls_logits.device)
+        cls_target[assignment.flat_index, assignment.labels] = 1.0
         cls_sum = F.sigmoid_focal_loss(
-            cls_logits.reshape(-1, num_classes), cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma,
+            inputs.cls_logits.reshape(-1, num_classes), cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma,
             reduction="sum",
         )
+        return cls_sum / self._divisor(pos.normalizer)
 
-        reg = upcast(bbox_regression, dtype).reshape(-1, 4)[pos]
-        ctr_logit = upcast(centerness, dtype).reshape(-1)[pos]
-        if self.convention == "torchvision":
-            out = self._torchvision_terms(cls_sum, reg, ctr_logit, gt, pts, scale, num_pos, dtype)
-        else:
-            out = self._mmdet_terms(cls_sum, reg, ctr_logit, gt, pts, scale, num_pos, dtype)
-        cls, box, ctr, pred_boxes, stats = out
+    def box_term(self, inputs: FCOSInputs, pos: FCOSPositives, assignment: FCOSAssignment) -> Tensor:
+        """The IoU-family loss of the decoded boxes (weighted by ``c*`` for mmdet), over N_box."""
+        loss = self._box_loss(pos.pred_boxes, pos.target_boxes)
+        if self.convention == "mmdet":
+            loss = loss * pos.ctr_target
+        return loss.sum() / self._divisor(pos.box_normalizer)
 
-        cls, box, ctr = self.cls_weight * cls, self.box_weight * box, self.centerness_weight * ctr
-        total = cls + box + ctr
-        with torch.no_grad():
-            if num_pos:
-                iou = _box_iou_formula(pred_boxes.detach(), gt, kind="iou", convention="torchvision").clamp(0, 1)
-                mean_iou = float(iou.mean())
-            else:
-                mean_iou = 0.0
-        levels = grid.levels[point]
-        stats.update(
-            num_pos=num_pos,
-            num_pos_per_level=torch.bincount(levels, minlength=len(sizes)).tolist(),
-            num_targets=int(counts.sum()),
-            mean_iou=mean_iou,
-        )
-        components = {"cls": cls.detach(), "box": box.detach(), "centerness": ctr.detach()}
-        return LossOutput(total=total, components=components, stats=stats)
-
-    def _num_pos_all(self, num_pos: int, dtype, device) -> Tensor:
-        n = torch.tensor(float(num_pos), dtype=dtype, device=device)
-        return dist.reduce_sum(n) if self.sync_normalizers else n
-
-    def _world(self) -> int:
-        return dist.world_size() if self.sync_normalizers else 1
-
-    def _torchvision_terms(self, cls_sum, reg, ctr_logit, gt, pts, scale, num_pos, dtype):
-        n_all = self._num_pos_all(num_pos, dtype, cls_sum.device)
-        normalizer = float(max(1.0, float(n_all))) / self._world()
-        # BoxLinearCoder(normalize_by_size=True).decode: distances are in anchor sides.
-        d = reg * scale[:, None]
-        pred = torch.cat((pts - d[:, :2], pts + d[:, 2:]), dim=1)
-        box_sum = self._box_loss(pred, gt).sum()
-        # ... and .encode of the target box, for the centerness target.
-        target = torch.cat((pts - gt[:, :2], gt[:, 2:] - pts), dim=1) / scale[:, None]
-        ctr_target = _centerness_target(target)
-        ctr_sum = F.bce_with_logits(ctr_logit, ctr_target, reduction="sum")
-        stats = {"num_pos_total": float(n_all), "normalizer": normalizer, "box_normalizer": normalizer}
-        return cls_sum / normalizer, box_sum / normalizer, ctr_sum / normalizer, pred, stats
-
-    def _mmdet_terms(self, cls_sum, reg, ctr_logit, gt, pts, scale, num_pos, dtype):
-        world = self._world()
-        n_all = self._num_pos_all(num_pos, dtype, cls_sum.device)
-        normalizer = max(float(n_all) / world, 1.0)
-        target = torch.cat((pts - gt[:, :2], gt[:, 2:] - pts), dim=1)
-        if self.norm_on_bbox:
-            target = target / scale[:, None]
-        ctr_target = _centerness_target(target)
-        ctr_sum_all = ctr_target.sum().detach()
-        if self.sync_normalizers:
-            ctr_sum_all = dist.reduce_sum(ctr_sum_all)
-        box_normalizer = max(float(ctr_sum_all) / world, MMDET_MIN_CENTERNESS_DENORM)
-        # mmdet decodes prediction and target around the point in the same units (IoU is
-        # invariant to that common scale and shift).
-        pred = torch.cat((pts - reg[:, :2], pts + reg[:, 2:]), dim=1)
-        target_box = torch.cat((pts - target[:, :2], pts + target[:, 2:]), dim=1)
-        box_sum = (self._box_loss(pred, target_box) * ctr_target).sum()
-        ctr_sum = F.bce_with_logits(ctr_logit, ctr_target, reduction="sum")
-        n = normalizer + MMDET_AVG_EPS
-        stats = {"num_pos_total": float(n_all), "normalizer": normalizer, "box_normalizer": box_normalizer}
-        # For the IoU statistic, compare boxes in pixels.
-        pred_px = pred if not self.norm_on_bbox else torch.cat(
-            (pts - reg[:, :2] * scale[:, None], pts + reg[:, 2:] * scale[:, None]), dim=1
-        )
-        return cls_sum / n, box_sum / (box_normalizer + MMDET_AVG_EPS), ctr_sum / n, pred_px, stats
+    def centerness_term(self, inputs: FCOSInputs, pos: FCOSPositives, assignment: FCOSAssignment) -> Tensor:
+        """BCE of the centerness logits of positives against ``c*``, over N."""
+        ctr_sum = F.bce_with_logits(pos.ctr_logit, pos.ctr_target, reduction="sum")
+        return ctr_sum / self._divisor(pos.normalizer)
 
     def _box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Per-positive box loss ``[n]``.
 
         Decoded predictions may be inverted boxes (negative regression outputs before the
-        head's ReLU): both originals compute the loss on them regardless, so the unchecked
-        formulas of :mod:`detloss.functional.iou` are used (same arithmetic as ``iou_loss``).
+        head's ReLU): both originals compute the loss on them regardless, so the IoU functions
+        are called with ``validate=False`` (the same formula, no size check).
         """
         if self.box_loss == "log_iou":
-            iou = _box_iou_formula(pred, target, kind="iou", convention="torchvision")
+            iou = F.aligned_box_iou(pred, target, kind="iou", convention="torchvision", validate=False)
             return -iou.clamp(min=MMDET_IOU_EPS).log()
-        return _iou_loss_formula(pred, target, kind=self.box_loss, convention="torchvision", reduction="none")
+        return F.iou_loss(pred, target, kind=self.box_loss, convention="torchvision", reduction="none", validate=False)
+
+    def stats(self, inputs: FCOSInputs, pos: FCOSPositives, assignment: FCOSAssignment, raw: Dict[str, Tensor]) -> Dict[str, Any]:
+        iou_mean: Union[float, Tensor] = 0.0
+        if assignment.num_pos:
+            iou_mean = F.aligned_box_iou(
+                pos.pred_boxes_px.detach(), pos.gt, kind="iou", convention="torchvision", validate=False
+            ).clamp(0, 1).mean()
+        return {
+            "num_pos": assignment.num_pos,
+            "num_pos_per_level": assignment.num_pos_per_level(),
+            "num_pos_total": pos.num_pos_total,
+            "num_targets": sum(int(b.shape[0]) for b, _ in inputs.pairs),
+            "normalizer": pos.normalizer,
+            "box_normalizer": pos.box_normalizer,
+            "iou_mean": iou_mean,
+        }
+
+    # ----------------------------------------------------------------------------- inference
+    def decode(
+        self,
+        cls_logits: Tensor,
+        bbox_regression: Tensor,
+        centerness: Tensor,
+        feature_sizes: Sequence[Tuple[int, int]],
+        image_size: Optional[Tuple[int, int]] = None,
+    ) -> Decoded:
+        """The detector's inference decoding: boxes ``[B, P, 4]`` xyxy pixels (the convention's
+        points and box coding, as in :meth:`gather`) and scores
+        ``sqrt(sigmoid(cls) * sigmoid(centerness))`` ``[B, P, C]`` (torchvision's
+        ``postprocess_detections``), computed in float32 or wider."""
+        sizes = self._check_heads(cls_logits, bbox_regression, centerness, feature_sizes)
+        dtype = compute_dtype(cls_logits, bbox_regression, centerness)
+        grid = self._grid(sizes, image_size, dtype, cls_logits.device)
+        reg = upcast(bbox_regression, dtype)
+        if self.convention == "torchvision" or self.norm_on_bbox:
+            reg = reg * grid.scales[:, None]
+        boxes = torch.cat((grid.points - reg[..., :2], grid.points + reg[..., 2:]), -1)
+        ctr = upcast(centerness, dtype).reshape(*centerness.shape[:2], 1)
+        scores = (upcast(cls_logits, dtype).sigmoid() * ctr.sigmoid()).sqrt()
+        return Decoded(boxes, scores)
+
+    # ----------------------------------------------------------------------------- hooks for the tools
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[Any, ...]:
+        h, w = image_size
+        sizes = [(math.ceil(h / s), math.ceil(w / s)) for s in self.strides]
+        p = sum(a * b for a, b in sizes)
+        zeros = [torch.zeros(batch_size, p, c, dtype=torch.float64) for c in (self.num_classes, 4, 1)]
+        return (*zeros, sizes)
+
+    def call_kwargs(self, image_size: Tuple[int, int]) -> Dict[str, Any]:
+        """``image_size``: torchvision's point spacing (``image // feature``), and the pixel
+        scale of YOLO-row targets."""
+        return {"image_size": tuple(int(v) for v in image_size)}
+
+    def prediction_levels(self, cls_logits, bbox_regression, centerness, feature_sizes, image_size=None) -> List[GridLevel]:
+        """One point per cell where the convention puts it (torchvision: the cell's corner at
+        ``image // feature`` spacing; mmdet: its centre)."""
+        sizes = check_feature_sizes(feature_sizes, len(self.strides))
+        grid = self._grid(sizes, image_size, torch.float64, torch.device("cpu"))
+        offset = 0.0 if self.convention == "torchvision" else 0.5
+        return [GridLevel(float(s), size, sp, offset) for s, size, sp in zip(self.strides, sizes, grid.spacing)]
 
 
 def _centerness_target(ltrb: Tensor) -> Tensor:

@@ -62,8 +62,17 @@ gradient ``s (p - x^)`` stay as darknet has them.
 ``obj``, ``no_obj``, ``recall50``, ``recall75``, ``count`` (``None`` where darknet prints nan);
 PyTorch-YOLOv3: its ``metrics`` (``loss``, ``x``, ``y``, ``w``, ``h``, ``conf``, ``cls``,
 ``cls_acc``, ``recall50``, ``recall75``, ``precision``, ``conf_obj``, ``conf_noobj``,
-``grid_size``) -- plus ``num_pos`` (cells with an object term) and ``num_ignored`` (cells with no
-objectness term at all).
+``grid_size``) -- plus ``num_pos`` (cells with an object term), ``num_ignored`` (cells with no
+objectness term at all), ``num_targets`` (target rows), ``iou_mean`` (darknet: the mean of its
+per-truth IoUs, "Avg IOU" over all layers; PyTorch-YOLOv3: the IoU of the object cells' decoded
+boxes with their truths; 0.0 without positives) and ``normalizer`` (darknet: 1.0, its terms are
+sums; PyTorch-YOLOv3: the object cells its means divide by, summed over layers).
+
+Distributed training: ``reduce_across_ranks=True`` makes DistributedDataParallel's averaged
+gradient the whole global batch's. darknet's sums are then multiplied by the world size (DDP
+divides by it); PyTorch-YOLOv3's means divide by the mean over ranks of each layer's object and
+no-object counts (one all-reduce per call). The default issues no collective: each rank is a
+batch of its own, as in the originals.
 
 Inputs may be float16/bfloat16: the loss is computed in float32 (float64 inputs in float64);
 the assignment decisions are always made in float32, as darknet makes them.
@@ -71,12 +80,15 @@ the assignment decisions are always made in float32, as darknet makes them.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from .._checks import as_pair, check_choice, compute_dtype, upcast
+from ..anchors import GridLevel, grid_points
+from ..assign.base import PerLevelAssignment
 from ..assign.darknet import (
     DarknetLayerAssignment,
     PyTorchYOLOv3LayerAssignment,
@@ -85,10 +97,14 @@ from ..assign.darknet import (
     check_yolo_layers,
     check_darknet_targets,
 )
-from ..functional import bce_with_logits, binary_cross_entropy, mse_loss
-from ..output import LossOutput
+from ..boxes import cxcywh_to_xyxy
+from ..functional import aligned_box_iou, bce_with_logits, binary_cross_entropy, mse_loss
+from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv3Loss", "YOLOV3_ANCHORS", "YOLOV3_MASKS", "FLAVORS", "BOX_SCALES"]
+
+#: Raw width/height logits are clamped to this before ``exp`` in :meth:`YOLOv3Loss.decode` (e^10 anchors).
+DECODE_MAX_LOG_SCALE = 10.0
 
 #: yolov3.cfg's anchors (w, h) in pixels of a 416 x 416 input, and the mask of each layer.
 YOLOV3_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
@@ -120,7 +136,33 @@ def _mean_or_none(total: float, count: int) -> Optional[float]:
     return total / count if count else None
 
 
-class YOLOv3Loss(torch.nn.Module):
+@dataclass
+class YOLOv3Inputs:
+    """Checked inputs of :class:`YOLOv3Loss`: the raw layer inputs, the target rows as given and
+    on the inputs' device in the compute ``dtype``."""
+
+    inputs: List[Tensor]
+    targets: Tensor
+    rows: Tensor
+    dtype: torch.dtype
+
+
+@dataclass
+class YOLOv3Layers:
+    """What :meth:`YOLOv3Loss.gather` computes, per layer: its five parts (``xy`` ... ``cls``,
+    unweighted), its printed figures, its object-term and ignored cell counts; and the
+    normalizer, the IoU mean and the factor ``total`` is multiplied by."""
+
+    parts: List[Dict[str, Tensor]] = field(default_factory=list)
+    figures: List[Dict[str, Any]] = field(default_factory=list)
+    num_pos: int = 0
+    num_ignored: int = 0
+    normalizer: Union[float, Tensor] = 1.0
+    iou_mean: Union[float, Tensor] = 0.0
+    batch_factor: Union[int, Tensor] = 1
+
+
+class YOLOv3Loss(DetectionLoss):
     """YOLOv3's loss with darknet's exact semantics, or PyTorch-YOLOv3's (see the module docstring).
 
     Args:
@@ -137,14 +179,25 @@ class YOLOv3Loss(torch.nn.Module):
         box_scale: ``"2-wh"`` (weight box terms by ``2 - w h``) or ``"none"``; default
             ``"2-wh"`` for darknet, ``"none"`` for PyTorch-YOLOv3.
         obj_scale, noobj_scale: PyTorch-YOLOv3 only: weights of the object and no-object
-            confidence terms (defaults 1 and 100).
+            confidence terms (defaults 1 and 100; the loss's ``gains["obj"]``, ``["noobj"]``).
+        reduce_across_ranks: see "Distributed training" in the module docstring (default False).
 
     Call: ``loss_fn(inputs, targets) -> LossOutput`` with ``inputs`` a list of raw layer inputs
     ``[B, len(masks[i]) * (5 + C), img_h / strides[i], img_w / strides[i]]`` (channel
     ``a * (5 + C) + e``: entry ``e`` = tx, ty, tw, th, objectness, classes of anchor slot ``a``) and
     ``targets`` ``[N, 6]`` rows ``(image_index, class, cx, cy, w, h)`` normalized to 0..1, in
-    darknet's truth order per image. Stateless: no value is kept between calls.
+    darknet's truth order per image. Stateless: no value is kept between calls. ``components``
+    and ``terms`` (with their graph; they sum to ``total``) are ``"xy"``, ``"wh"``, ``"obj"``,
+    ``"noobj"``, ``"cls"``, summed over the layers. :meth:`assign` gives the
+    :class:`~detloss.assign.darknet.DarknetAssignment` (or ``PyTorchYOLOv3Assignment``);
+    :meth:`decode` the inference boxes and scores.
     """
+
+    name = "yolov3"
+    #: Every term is :meth:`layer_sum` of its part: :meth:`gather` computes a layer's five parts in
+    #: one pass (darknet's class targets follow the order of the layer's writes).
+    term_methods = {c: "layer_sum" for c in COMPONENTS}
+    image_size_argument = "img_size"
 
     def __init__(
         self,
@@ -159,8 +212,16 @@ class YOLOv3Loss(torch.nn.Module):
         box_scale: Optional[str] = None,
         obj_scale: Optional[float] = None,
         noobj_scale: Optional[float] = None,
+        *,
+        reduce_across_ranks: bool = False,
     ) -> None:
-        super().__init__()
+        gains = dict.fromkeys(COMPONENTS, 1.0)
+        if flavor == "darknet" and (obj_scale is not None or noobj_scale is not None):
+            raise ValueError("obj_scale, noobj_scale: only the 'pytorch-yolov3' flavor has them (darknet weighs 1)")
+        if flavor != "darknet":
+            gains["obj"] = _PV3_OBJ_SCALE if obj_scale is None else _number("obj_scale", obj_scale)
+            gains["noobj"] = _PV3_NOOBJ_SCALE if noobj_scale is None else _number("noobj_scale", noobj_scale)
+        super().__init__(gains, reduce_across_ranks=reduce_across_ranks)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         self.flavor = check_choice("flavor", flavor, FLAVORS)
@@ -188,49 +249,152 @@ class YOLOv3Loss(torch.nn.Module):
         self.ignore_thresh = default_ignore if ignore_thresh is None else _number("ignore_thresh", ignore_thresh)
         self.truth_thresh = _number("truth_thresh", truth_thresh)
         self.box_scale = check_choice("box_scale", default_scale if box_scale is None else box_scale, BOX_SCALES)
-        if flavor == "darknet" and (obj_scale is not None or noobj_scale is not None):
-            raise ValueError("obj_scale, noobj_scale: only the 'pytorch-yolov3' flavor has them (darknet weighs 1)")
-        self.obj_scale = _PV3_OBJ_SCALE if obj_scale is None else _number("obj_scale", obj_scale)
-        self.noobj_scale = _PV3_NOOBJ_SCALE if noobj_scale is None else _number("noobj_scale", noobj_scale)
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, flavor={self.flavor!r}, img_size={self.img_size}, "
-            f"ignore_thresh={self.ignore_thresh}, truth_thresh={self.truth_thresh}, box_scale={self.box_scale!r}"
+            f"ignore_thresh={self.ignore_thresh}, truth_thresh={self.truth_thresh}, box_scale={self.box_scale!r}, "
+            f"gains={self.gains}, reduce_across_ranks={self.reduce_across_ranks}"
         )
 
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> LossOutput:
+    def check(self, inputs: Sequence[Tensor], targets: Tensor) -> YOLOv3Inputs:
         check_yolo_layers(inputs, self.masks, self.num_classes, self.img_size, self.strides)
-        check_darknet_targets(targets, inputs[0].shape[0], self.num_classes)
+        targets = check_darknet_targets(targets, inputs[0].shape[0], self.num_classes)
         dtype = compute_dtype(*inputs)
-        tgt = targets.detach().to(device=inputs[0].device, dtype=dtype)
+        rows = targets.detach().to(device=inputs[0].device, dtype=dtype)
+        return YOLOv3Inputs(list(inputs), targets, rows, dtype)
+
+    def assignment(self, inputs: YOLOv3Inputs, prepared: None) -> PerLevelAssignment:
+        """darknet's decisions (:func:`detloss.assign.darknet.assign_darknet`) or PyTorch-YOLOv3's
+        ``build_targets`` (:func:`~detloss.assign.darknet.assign_pytorch_yolov3`)."""
         if self.flavor == "darknet":
-            asg = assign_darknet(
-                inputs, targets, self.anchors, self.masks, self.img_size, self.ignore_thresh, self.truth_thresh
+            return assign_darknet(
+                inputs.inputs, inputs.targets, self.anchors, self.masks, self.img_size, self.ignore_thresh, self.truth_thresh
             )
-            layer = self._darknet_layer
+        return assign_pytorch_yolov3(inputs.inputs, inputs.targets, self.anchors, self.masks, self.img_size, self.ignore_thresh)
+
+    def gather(self, inputs: YOLOv3Inputs, prepared: None, assignment: PerLevelAssignment) -> YOLOv3Layers:
+        """Layer by layer: the positives' rows, their targets and the layer's five parts (a
+        layer's class targets depend on the order of its writes, so the parts come together)."""
+        out = YOLOv3Layers()
+        xs = [upcast(x, inputs.dtype) for x in inputs.inputs]
+        if self.flavor == "darknet":
+            for x, a, mask in zip(xs, assignment, self.masks):
+                self._add_layer(out, *self._darknet_layer(x, a, inputs.rows, mask))
+            ious = torch.cat([a.iou for a in assignment])
+            out.iou_mean = ious.double().mean() if ious.numel() else 0.0
+            world = self.world_size()
+            out.normalizer, out.batch_factor = 1.0 / world, world
+            return out
+        counts = [(float(a.obj_mask.sum()), float(a.noobj_mask.sum())) for a in assignment]
+        divisors: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(counts)
+        if self.reduce_across_ranks:
+            mean = self.global_mean(torch.tensor(counts, dtype=inputs.dtype, device=inputs.rows.device))
+            divisors = [tuple(torch.where(m > 0, m, 1.0).unbind(0)) for m in mean]  # type: ignore[misc]
+            out.normalizer = mean[:, 0].sum()
         else:
-            asg = assign_pytorch_yolov3(inputs, targets, self.anchors, self.masks, self.img_size, self.ignore_thresh)
-            layer = self._pytorch_yolov3_layer
-        total = inputs[0].new_zeros((), dtype=dtype)
-        components = {c: torch.zeros((), dtype=dtype, device=inputs[0].device) for c in COMPONENTS}
-        layers = []
-        num_pos = num_ignored = 0
-        for x, a, mask in zip(inputs, asg, self.masks):
-            terms, stats, npos, nign = layer(upcast(x, dtype), a, tgt, mask)
-            for c in COMPONENTS:
-                total = total + terms[c]
-                components[c] = components[c] + terms[c].detach()
-            layers.append(stats)
-            num_pos += npos
-            num_ignored += nign
-        return LossOutput(
-            total=total,
-            components=components,
-            stats={"layers": layers, "num_pos": num_pos, "num_ignored": num_ignored},
-        )
+            out.normalizer = float(sum(n for n, _ in counts))
+        ious = []
+        for x, a, mask, div in zip(xs, assignment, self.masks, divisors):
+            parts, figures, npos, nign, iou = self._pytorch_yolov3_layer(x, a, inputs.rows, mask, div)
+            self._add_layer(out, parts, figures, npos, nign)
+            ious.append(iou)
+        if assignment.num_pos:
+            out.iou_mean = torch.cat(ious).mean()
+        return out
+
+    @staticmethod
+    def _add_layer(out: YOLOv3Layers, parts, figures, num_pos: int, num_ignored: int) -> None:
+        out.parts.append(parts)
+        out.figures.append(figures)
+        out.num_pos += num_pos
+        out.num_ignored += num_ignored
+
+    def compute_terms(self, inputs: YOLOv3Inputs, layers: YOLOv3Layers, assignment: PerLevelAssignment) -> Dict[str, Tensor]:
+        """Each part summed over the layers (:meth:`gather` computed them layer by layer)."""
+        return {c: self.layer_sum(layers, c) for c in self.term_methods}
+
+    @staticmethod
+    def layer_sum(layers: YOLOv3Layers, name: str) -> Tensor:
+        """Part ``name`` summed over the layers."""
+        total = layers.parts[0][name]
+        for parts in layers.parts[1:]:
+            total = total + parts[name]
+        return total
+
+    def batch_factor(self, inputs: YOLOv3Inputs, layers: YOLOv3Layers) -> Union[int, Tensor]:
+        return layers.batch_factor
+
+    def stats(self, inputs: YOLOv3Inputs, layers: YOLOv3Layers, assignment: PerLevelAssignment, raw: Dict[str, Tensor]) -> Dict[str, Any]:
+        return {
+            "layers": layers.figures,
+            "num_pos": layers.num_pos,
+            "num_ignored": layers.num_ignored,
+            "num_targets": int(inputs.targets.shape[0]),
+            "iou_mean": layers.iou_mean,
+            "normalizer": layers.normalizer,
+        }
+
+    def decode(self, inputs: Sequence[Tensor]) -> Decoded:
+        """The detector's inference decoding of the raw layer inputs: per layer, anchor slot and
+        cell ``xy = (sigmoid(t_xy) + cell) * stride``, ``wh = exp(t_wh) * anchor`` (pixels; the
+        logits clamped at :data:`DECODE_MAX_LOG_SCALE`), boxes ``[B, A, 4]`` xyxy in the order of
+        the layers' ``[anchor slot, H, W]`` cells; scores ``sigmoid(obj) * sigmoid(cls)``."""
+        check_yolo_layers(inputs, self.masks, self.num_classes, self.img_size, self.strides)
+        dtype = compute_dtype(*inputs)
+        nc = self.num_classes
+        boxes, scores = [], []
+        for x, mask, stride in zip(inputs, self.masks, self.strides):
+            b, _, h, w = x.shape
+            p = upcast(x, dtype).view(b, len(mask), 5 + nc, h, w).permute(0, 1, 3, 4, 2)
+            cell = grid_points([(h, w)], [(1.0, 1.0)], offset=0.0, dtype=dtype, device=x.device).view(1, 1, h, w, 2)
+            anchors = torch.tensor([self.anchors[m] for m in mask], dtype=dtype, device=x.device).view(1, -1, 1, 1, 2)
+            xy = (p[..., 0:2].sigmoid() + cell) * stride
+            wh = p[..., 2:4].clamp(max=DECODE_MAX_LOG_SCALE).exp() * anchors
+            boxes.append(cxcywh_to_xyxy(torch.cat((xy, wh), -1)).reshape(b, -1, 4))
+            scores.append((p[..., 5:].sigmoid() * p[..., 4:5].sigmoid()).reshape(b, -1, nc))
+        return Decoded(torch.cat(boxes, 1), torch.cat(scores, 1))
+
+    # ------------------------------------------------------------------ hooks for the tools
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[List[Tensor]]:
+        """Zero logits for the network input ``img_size`` (``image_size`` must be it): every
+        prediction is its anchor centred in its cell."""
+        if tuple(image_size) != tuple(self.img_size):
+            raise ValueError(f"image_size: expected the loss's img_size {self.img_size}, got {tuple(image_size)}")
+        h, w = self.img_size
+        return ([torch.zeros(batch_size, len(m) * (5 + self.num_classes), h // s, w // s, dtype=torch.float64)
+                 for m, s in zip(self.masks, self.strides)],)
+
+    def prediction_levels(self, inputs: Sequence[Tensor]) -> List[GridLevel]:
+        """The layers' anchor slots (pixels) on their grids, drawn at the cell centres."""
+        return [
+            GridLevel(float(s), (int(x.shape[2]), int(x.shape[3])), (float(s), float(s)), anchors=[self.anchors[m] for m in mask])
+            for x, mask, s in zip(inputs, self.masks, self.strides)
+        ]
+
+    def assignment_notes(self, assignment: PerLevelAssignment) -> List[str]:
+        """darknet: the truth pass's best anchor of all (and an overwritten box target), or the
+        truth_thresh branch's IoU; PyTorch-YOLOv3: the best of the layer's anchors."""
+        if self.flavor != "darknet":
+            return ["best of the layer's anchors"] * assignment.num_pos
+        notes = []
+        for a in assignment:
+            written = {}
+            for b, k, y, x, t, n in zip(*(v.tolist() for v in (a.image, a.anchor, a.gy, a.gx, a.truth, a.anchor_index))):
+                written.setdefault((b, k, y, x), []).append((t, n))
+            for b, k, y, x in a.positive.nonzero().tolist():
+                owner = int(a.box_truth[b, k, y, x])
+                entries = written.get((b, k, y, x))
+                if entries is None:
+                    notes.append(f"truth_thresh: IoU {float(a.best_iou[b, k, y, x]):.3f}")
+                    continue
+                note = "; ".join(f"best of all anchors: #{n}" for _, n in entries[:1])
+                if any(t != owner for t, _ in entries):
+                    note += f"; box target of gt {owner}"
+                notes.append(note)
+        return notes
 
     # ------------------------------------------------------------------------------------------
     # darknet
@@ -326,8 +490,11 @@ class YOLOv3Loss(torch.nn.Module):
     # PyTorch-YOLOv3
 
     def _pytorch_yolov3_layer(
-        self, x_in: torch.Tensor, a: PyTorchYOLOv3LayerAssignment, tgt: torch.Tensor, mask: Sequence[int]
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], int, int]:
+        self, x_in: torch.Tensor, a: PyTorchYOLOv3LayerAssignment, tgt: torch.Tensor, mask: Sequence[int],
+        divisors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], int, int, torch.Tensor]:
+        """The layer's parts (means over its object / no-object cells, or sums over the
+        ``divisors`` (object, no-object) given), its metrics, counts and the object cells' IoUs."""
         nb, _, h, w = x_in.shape
         na, nc = len(mask), self.num_classes
         img_h, img_w = self.img_size
@@ -352,10 +519,19 @@ class YOLOv3Loss(torch.nn.Module):
         th = torch.log(gh / scaled[ai, 1] + _PV3_EPS)
         lam = 2 - gw / w * gh / h if self.box_scale == "2-wh" else None
 
+        def mean(loss: torch.Tensor, divisor: Optional[torch.Tensor]) -> torch.Tensor:
+            """The mean of ``loss`` (0 when empty), or its sum over ``divisor``."""
+            if divisor is None:
+                return loss.mean() if loss.numel() else loss.sum()
+            return loss.sum() / divisor
+
+        div_obj, div_noobj = (None, None) if divisors is None else divisors
+
         def box_term(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             if lam is None:
-                return mse_loss(pred, target, reduction="mean")
-            return (mse_loss(pred, target, reduction="none") * lam).sum() / max(n_obj, 1)
+                return mean(mse_loss(pred, target, reduction="none"), div_obj)
+            loss = mse_loss(pred, target, reduction="none") * lam
+            return loss.sum() / (max(n_obj, 1) if div_obj is None else div_obj)
 
         # one-hot union over every truth of the cell (tcls[b, best_n, gj, gi, label] = 1)
         slot = torch.full((nb * na * h * w,), -1, dtype=torch.long, device=pr.device)
@@ -366,10 +542,11 @@ class YOLOv3Loss(torch.nn.Module):
         lx, ly = box_term(sx, tx), box_term(sy, ty)
         lw, lh = box_term(pr[..., 2][obj], tw), box_term(pr[..., 3][obj], th)
         c_obj, c_noobj = conf[obj], conf[noobj]
-        l_obj = self.obj_scale * binary_cross_entropy(c_obj, torch.ones_like(c_obj), reduction="mean")
-        l_noobj = self.noobj_scale * binary_cross_entropy(c_noobj, torch.zeros_like(c_noobj), reduction="mean")
-        l_cls = binary_cross_entropy(pcls, tcls, reduction="mean")
+        l_obj = mean(binary_cross_entropy(c_obj, torch.ones_like(c_obj), reduction="none"), div_obj)
+        l_noobj = mean(binary_cross_entropy(c_noobj, torch.zeros_like(c_noobj), reduction="none"), div_noobj)
+        l_cls = mean(binary_cross_entropy(pcls, tcls, reduction="none"), None if div_obj is None else div_obj * nc)
         terms = {"xy": lx + ly, "wh": lw + lh, "obj": l_obj, "noobj": l_noobj, "cls": l_cls}
+        weighted = {k: v * self.gains[k] for k, v in terms.items()}
 
         # the layer's metrics, as YOLOLayer computes them (grid units, +1 pixel IoU convention)
         with torch.no_grad():
@@ -380,15 +557,18 @@ class YOLOv3Loss(torch.nn.Module):
                 (sx + xi.to(dtype), sy + yi.to(dtype),
                  torch.exp(pr[..., 2][obj]) * anchor_grid[:, 0], torch.exp(pr[..., 3][obj]) * anchor_grid[:, 1]), -1
             )
-            iou = _iou_plus_one(pbox, torch.stack((gx, gy, gw, gh), -1))
+            truth = torch.stack((gx, gy, gw, gh), -1)
+            iou = _iou_plus_one(pbox, truth)
+            finite = torch.cat((pbox[:, :2], pbox[:, 2:].clamp(max=math.exp(DECODE_MAX_LOG_SCALE))), -1)
+            plain_iou = aligned_box_iou(finite, truth, box_format="cxcywh", validate=False)
             conf50 = conf > 0.5
             detected = conf50[obj].to(dtype) * class_ok
             n_conf50 = float(conf50.sum())
             hit50 = float(((iou > 0.5).to(dtype) * detected).sum())
             hit75 = float(((iou > 0.75).to(dtype) * detected).sum())
             stats = {
-                "loss": float(sum(terms.values())), "x": float(lx), "y": float(ly), "w": float(lw), "h": float(lh),
-                "conf": float(l_obj + l_noobj), "cls": float(l_cls),
+                "loss": float(sum(weighted.values())), "x": float(lx), "y": float(ly), "w": float(lw), "h": float(lh),
+                "conf": float(weighted["obj"] + weighted["noobj"]), "cls": float(l_cls),
                 "cls_acc": _mean_or_none(100 * float(class_ok.sum()), n_obj),
                 "recall50": hit50 / (n_obj + _PV3_EPS), "recall75": hit75 / (n_obj + _PV3_EPS),
                 "precision": hit50 / (n_conf50 + _PV3_EPS),
@@ -396,14 +576,14 @@ class YOLOv3Loss(torch.nn.Module):
                 "conf_noobj": _mean_or_none(float(c_noobj.sum()), int(c_noobj.numel())),
                 "grid_size": (h, w),
             }
-        return terms, stats, n_obj, int((~obj & ~noobj).sum())
+        return terms, stats, n_obj, int((~obj & ~noobj).sum()), plain_iou
 
 
 def _iou_plus_one(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """PyTorch-YOLOv3 ``bbox_iou(x1y1x2y2=False)`` of aligned centre-form boxes: areas with the
     "+1 pixel" convention (here in grid units), ``1e-16`` in the denominator."""
-    a1, a2 = b1[:, :2] - b1[:, 2:] / 2, b1[:, :2] + b1[:, 2:] / 2
-    c1, c2 = b2[:, :2] - b2[:, 2:] / 2, b2[:, :2] + b2[:, 2:] / 2
+    a1, a2 = cxcywh_to_xyxy(b1).split(2, -1)
+    c1, c2 = cxcywh_to_xyxy(b2).split(2, -1)
     inter = (torch.minimum(a2, c2) - torch.maximum(a1, c1) + 1).clamp(min=0).prod(-1)
     area1 = (a2 - a1 + 1).prod(-1)
     area2 = (c2 - c1 + 1).prod(-1)

@@ -35,6 +35,7 @@ assigner (``self.assigner`` or :meth:`~YOLOv8Loss.assignment`) for rotated boxes
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from .. import functional as F
 from .._checks import check_floating, check_tensor, compute_dtype, upcast
-from ..anchors import Level, make_anchors
+from ..anchors import GridLevel, Level, make_anchors
 from ..assign.base import Assignment
 from ..assign.tal import TaskAlignedAssigner
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
@@ -388,11 +389,9 @@ class YOLOv8Loss(DetectionLoss):
         l1 = F.l1_loss(prepared.pos_pred_dist * scale, ltrb * scale, reduction="none")
         return (l1.mean(-1) * assignment.weights).sum() / prepared.normalizer
 
-    def combine(self, weighted: Dict[str, Tensor], inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """``total = (box + cls + dfl) * B`` (ultralytics' return value); each term times ``B``."""
-        factor = prepared.batch_factor
-        total = torch.stack(list(weighted.values())).sum() * factor
-        return total, {k: v * factor for k, v in weighted.items()}
+    def batch_factor(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Union[int, Tensor]:
+        """``total = (box + cls + dfl) * B`` (ultralytics' return value)."""
+        return prepared.batch_factor
 
     def stats(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment, raw: Dict[str, Tensor]) -> Dict[str, Any]:
         n_rows = inputs.targets.shape[0]
@@ -427,3 +426,12 @@ class YOLOv8Loss(DetectionLoss):
         anchor_points, stride_tensor = make_anchors(levels, dt, feats[0].device)
         boxes = self.decode_boxes(pred_dist, anchor_points) * stride_tensor
         return Decoded(boxes, pred_logits.sigmoid())
+
+    def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[List[Tensor]]:
+        h, w = image_size
+        no = 4 * self.reg_max + self.num_classes
+        return ([torch.zeros(batch_size, no, math.ceil(h / s), math.ceil(w / s), dtype=torch.float64) for s in self.strides],)
+
+    def prediction_levels(self, feats: Sequence[Tensor]) -> List[GridLevel]:
+        """One anchor point per cell, at the cell centre."""
+        return [GridLevel(s, (int(f.shape[2]), int(f.shape[3])), (s, s)) for f, s in zip(feats, self.strides)]

@@ -4,23 +4,17 @@ For each scheme the assigner of :mod:`detloss.assign` decides, for the ground-tr
 image, which cells / anchors / points of each pyramid level are positives (and, for YOLOv3,
 which predictions are ignored); this module only draws and tabulates those decisions.
 
-Schemes and their defaults (all overridable by keyword):
-
-``yolov3``  darknet's ``forward_yolo_layer`` (:func:`detloss.assign.darknet.assign_darknet`),
-            the 9 COCO anchors of yolov3.cfg, masks (0,1,2) (3,4,5) (6,7,8) on strides 8, 16, 32,
-            ``ignore_thresh=0.7``. The ignore pass needs predictions: the picture uses the head's
-            prior, all logits 0 (every prediction is its anchor centred in its cell), so "ignored"
-            marks the anchors whose prior box already overlaps a truth by more than the threshold.
-``yolov5``  ``ComputeLoss.build_targets`` of YOLOv5 v7.0 (:func:`detloss.assign.yolov5.assign_yolov5`):
-            the P3-P5 anchors of yolov5s.yaml, ``anchor_t=4``; the own cell and the two nearest
-            neighbour cells.
-``fcos``    FCOS matching (:func:`detloss.assign.fcos.assign_fcos`), torchvision convention by
-            default, strides 8..128, centre sampling radius 1.5.
-``yolov8``  the task-aligned assigner (:class:`detloss.assign.tal.TaskAlignedAssigner`), which
-            ranks anchors by ``score^alpha * CIoU^beta`` of the *predictions*. The picture uses
-            the untrained head's prior: all logits 0, i.e. every class score 0.5 and a uniform
-            distance distribution, whose expected distances are ``(reg_max - 1) / 2`` strides on
-            every side (a square of ``reg_max - 1`` strides centred on the anchor point).
+Schemes: the detector losses of the registry (:data:`detloss.losses.registry.LOSSES`). Each
+picture builds the loss with its defaults (keywords override them: its constructor's arguments,
+e.g. ``anchor_t``, ``ignore_thresh``, ``convention``, ``anchors``, ``strides``, ``reg_max``;
+``num_classes`` defaults to the largest class in the rows + 1) and asks it, through its hooks
+(:class:`detloss.losses.base.DetectionLoss`), for the outputs of an untrained head on an image of
+the picture's size (all logits 0), the assignment it makes on them (``assign``), where each
+prediction lies and a note on each positive. All logits 0 means, where the assignment looks at
+the predictions: YOLOv3's ignore pass sees every prediction as its anchor centred in its cell
+(so "ignored" marks the anchors whose prior box already overlaps a truth by more than the
+threshold); YOLOv8's task-aligned assigner sees class scores of 0.5 and a uniform distance
+distribution, whose expected distances are ``(reg_max - 1) / 2`` strides on every side.
 
 Python API (used by the demo): :func:`assignment_table` (one dict per decision) and
 :func:`assignment_picture` (a ``PIL.Image``); :func:`read_yolo_labels` reads a YOLO label file
@@ -37,7 +31,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..boxes import read_yolo_labels
+from ..anchors import locate
+from ..boxes import cxcywh_to_xyxy, read_yolo_labels
+from ..losses.registry import LOSSES
 
 __all__ = [
     "SCHEMES",
@@ -50,13 +46,12 @@ __all__ = [
     "run",
 ]
 
-SCHEMES = ("yolov3", "yolov5", "fcos", "yolov8")
+SCHEMES = tuple(LOSSES)
 
-#: The 9 anchors of yolov3.cfg / yolov5s.yaml (w, h in pixels of the network input).
+#: The 9 anchors of yolov3.cfg / yolov5s.yaml (w, h in pixels of the network input) and the
+#: layers' masks, finest level first (the order of the pictures).
 COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
-YOLO_STRIDES = (8, 16, 32)
 DARKNET_MASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
-FCOS_STRIDES = (8, 16, 32, 64, 128)
 DEFAULT_SIZE = (640, 640)
 
 PALETTE = (
@@ -130,6 +125,7 @@ class Level:
     stride: int
     grid: Tuple[int, int]  # (ny, nx)
     cell: Tuple[float, float]  # (cell_h, cell_w) in pixels of the canvas
+    points: bool = False  # one prediction per point (anchor-free), drawn as dots
 
 
 @dataclass
@@ -145,21 +141,6 @@ class AssignmentView:
     notes: List[str] = field(default_factory=list)
 
 
-def _grid(size: Tuple[int, int], stride: int, ceil: bool = True) -> Tuple[int, int]:
-    h, w = size
-    if ceil:
-        return max(1, math.ceil(h / stride)), max(1, math.ceil(w / stride))
-    return max(1, h // stride), max(1, w // stride)
-
-
-def _levels(size: Tuple[int, int], strides: Sequence[int], ceil: bool = True) -> List[Level]:
-    out = []
-    for s in strides:
-        ny, nx = _grid(size, int(s), ceil)
-        out.append(Level(f"P{int(round(math.log2(s)))}", int(s), (ny, nx), (size[0] / ny, size[1] / nx)))
-    return out
-
-
 def _rec(level: int, lv: Level, gt: int, cls: int, gy: int, gx: int, status: str, anchor: Optional[int] = None,
          anchor_wh: Optional[Tuple[float, float]] = None, x: Optional[float] = None, y: Optional[float] = None,
          note: str = "") -> Dict[str, Any]:
@@ -172,158 +153,65 @@ def _rec(level: int, lv: Level, gt: int, cls: int, gy: int, gx: int, status: str
     }
 
 
-def _view_yolov5(v: AssignmentView, anchors=None, strides=YOLO_STRIDES, anchor_t: float = 4.0) -> None:
-    from ..assign.yolov5 import OFFSET_NAMES, assign_yolov5, grid_anchors
-
-    if anchors is None:
-        anchors = [sum((COCO_ANCHORS[i] for i in m), ()) for m in DARKNET_MASKS]
-    v.levels = _levels(v.size, strides)
-    anc = grid_anchors(anchors, strides)
-    out = assign_yolov5(v.rows, [lv.grid for lv in v.levels], anc, anchor_t)
-    for li, (lv, a) in enumerate(zip(v.levels, out)):
-        for k in range(a.num_pos):
-            t = int(a.target_index[k])
-            ai = int(a.anchor[k])
-            wh = tuple(float(u) * lv.stride for u in anc[li][ai])
-            v.records.append(_rec(li, lv, t, int(a.classes[k]), int(a.gy[k]), int(a.gx[k]), "positive", ai, wh,
-                                  note=OFFSET_NAMES[int(a.offset[k])] + " cell"))
-    v.notes.append(f"anchors matched when max(w/a_w, a_w/w, h/a_h, a_h/h) < anchor_t = {anchor_t:g}; "
-                   "own cell plus the two nearest neighbour cells")
-
-
-def _view_yolov3(v: AssignmentView, anchors=COCO_ANCHORS, masks=DARKNET_MASKS, strides=YOLO_STRIDES,
-                 ignore_thresh: float = 0.7, truth_thresh: float = 1.0, num_classes: Optional[int] = None) -> None:
-    from ..assign.darknet import assign_darknet
-
-    v.levels = _levels(v.size, strides, ceil=False)
-    nc = int(num_classes) if num_classes is not None else (int(v.rows[:, 1].max()) + 1 if len(v.rows) else 1)
-    # The head's prior: all raw outputs 0 -> each prediction is its anchor centred in its cell.
-    inputs = [torch.zeros((1, len(m) * (5 + nc), lv.grid[0], lv.grid[1])) for m, lv in zip(masks, v.levels)]
-    out = assign_darknet(inputs, v.rows.float(), anchors, masks, v.size, ignore_thresh, truth_thresh)
-    cls = v.rows[:, 1].long()
-    anchors_px = [tuple(float(u) for u in a) for a in anchors]
-    for li, (lv, a, m) in enumerate(zip(v.levels, out, masks)):
-        pos_keys = set()
-        for k in range(a.truth.shape[0]):
-            t, ai = int(a.truth[k]), int(a.anchor[k])
-            gy, gx = int(a.gy[k]), int(a.gx[k])
-            pos_keys.add((ai, gy, gx))
-            owner = int(a.box_truth[0, ai, gy, gx])
-            note = f"best of all anchors: #{int(a.anchor_index[k])}"
-            if owner != t:
-                note += f"; box target overwritten by gt {owner}"
-            v.records.append(_rec(li, lv, t, int(cls[t]), gy, gx, "positive", ai, anchors_px[m[ai]], note=note))
-        for ai, gy, gx in a.positive[0].nonzero().tolist():
-            if (ai, gy, gx) not in pos_keys:
-                t = int(a.box_truth[0, ai, gy, gx])
-                v.records.append(_rec(li, lv, t, int(cls[t]), gy, gx, "positive", ai, anchors_px[m[ai]],
-                                      note=f"truth_thresh: IoU {float(a.best_iou[0, ai, gy, gx]):.3f}"))
-        ign = (a.ignore[0] & ~a.positive[0]).nonzero().tolist()
-        for ai, gy, gx in ign:
-            t = int(a.best_truth[0, ai, gy, gx])
-            v.records.append(_rec(li, lv, t, int(cls[t]), gy, gx, "ignored", ai, anchors_px[m[ai]],
-                                  note=f"prior IoU {float(a.best_iou[0, ai, gy, gx]):.3f} > {ignore_thresh:g}"))
-    v.notes.append("each truth goes to the best of all 9 anchors by shape IoU, in its centre cell; "
-                   f"ignored: prior boxes (zero logits) with IoU > ignore_thresh = {ignore_thresh:g}")
-
-
-def _view_fcos(v: AssignmentView, strides=FCOS_STRIDES, convention: str = "torchvision",
-               center_sampling_radius: Optional[float] = 1.5) -> None:
-    from ..assign.fcos import assign_fcos
-
-    v.levels = _levels(v.size, strides)
-    targets = [{"boxes": v.boxes, "labels": v.rows[:, 1].long()}]
-    a = assign_fcos(targets, [lv.grid for lv in v.levels], strides, convention=convention,
-                    center_sampling_radius=center_sampling_radius, image_size=v.size, dtype=torch.float64)
-    g = a.grid
-    starts = [0]
-    for n in g.num_points_per_level[:-1]:
-        starts.append(starts[-1] + n)
-    cls = v.rows[:, 1].long()
-    for p in (a.matched_idxs[0] >= 0).nonzero().flatten().tolist():
-        li = int(g.levels[p])
-        lv = v.levels[li]
-        local = p - starts[li]
-        nx = g.feature_sizes[li][1]
-        t = int(a.matched_idxs[0, p])
-        x, y = (float(u) for u in g.points[p])
-        v.records.append(_rec(li, lv, t, int(cls[t]), local // nx, local % nx, "positive", x=x, y=y))
-    v.notes.append(f"{convention} convention: point inside the box (centre sampling radius "
-                   f"{center_sampling_radius}), max(l, t, r, b) in the level's range, smallest box wins")
-    # the points are drawn where the convention puts them
-    for lv, (sx, sy), (ox, oy) in zip(v.levels, g.spacing, g.origin):
-        lv.cell = (float(sy), float(sx))
-        lv.origin = (ox, oy)  # type: ignore[attr-defined]
-
-
-def _view_yolov8(v: AssignmentView, strides=YOLO_STRIDES, reg_max: int = 16, num_classes: Optional[int] = None,
-                 **assigner_kw: Any) -> None:
-    from ..assign import tal
-
-    v.levels = _levels(v.size, strides)
-    nc = int(num_classes) if num_classes is not None else (int(v.rows[:, 1].max()) + 1 if len(v.rows) else 1)
-    pts, strd = [], []
-    for lv in v.levels:
-        ny, nx = lv.grid
-        ys, xs = torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij")
-        pts.append(torch.stack(((xs.reshape(-1) + 0.5) * lv.stride, (ys.reshape(-1) + 0.5) * lv.stride), -1))
-        strd.append(torch.full((ny * nx,), float(lv.stride), dtype=torch.float64))
-    anc, stride_t = torch.cat(pts), torch.cat(strd)
-    half = (reg_max - 1) / 2 * stride_t[:, None]
-    pd_boxes = torch.cat((anc - half, anc + half), -1)[None]
-    pd_scores = torch.full((1, anc.shape[0], nc), 0.5, dtype=torch.float64)
-    n = v.rows.shape[0]
-    gt_labels = v.rows[:, 1].reshape(1, n, 1)
-    gt_boxes = v.boxes.reshape(1, n, 4)
-    mask_gt = torch.ones((1, n, 1), dtype=torch.bool)
-    assigner = tal.TaskAlignedAssigner(**{"num_classes": nc, "strides": tuple(strides), **assigner_kw})
-    out = assigner(pd_scores, pd_boxes, anc, gt_labels, gt_boxes, mask_gt, feat_shapes=[lv.grid for lv in v.levels])
-    fg, gt_idx = _tal_fg_and_idx(out)
-    starts = [0]
-    for lv in v.levels[:-1]:
-        starts.append(starts[-1] + lv.grid[0] * lv.grid[1])
-    cls = v.rows[:, 1].long()
-    for p in fg[0].nonzero().flatten().tolist():
-        li = max(i for i, s in enumerate(starts) if s <= p)
-        lv = v.levels[li]
-        local = p - starts[li]
-        t = int(gt_idx[0, p])
-        v.records.append(_rec(li, lv, t, int(cls[t]), local // lv.grid[1], local % lv.grid[1], "positive",
-                              x=float(anc[p, 0]), y=float(anc[p, 1])))
-    v.notes.append(f"task-aligned assignment on the untrained head's prior (scores 0.5, boxes {reg_max - 1} "
-                   "strides square on each point): top-k anchors inside each box by CIoU^beta")
-
-
-def _tal_fg_and_idx(out: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Read ``fg_mask`` and ``target_gt_idx`` from what the assigner returns (a result object or
-    ultralytics' tuple ``(labels, bboxes, scores, fg_mask, target_gt_idx)``)."""
-    if hasattr(out, "fg_mask"):
-        return out.fg_mask.bool(), out.target_gt_idx.long()
-    if isinstance(out, (tuple, list)) and len(out) >= 5:
-        return out[3].bool(), out[4].long()
-    raise TypeError(f"TaskAlignedAssigner returned {type(out).__name__}; expected fg_mask and target_gt_idx")
-
-
-_VIEWS = {"yolov3": _view_yolov3, "yolov5": _view_yolov5, "fcos": _view_fcos, "yolov8": _view_yolov8}
+def _picture_loss(scheme: str, rows: torch.Tensor, size: Tuple[int, int], kw: Dict[str, Any]):
+    """The loss of ``scheme`` with its defaults and ``kw``, for images of ``size``."""
+    cls = LOSSES[scheme]
+    kw = dict(kw)
+    nc = kw.pop("num_classes", None)
+    nc = int(nc) if nc is not None else (int(rows[:, 1].max()) + 1 if len(rows) else 1)
+    if cls.image_size_argument is not None:
+        kw.setdefault(cls.image_size_argument, size)
+    try:
+        return cls(nc, **kw)
+    except TypeError as exc:
+        raise ValueError(f"{scheme}: {exc}") from None
 
 
 def assign_view(scheme: str, rows: Any, size: Optional[Tuple[int, int]] = None, **kw: Any) -> AssignmentView:
-    """Run ``scheme``'s assigner on one image's rows and collect its decisions.
+    """Run ``scheme``'s assignment on one image's rows and collect its decisions.
 
     ``rows``: ``[N, 5]`` (class, cx, cy, w, h) or ``[N, 6]`` with image index 0, normalized;
-    ``size``: (h, w) of the network input in pixels (default 640 x 640); ``kw``: the scheme's
-    options (see the module docstring), e.g. ``anchor_t``, ``ignore_thresh``, ``convention``.
+    ``size``: (h, w) of the network input in pixels (default 640 x 640); ``kw``: the loss's
+    constructor arguments (see the module docstring), e.g. ``anchor_t``, ``ignore_thresh``,
+    ``convention``. Levels are listed finest first.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     t = _as_rows(rows)
     size = _size(size, None)
     h, w = size
-    from ..boxes import cxcywh_to_xyxy
-
     boxes = cxcywh_to_xyxy(t[:, 2:6]) * t.new_tensor([w, h, w, h])
     v = AssignmentView(scheme=scheme, size=size, rows=t, boxes=boxes, levels=[])
-    _VIEWS[scheme](v, **kw)
+    loss = _picture_loss(scheme, t, size, kw)
+    outputs = loss.prior_outputs(size)
+    call = loss.call_kwargs(size)
+    asg = loss.assign(*outputs, loss.targets_from_rows(t, 1, size), **call)
+    grids = loss.prediction_levels(*outputs, **call)
+    order = sorted(range(len(grids)), key=lambda i: grids[i].stride)  # finest level first
+    shown = {li: k for k, li in enumerate(order)}
+    for li in order:
+        g = grids[li]
+        name = f"P{int(round(math.log2(g.stride)))}"
+        v.levels.append(Level(name, int(g.stride), g.grid, (g.spacing[1], g.spacing[0]), points=g.anchors is None))
+    cls = t[:, 1].long().tolist()
+
+    def records(pred_index, targets, status, notes):
+        at = {k: u.tolist() for k, u in locate(grids, pred_index).items()}
+        for k, gt in enumerate(targets):
+            li = at["level"][k]
+            g = grids[li]
+            anchor = None if g.anchors is None else at["anchor"][k]
+            wh = None if anchor is None else tuple(float(u) for u in g.anchors[anchor])
+            v.records.append(_rec(shown[li], v.levels[shown[li]], gt, cls[gt] if gt >= 0 else -1, at["gy"][k], at["gx"][k],
+                                  status, anchor, wh, x=at["x"][k], y=at["y"][k], note=notes[k]))
+
+    records(asg.pred_index, asg.target_index.tolist(), "positive", loss.assignment_notes(asg))
+    if asg.ignore is not None:
+        ignored = asg.ignore[0].nonzero().flatten()
+        owner = asg.extras.get("ignore_target")
+        gts = owner[0, ignored].tolist() if owner is not None else [-1] * len(ignored)
+        records(ignored, gts, "ignored", ["no objectness term"] * len(ignored))
+    v.notes.append((type(loss).__doc__ or scheme).strip().splitlines()[0])
     v.records.sort(key=lambda r: (r["gt"], r["level"], r["status"] != "positive", r["gy"], r["gx"],
                                   -1 if r["anchor"] is None else r["anchor"]))
     return v
@@ -374,8 +262,7 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
         over = Image.new("RGBA", layer.size, (0, 0, 0, 0))
         d = ImageDraw.Draw(over)
         ch, cw = lv.cell[0] * scale, lv.cell[1] * scale
-        ox, oy = getattr(lv, "origin", (None, None))
-        point_mode = v.scheme in ("fcos", "yolov8")
+        point_mode = lv.points
         if min(ch, cw) >= 4 and not point_mode:
             for gx in range(1, lv.grid[1]):
                 d.line([(gx * cw, 0), (gx * cw, ph)], fill=(0, 0, 0, 40))

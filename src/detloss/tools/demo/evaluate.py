@@ -1,12 +1,8 @@
 """Evaluation of the demo detector: decode the head outputs, non-maximum suppression, COCO mAP.
 
 - :func:`decode` turns each head's raw outputs into boxes (xyxy pixels) and class scores per
-  prediction, the way the original detectors do at inference:
-  yolov5 ``xy = (2 sigmoid - 0.5 + cell) * stride``, ``wh = (2 sigmoid)^2 * anchor``, score = obj * cls;
-  yolov3 (darknet) ``xy = (sigmoid + cell) * stride``, ``wh = exp * anchor``, score = obj * cls;
-  fcos (torchvision) points at ``(x, y) * stride``, box = point -/+ distances * stride,
-  score = sqrt(sigmoid(cls) * sigmoid(centerness));
-  yolov8 points at cell centres, distances = expectation of the softmax over the DFL bins, score = sigmoid(cls).
+  prediction: the loss's own ``decode`` (:meth:`detloss.losses.base.DetectionLoss.decode`), the
+  way the original detector decodes at inference.
 - :func:`nms` / :func:`batched_nms`: exact greedy NMS (the result of the usual sequential loop),
   computed with one IoU matrix and a fixed-point iteration instead of a Python loop over boxes.
 - :func:`coco_map`: mAP@0.5 and mAP@0.5:0.95 computed by pycocotools' COCOeval.
@@ -20,71 +16,17 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ...functional import pairwise_box_iou
-
-
-def _grid(h: int, w: int, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
-                            torch.arange(w, dtype=dtype, device=device), indexing="ij")
-    return xs, ys
-
-
-def _xyxy(cx, cy, w, h) -> torch.Tensor:
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
+from ...losses.registry import LOSSES
 
 
 def decode(loss: str, outputs, config: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raw head outputs -> ``boxes [B, P, 4]`` (xyxy pixels) and ``scores [B, P, C]`` in 0..1."""
-    nc = config["num_classes"]
-    boxes, scores = [], []
-    if loss == "yolov5":
-        for out, anchors, stride in zip(outputs, config["anchors"], config["strides"]):
-            b, na, h, w, _ = out.shape
-            p = out.float().sigmoid()
-            xs, ys = _grid(h, w, p.dtype, p.device)
-            anc = torch.tensor(anchors, dtype=p.dtype, device=p.device).view(1, na, 1, 1, 2)
-            cx = (p[..., 0] * 2 - 0.5 + xs) * stride
-            cy = (p[..., 1] * 2 - 0.5 + ys) * stride
-            wh = (p[..., 2:4] * 2) ** 2 * anc
-            boxes.append(_xyxy(cx, cy, wh[..., 0], wh[..., 1]).reshape(b, -1, 4))
-            cls = p[..., 5:] * p[..., 4:5] if nc > 1 else p[..., 4:5]
-            scores.append(cls.reshape(b, -1, nc))
-    elif loss == "yolov3":
-        for out, mask, stride in zip(outputs, config["masks"], config["strides"]):
-            b, _, h, w = out.shape
-            p = out.float().view(b, len(mask), 5 + nc, h, w).permute(0, 1, 3, 4, 2)
-            xs, ys = _grid(h, w, p.dtype, p.device)
-            anc = torch.tensor([config["anchors"][m] for m in mask], dtype=p.dtype, device=p.device)
-            anc = anc.view(1, len(mask), 1, 1, 2)
-            cx = (p[..., 0].sigmoid() + xs) * stride
-            cy = (p[..., 1].sigmoid() + ys) * stride
-            wh = p[..., 2:4].clamp(max=10.0).exp() * anc
-            boxes.append(_xyxy(cx, cy, wh[..., 0], wh[..., 1]).reshape(b, -1, 4))
-            scores.append((p[..., 5:].sigmoid() * p[..., 4:5].sigmoid()).reshape(b, -1, nc))
-    elif loss == "fcos":
-        cls_logits, bbox_reg, ctr, sizes = outputs
-        pts, scale = [], []
-        for (h, w), stride in zip(sizes, config["strides"]):
-            xs, ys = _grid(h, w, torch.float32, cls_logits.device)
-            pts.append(torch.stack((xs, ys), -1).reshape(-1, 2) * stride)
-            scale.append(torch.full((h * w, 1), float(stride), device=cls_logits.device))
-        pts, scale = torch.cat(pts), torch.cat(scale)
-        d = bbox_reg.float() * scale
-        boxes.append(torch.cat((pts - d[..., :2], pts + d[..., 2:]), -1))
-        scores.append((cls_logits.float().sigmoid() * ctr.float().sigmoid()).sqrt())
-    elif loss == "yolov8":
-        reg_max = config["reg_max"]
-        for out, stride in zip(outputs, config["strides"]):
-            b, _, h, w = out.shape
-            xs, ys = _grid(h, w, torch.float32, out.device)
-            dist = out[:, : 4 * reg_max].float().view(b, 4, reg_max, h, w).softmax(2)
-            dist = (dist * torch.arange(reg_max, dtype=dist.dtype, device=dist.device).view(1, 1, -1, 1, 1)).sum(2)
-            px, py = (xs + 0.5), (ys + 0.5)
-            box = torch.stack((px - dist[:, 0], py - dist[:, 1], px + dist[:, 2], py + dist[:, 3]), 1) * stride
-            boxes.append(box.flatten(2).transpose(1, 2))
-            scores.append(out[:, 4 * reg_max:].float().sigmoid().flatten(2).transpose(1, 2))
-    else:
-        raise ValueError(f"loss: expected one of ('yolov5', 'yolov3', 'fcos', 'yolov8'), got {loss!r}")
-    return torch.cat(boxes, 1), torch.cat(scores, 1)
+    """Raw head outputs -> ``boxes [B, P, 4]`` (xyxy pixels) and ``scores [B, P, C]`` in 0..1:
+    ``LOSSES[loss](**config["loss_kwargs"]).decode(...)``."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {tuple(LOSSES)}, got {loss!r}")
+    args = outputs if isinstance(outputs, tuple) else (outputs,)
+    boxes, scores = LOSSES[loss](**config["loss_kwargs"]).decode(*args)
+    return boxes.float(), scores.float()
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

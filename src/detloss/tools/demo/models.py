@@ -23,7 +23,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-LOSSES = ("yolov5", "yolov3", "fcos", "yolov8")
+from ...losses.registry import LOSSES as REGISTRY
+
 STRIDES = (8, 16, 32)
 
 # Anchors (w, h pixels) for 128-pixel images, scaled with the image size; they span the synthetic
@@ -172,11 +173,43 @@ class YOLOv8Head(nn.Module):
         return [torch.cat((b(f), k(f)), 1) for b, k, f in zip(self.box, self.cls, feats)]
 
 
-class Detector(nn.Module):
-    """Backbone + FPN + the head of ``loss`` ("yolov5", "yolov3", "fcos", "yolov8").
+def _yolov5_head(c: int, num_classes: int, img_size: int, reg_max: int):
+    anchors = scaled_anchors(YOLOV5_ANCHORS_128, img_size)
+    nl = len(STRIDES)
+    # yolov5 train.py scales its hyp gains to the number of levels, classes and image size.
+    gains = dict(box=0.05 * 3 / nl, cls=0.5 * num_classes / 80 * 3 / nl, obj=1.0 * (img_size / 640) ** 2 * 3 / nl)
+    return YOLOv5Head(c, num_classes, anchors, img_size), dict(anchors=anchors, strides=STRIDES), gains
 
-    ``forward(images [B, 3, S, S])`` returns the raw head outputs in the form the loss takes.
-    ``config`` holds what the loss and the decoder need (anchors, strides, ...).
+
+def _yolov3_head(c: int, num_classes: int, img_size: int, reg_max: int):
+    anchors = scaled_anchors(YOLOV3_ANCHORS_128, img_size)
+    config = dict(anchors=anchors, masks=YOLOV3_MASKS, strides=YOLOV3_STRIDES)
+    return YOLOv3Head(c, num_classes, YOLOV3_MASKS, img_size), config, dict(img_size=(img_size, img_size))
+
+
+def _fcos_head(c: int, num_classes: int, img_size: int, reg_max: int):
+    return FCOSHead(c, num_classes), dict(strides=STRIDES), {}
+
+
+def _yolov8_head(c: int, num_classes: int, img_size: int, reg_max: int):
+    return YOLOv8Head(c, num_classes, reg_max, img_size), dict(strides=STRIDES, reg_max=reg_max), {}
+
+
+#: The demo's head for each detector loss it trains (model architecture, one builder per head
+#: layout): ``(head, config the head and its loss share, further loss arguments)``. The loss
+#: itself comes from :data:`detloss.losses.registry.LOSSES`.
+HEADS = {"yolov5": _yolov5_head, "yolov3": _yolov3_head, "fcos": _fcos_head, "yolov8": _yolov8_head}
+#: The registered losses the demo has a head for.
+LOSSES = tuple(name for name in REGISTRY if name in HEADS)
+
+
+class Detector(nn.Module):
+    """Backbone + FPN + the head of ``loss`` (one of :data:`LOSSES`).
+
+    ``forward(images [B, 3, S, S])`` returns the raw head outputs in the form the loss takes
+    (a tuple when the loss takes several arguments before its targets). ``config`` holds what the
+    head and its loss share (anchors, strides, ...) and ``loss_kwargs``, the arguments of
+    ``LOSSES[loss]`` for this head (:meth:`build_loss`).
     """
 
     def __init__(self, loss: str, num_classes: int, img_size: int = 128, width: float = 1.0,
@@ -192,21 +225,13 @@ class Detector(nn.Module):
         self.backbone = Backbone(width)
         c = _ch(64, width)
         self.neck = FPN(self.backbone.channels, c)
-        self.config: Dict = {"loss": loss, "num_classes": num_classes, "img_size": img_size}
-        if loss == "yolov5":
-            anchors = scaled_anchors(YOLOV5_ANCHORS_128, img_size)
-            self.head = YOLOv5Head(c, num_classes, anchors, img_size)
-            self.config.update(anchors=anchors, strides=STRIDES)
-        elif loss == "yolov3":
-            anchors = scaled_anchors(YOLOV3_ANCHORS_128, img_size)
-            self.head = YOLOv3Head(c, num_classes, YOLOV3_MASKS, img_size)
-            self.config.update(anchors=anchors, masks=YOLOV3_MASKS, strides=YOLOV3_STRIDES)
-        elif loss == "fcos":
-            self.head = FCOSHead(c, num_classes)
-            self.config.update(strides=STRIDES)
-        else:
-            self.head = YOLOv8Head(c, num_classes, reg_max, img_size)
-            self.config.update(strides=STRIDES, reg_max=reg_max)
+        self.head, shared, extra = HEADS[loss](c, num_classes, img_size, reg_max)
+        self.config: Dict = {"loss": loss, "num_classes": num_classes, "img_size": img_size, **shared}
+        self.config["loss_kwargs"] = {"num_classes": num_classes, **shared, **extra}
+
+    def build_loss(self, **kwargs):
+        """The registered loss for this head (``kwargs`` added to ``config["loss_kwargs"]``)."""
+        return REGISTRY[self.loss](**{**self.config["loss_kwargs"], **kwargs})
 
     def forward(self, images: torch.Tensor):
         return self.head(self.neck(self.backbone(images)))

@@ -67,33 +67,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Losses: each adapter calls one detector loss with what the matching head produced.
+# The loss: the registered one for the model's head, called through its hooks.
 
 def build_loss(model: Detector) -> Callable:
-    """The loss for ``model``'s head, as ``fn(outputs, rows) -> LossOutput``."""
-    import detloss
+    """The loss for ``model``'s head, as ``fn(outputs, rows) -> LossOutput``: its normalizers
+    are reduced across ranks when distributed (``reduce_across_ranks``)."""
+    loss = model.build_loss(reduce_across_ranks=dist_utils.is_initialized())
+    size = (model.img_size, model.img_size)
 
-    cfg, nc, size = model.config, model.num_classes, model.img_size
-    if model.loss == "yolov5":
-        nl = len(cfg["strides"])
-        # yolov5 train.py scales its hyp gains to the number of levels, classes and image size.
-        loss = detloss.YOLOv5Loss(nc, anchors=cfg["anchors"], strides=cfg["strides"], box=0.05 * 3 / nl,
-                                  cls=0.5 * nc / 80 * 3 / nl, obj=1.0 * (size / 640) ** 2 * 3 / nl)
-        return loss
-    if model.loss == "yolov3":
-        return detloss.YOLOv3Loss(nc, anchors=cfg["anchors"], masks=cfg["masks"], strides=cfg["strides"],
-                                  img_size=(size, size))
-    if model.loss == "fcos":
-        # torchvision's convention; its normalizers are reduced across ranks when distributed.
-        loss = detloss.FCOSLoss(nc, strides=cfg["strides"])
+    def fn(outputs, rows):
+        args = outputs if isinstance(outputs, tuple) else (outputs,)  # what the loss takes before its targets
+        first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+        return loss(*args, loss.targets_from_rows(rows, first.shape[0], size), **loss.call_kwargs(size))
 
-        def fcos(outputs, rows):
-            cls_logits, bbox_reg, ctr, sizes = outputs
-            return loss(cls_logits, bbox_reg, ctr, sizes, rows, image_size=(size, size))
-
-        return fcos
-    return detloss.YOLOv8Loss(nc, strides=cfg["strides"], reg_max=cfg["reg_max"],
-                              reduce_across_ranks=dist_utils.is_initialized())
+    return fn
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,13 +351,6 @@ def _assignment_picture(model: Detector, item, path: Path) -> Optional[str]:
     rows = torch.cat((torch.zeros(len(labels), 1), labels), 1)
     h, w = image.shape[-2:]
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    cfg = model.config
-    kw = {"strides": tuple(cfg["strides"])}  # the assigner's settings as the demo's loss uses them
-    if model.loss == "yolov5":
-        kw["anchors"] = cfg["anchors"]
-    elif model.loss == "yolov3":
-        kw.update(anchors=cfg["anchors"], masks=cfg["masks"], num_classes=model.num_classes)
-    elif model.loss == "yolov8":
-        kw.update(reg_max=cfg["reg_max"], num_classes=model.num_classes)
+    kw = dict(model.config["loss_kwargs"])  # the loss as the demo trains it
     fn(model.loss, rows, image=pil, size=(h, w), **kw).save(path)
     return None

@@ -168,7 +168,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"angles: expected 3 levels"):
         loss(feats, angles[:2], targets)
     bad = [a.detach() + 3.0 for a in angles]
-    with pytest.raises(ValueError, match=r"angles: expected the head's angles in \[-0.785398, 2.35619\] \(angle_range\)"):
+    with pytest.raises(ValueError, match=r"angles: expected the head.s angles in \[-0.785398, 2.35619\] \(angle_range\)"):
         loss(feats, bad, targets)
     deg = targets.clone()
     deg[0, 6] = 45.0

@@ -128,6 +128,8 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         flat = flatten_level_maps("angles", angles, levels, 1, inputs_like, dtype, " (one angle channel)")
         if self.angle_range is not None and flat.numel():
             lo, hi = self.angle_range
+            slack = 4 * torch.finfo(angles[0].dtype).eps * max(abs(lo), abs(hi))  # the head's own rounding
+            lo, hi = lo - slack, hi + slack
             amin, amax = torch.aminmax(flat.detach())
             if bool((amin < lo) | (amax > hi)):
                 bad = float(amin) if float(amin) < lo else float(amax)

@@ -189,8 +189,10 @@ def test_bad_input():
         loss(feats, coef, proto, rows, torch.zeros(5, 16, 16))
     with pytest.raises(ValueError, match=r"masks: expected shape \[5, Hm, Wm\] \(one mask per target row\), got \(2, 16, 16\)"):
         YOLOv8SegmentLoss(2, num_masks=4, overlap_masks=False)(feats, coef, proto, rows, masks)
-    with pytest.raises(ValueError, match=r"proto: expected shape \[2, 32, h, w\], got \(2, 4, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"mask_coef\[0\]: expected shape \(2, 32, 8, 8\) \(num_masks = 32 coefficients\), got \(2, 4, 8, 8\)"):
         YOLOv8SegmentLoss(2)(feats, coef, proto, rows, masks)
+    with pytest.raises(ValueError, match=r"proto: expected shape \[2, 4, h, w\], got \(1, 4, 16, 16\)"):
+        loss(feats, coef, proto[:1], rows, masks)
     with pytest.raises(ValueError, match=r"mask_coef\[0\]: expected shape \(2, 4, 8, 8\) \(num_masks = 4 coefficients\), got \(2, 3, 8, 8\)"):
         loss(feats, [c[:, :3] for c in coef], proto, rows, masks)
     with pytest.raises(ValueError, match=r"feats\[0\]: expected shape \[2, 67 \(= 4 \* reg_max 16 \+ nc 3\)"):

@@ -141,12 +141,16 @@ class YOLOv8OBBLoss(YOLOv8Loss):
 
     def check(self, feats: Sequence[Tensor], angles: Sequence[Tensor], targets: Tensor) -> OBBInputs:
         levels = self._check_feats(feats)
-        bsz = feats[0].shape[0]
-        targets = check_obb_targets(targets, self.num_classes, bsz)
         dt = compute_dtype(*feats)
-        dev = feats[0].device
         pred_dist, pred_logits = self._split(feats, dt)
-        pred_angle = self._check_angles(angles, feats[0], levels, dt)
+        return self.obb_inputs(levels, pred_dist, pred_logits, self._check_angles(angles, feats[0], levels, dt), targets)
+
+    def obb_inputs(self, levels, pred_dist: Tensor, pred_logits: Tensor, pred_angle: Tensor, targets: Tensor) -> OBBInputs:
+        """The checked inputs from the head's outputs over all anchors (``pred_dist [B, A, 4 *
+        reg_max]``, ``pred_logits [B, A, nc]``, ``pred_angle [B, A, 1]``, in the compute dtype) and
+        the target rows: targets below ``min_target_side`` dropped, the rest padded per image."""
+        bsz, dt, dev = pred_dist.shape[0], pred_dist.dtype, pred_dist.device
+        targets = check_obb_targets(targets, self.num_classes, bsz)
         h, w = levels[0][0] * self.strides[0], levels[0][1] * self.strides[0]
         rows = targets.to(dev)
         keep = (rows[:, 4] * w >= self.min_target_side) & (rows[:, 5] * h >= self.min_target_side)
@@ -161,7 +165,7 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         gt_labels[img, slot] = rows[:, 1].long()
         gt_bboxes[img, slot] = xywhr
         gt_rows[img, slot] = kept
-        return OBBInputs(levels, bsz, dt, dev, (h, w), pred_dist, pred_logits, targets, gt_labels, gt_bboxes,
+        return OBBInputs(list(levels), bsz, dt, dev, (h, w), pred_dist, pred_logits, targets, gt_labels, gt_bboxes,
                          gt_bboxes.sum(-1) > 0, gt_rows, pred_angle)
 
     # ------------------------------------------------------------------ the steps

@@ -147,16 +147,23 @@ class YOLOv8PoseLoss(YOLOv8Loss):
         k, d = self.kpt_shape
         flat = flatten_level_maps("kpts", kpts, base.levels, k * d, feats[0], base.dtype,
                                   f" (K * D = {k} * {d} keypoint channels)")
+        sigma = None
+        if kpts_sigma is not None:
+            sigma = flatten_level_maps("kpts_sigma", kpts_sigma, base.levels, 2 * k, feats[0], base.dtype,
+                                       f" (2 * K = 2 * {k} sigma channels)")
+        return self.with_keypoints(base, flat, keypoints, sigma)
+
+    def with_keypoints(self, base: YOLOv8Inputs, kpts: Tensor, keypoints: Tensor, kpts_sigma: Optional[Tensor] = None) -> PoseInputs:
+        """The detection inputs plus the keypoint outputs ``kpts [B, A, K * D]`` (and ``kpts_sigma
+        [B, A, 2 K]``; any strided view, in the compute dtype) and the target ``keypoints``."""
+        k, d = self.kpt_shape
         kp = self._check_keypoints(keypoints, base.targets.shape[0]).to(device=base.device, dtype=base.dtype)
         if kp.shape[2] == 2:  # no visibility: every keypoint counts
             kp = torch.cat((kp, torch.ones_like(kp[..., :1])), -1)
         h, w = base.image_hw
         kp = torch.cat((kp[..., :2] * kp.new_tensor([w, h]), kp[..., 2:]), -1)
-        sigma = None
-        if kpts_sigma is not None:
-            sigma = flatten_level_maps("kpts_sigma", kpts_sigma, base.levels, 2 * k, feats[0], base.dtype,
-                                       f" (2 * K = 2 * {k} sigma channels)").unflatten(-1, (k, 2))
-        return PoseInputs(**vars(base), pred_kpts=flat.unflatten(-1, (k, d)), keypoints=kp, pred_sigma=sigma)
+        sigma = None if kpts_sigma is None else kpts_sigma.unflatten(-1, (k, 2))
+        return PoseInputs(**vars(base), pred_kpts=kpts.unflatten(-1, (k, d)), keypoints=kp, pred_sigma=sigma)
 
     # ------------------------------------------------------------------ the steps
     def assignment(self, inputs: PoseInputs, prepared: PoseDecoding) -> Assignment:

@@ -25,7 +25,7 @@ The semantic targets are the class of each pixel covered by an instance (the one
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as TF
@@ -39,10 +39,8 @@ from ..boxes import image_slots
 from ._task_heads import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
-__all__ = ["YOLOv8SegmentLoss", "YOLO26SegmentLoss", "SegmentInputs", "MASK_LOSS_CHUNK_PIXELS"]
+__all__ = ["YOLOv8SegmentLoss", "YOLO26SegmentLoss", "SegmentInputs"]
 
-#: The positives' mask logits are built in chunks of at most this many pixels (one image each).
-MASK_LOSS_CHUNK_PIXELS = 1 << 24
 
 
 @dataclass
@@ -58,16 +56,6 @@ class SegmentInputs(YOLOv8Inputs):
     row_slot: Optional[Tensor] = None
     semantic: Optional[Tensor] = None
     sem_masks: Optional[Tensor] = None
-
-
-def _mask_chunks(image: Tensor, rows: int) -> List[Tuple[int, int, int]]:
-    """``(image, start, stop)`` ranges of positives sorted by image, at most ``rows`` long."""
-    counts = torch.bincount(image).tolist() if image.numel() else []
-    out, offset = [], 0
-    for b, c in enumerate(counts):  # a loop over images and memory chunks, not over positives
-        out += [(b, offset + i, offset + min(i + rows, c)) for i in range(0, c, rows)]
-        offset += c
-    return out
 
 
 class YOLOv8SegmentLoss(YOLOv8Loss):
@@ -103,6 +91,7 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
 
     # ------------------------------------------------------------------ checks
     def _check_proto(self, name: str, proto: object, bsz: int, channels: int, like: Tensor) -> Tensor:
+        """A ``[B, channels, h, w]`` floating, finite tensor on ``like``'s device."""
         t = check_floating(name, proto)
         if t.ndim != 4 or t.shape[0] != bsz or t.shape[1] != channels:
             raise ValueError(f"{name}: expected shape [{bsz}, {channels if channels >= 0 else 'nm'}, h, w], got {tuple(t.shape)}")
@@ -131,9 +120,14 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
         base = super().check(feats, targets)
         proto = check_floating("proto", proto)
         nm = self.num_masks if self.num_masks is not None else (proto.shape[1] if proto.ndim == 4 else -1)
-        proto = self._check_proto("proto", proto, base.batch_size, nm, feats[0]).to(base.dtype)
         coef = flatten_level_maps("mask_coef", mask_coef, base.levels, nm, feats[0], base.dtype,
                                   f" (num_masks = {nm} coefficients)")
+        return self.with_masks(base, coef, proto, masks)
+
+    def with_masks(self, base: YOLOv8Inputs, coef: Tensor, proto: Tensor, masks: Tensor) -> SegmentInputs:
+        """The detection inputs plus the mask coefficients ``coef [B, A, nm]`` (any strided view, in
+        the compute dtype), the prototypes and the target masks."""
+        proto = self._check_proto("proto", proto, base.batch_size, coef.shape[-1], coef).to(base.dtype)
         masks = self._check_masks(masks, base.batch_size, base.targets.shape[0], base.image_hw).to(base.device)
         slot, _ = image_slots(base.targets[:, 0].long().to(base.device), base.batch_size)
         return SegmentInputs(**vars(base), pred_coef=coef, proto=proto, masks=masks, row_slot=slot)
@@ -142,12 +136,6 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
         return aligned_assignment(self, inputs, prepared.pred_bboxes * prepared.stride_tensor)
 
     # ------------------------------------------------------------------ the mask term
-    def target_masks(self, inputs: SegmentInputs, rows: Tensor, image: Tensor) -> Tensor:
-        """The target masks ``[n, Hm, Wm]`` (compute dtype) of target rows ``rows`` in images ``image``."""
-        if self.overlap_masks:
-            return (inputs.masks[image] == (inputs.row_slot[rows] + 1)[:, None, None]).to(inputs.dtype)
-        return inputs.masks[rows].to(inputs.dtype)
-
     def seg_term(self, inputs: SegmentInputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """The box-cropped, area-normalized mask BCE, summed over the positives, over their number."""
         p = assignment.num_pos
@@ -162,14 +150,13 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
         boxes = norm_boxes * norm_boxes.new_tensor([wm, hm, wm, hm])
         area = (norm_boxes[:, 2] - norm_boxes[:, 0]) * (norm_boxes[:, 3] - norm_boxes[:, 1])
         b, a, rows = assignment.batch_index, assignment.pred_index, assignment.target_index
-        coef = inputs.pred_coef[b, a]
-        flat = proto.flatten(2)
-        total = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
-        for img, i, j in _mask_chunks(b, max(1, MASK_LOSS_CHUNK_PIXELS // (hm * wm))):
-            logits = (coef[i:j] @ flat[img]).view(-1, hm, wm)
-            target = self.target_masks(inputs, rows[i:j], b[i:j])
-            total = total + F.cropped_mask_bce(logits, target, boxes=boxes[i:j], area=area[i:j], reduction="sum")
-        return total / p
+        if self.overlap_masks:  # the image's index map, equal to the target's index in its image + 1
+            index, value = None, inputs.row_slot[rows] + 1
+        else:
+            index, value = rows, None
+        loss = F.prototype_mask_bce(inputs.pred_coef[b, a], proto, inputs.masks, mask_index=index, mask_value=value,
+                                    boxes=boxes, area=area, image=b, reduction="sum")
+        return loss / p
 
 
 class YOLO26SegmentLoss(YOLOv8SegmentLoss):
@@ -194,18 +181,21 @@ class YOLO26SegmentLoss(YOLOv8SegmentLoss):
 
     def check(self, feats: Sequence[Tensor], mask_coef: Sequence[Tensor], proto: Tensor, semantic: Tensor,
               targets: Tensor, masks: Tensor, sem_masks: Tensor) -> SegmentInputs:
-        semantic = self._check_proto("semantic", semantic, feats[0].shape[0] if len(feats) else 0, self.num_classes, feats[0])
+        return self.with_semantic(super().check(feats, mask_coef, proto, targets, masks), semantic, sem_masks)
+
+    def with_semantic(self, inputs: SegmentInputs, semantic: Tensor, sem_masks: Tensor) -> SegmentInputs:
+        """The segmentation inputs plus the semantic logits and the class maps."""
+        semantic = self._check_proto("semantic", semantic, inputs.batch_size, self.num_classes, inputs.pred_coef)
         sem = check_tensor("sem_masks", sem_masks)
-        out = super().check(feats, mask_coef, proto, targets, masks)
-        if tuple(sem.shape) != (out.batch_size, *out.masks.shape[-2:]):
+        if tuple(sem.shape) != (inputs.batch_size, *inputs.masks.shape[-2:]):
             raise ValueError(
-                f"sem_masks: expected shape {(out.batch_size, *out.masks.shape[-2:])} (one class map per image, "
+                f"sem_masks: expected shape {(inputs.batch_size, *inputs.masks.shape[-2:])} (one class map per image, "
                 f"the size of masks), got {tuple(sem.shape)}"
             )
         classes = sem.detach().long()
         if sem.numel() and bool(((classes < 0) | (classes >= self.num_classes)).any()):
             raise ValueError(f"sem_masks: expected class ids in [0, {self.num_classes - 1}], got {sem.min().item():g}..{sem.max().item():g}")
-        return replace(out, semantic=semantic.to(out.dtype), sem_masks=classes.to(out.device))
+        return replace(inputs, semantic=semantic.to(inputs.dtype), sem_masks=classes.to(inputs.device))
 
     def instance_masks_for_assigner(self, inputs: SegmentInputs) -> Tensor:
         """bool ``[B, M, h, w]``: each padded target slot's mask at the prototypes' size (nearest)."""

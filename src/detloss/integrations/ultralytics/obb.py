@@ -12,36 +12,36 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ...losses.obb import HEAD_ANGLE_RANGE, YOLOv8OBBLoss
-from ...output import LossOutput
-from ._heads import box_class_maps, level_maps, pred_tensor
+from ..._checks import compute_dtype, upcast
+from ...losses.obb import HEAD_ANGLE_RANGE, OBBInputs, YOLOv8OBBLoss
 from ._model import ModelInfo, UltralyticsCriterion, batch_rows, hyp, levels_of
 from ._swap import register_criterion
+from .detect import UltralyticsDetectBranch, _head_output
 
-__all__ = ["OBBLoss"]
-
-
-def common_kwargs(model: Any, info: ModelInfo) -> dict:
-    """The YOLOv8Loss arguments every task criterion reads from the model: gains and class weights."""
-    args = model.args
-    kw = dict(box=hyp(args, "box"), cls=hyp(args, "cls"), dfl=hyp(args, "dfl"))
-    if info.class_weights is not None:
-        kw["class_weights"] = info.class_weights
-    return kw
+__all__ = ["OBBLoss", "UltralyticsOBBBranch"]
 
 
-class OBBBranch(torch.nn.Module):
-    """One head's ``v8OBBLoss`` on ultralytics' outputs: a :class:`YOLOv8OBBLoss` fed per level."""
+class UltralyticsOBBBranch(UltralyticsDetectBranch, YOLOv8OBBLoss):
+    """:class:`~detloss.losses.obb.YOLOv8OBBLoss` called with one head's outputs as ultralytics'
+    head emits them and the dataloader's batch (``branch(preds, batch)``); only the parsing
+    differs (as :class:`~detloss.integrations.ultralytics.detect.UltralyticsDetectBranch`: no
+    per-level concatenation, no finiteness check)."""
 
-    def __init__(self, loss: YOLOv8OBBLoss, info: ModelInfo) -> None:
-        super().__init__()
-        self.loss, self.info = loss, info
-
-    def forward(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> LossOutput:
-        levels = levels_of(preds.get("feats"), self.info.strides)
-        feats = box_class_maps(preds, levels, self.info.reg_max, self.info.num_classes)
-        angles = level_maps("preds['angle']", pred_tensor(preds, "angle", 1), levels)
-        return self.loss(feats, angles, batch_rows(batch, feats[0].device, box_dim=5))
+    def check(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> OBBInputs:  # type: ignore[override]
+        if not isinstance(preds, Mapping):
+            raise TypeError(f"preds: expected the head's outputs dict, got {type(preds).__name__}")
+        heads = [_head_output(preds, "boxes", 4 * self.reg_max, f"4 * reg_max {self.reg_max}"),
+                 _head_output(preds, "scores", self.num_classes, f"nc {self.num_classes}"),
+                 _head_output(preds, "angle", 1, "the angle")]
+        levels = levels_of(preds.get("feats"), self.strides)
+        want = (heads[0].shape[0], sum(h * w for h, w, _ in levels))
+        for key, t in zip(("boxes", "scores", "angle"), heads):
+            if (t.shape[0], t.shape[2]) != want or t.device != heads[0].device:
+                raise ValueError(f"preds[{key!r}]: expected [{want[0]}, {t.shape[1]}, {want[1]}] on {heads[0].device} "
+                                 f"(A = the feats' points), got {tuple(t.shape)} on {t.device}")
+        dt = compute_dtype(*heads)
+        boxes, scores, angle = (upcast(t, dt).permute(0, 2, 1) for t in heads)
+        return self.obb_inputs(levels, boxes.contiguous(), scores, angle, batch_rows(batch, self.target_device, box_dim=5))
 
 
 @register_criterion("OBBModel")
@@ -51,9 +51,8 @@ class OBBLoss(UltralyticsCriterion):
     branch (see :class:`~detloss.integrations.ultralytics.UltralyticsCriterion`)."""
 
     def make_branch(self, model: Any, info: ModelInfo, tal_topk: int, tal_topk2: Optional[int]) -> torch.nn.Module:
-        loss = YOLOv8OBBLoss(
-            info.num_classes, info.strides, info.reg_max, tal_topk=tal_topk, tal_topk2=tal_topk2,
-            angle=hyp(model.args, "angle"), angle_range=None if info.head_is("OBB26") else HEAD_ANGLE_RANGE,
-            **common_kwargs(model, info),
+        args = model.args
+        return UltralyticsOBBBranch(
+            info, box=hyp(args, "box"), cls=hyp(args, "cls"), dfl=hyp(args, "dfl"), tal_topk=tal_topk, tal_topk2=tal_topk2,
+            angle=hyp(args, "angle"), angle_range=None if info.head_is("OBB26") else HEAD_ANGLE_RANGE,
         ).to(info.device)
-        return OBBBranch(loss, info)

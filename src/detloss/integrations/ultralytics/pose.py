@@ -20,14 +20,13 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ...functional.keypoints import COCO_KEYPOINT_SIGMAS, COCO_RLE_WEIGHTS
-from ...losses.pose import YOLO26PoseLoss, YOLOv8PoseLoss
-from ...output import LossOutput
-from ._heads import box_class_maps, level_maps, pred_tensor
-from ._model import ModelInfo, UltralyticsCriterion, batch_rows, batch_tensor, hyp, levels_of
+from ...losses.pose import PoseInputs, YOLO26PoseLoss, YOLOv8PoseLoss
+from ._heads import anchor_major
+from ._model import ModelInfo, UltralyticsCriterion, batch_tensor, hyp
 from ._swap import register_criterion
-from .obb import common_kwargs
+from .detect import UltralyticsDetectBranch
 
-__all__ = ["PoseLoss", "oks_sigmas"]
+__all__ = ["PoseLoss", "oks_sigmas", "UltralyticsPoseBranch", "UltralyticsPose26Branch"]
 
 
 def oks_sigmas(model: Any, kpt_shape: Any) -> torch.Tensor:
@@ -42,26 +41,28 @@ def oks_sigmas(model: Any, kpt_shape: Any) -> torch.Tensor:
     return s
 
 
-class PoseBranch(torch.nn.Module):
-    """One head's pose loss on ultralytics' outputs (a :class:`YOLOv8PoseLoss` fed per level)."""
+def _pose_inputs(branch: Any, preds: Mapping[str, Any], batch: Mapping[str, Any], with_sigma: bool) -> PoseInputs:
+    base = UltralyticsDetectBranch.check(branch, preds, batch)
+    k, d = branch.kpt_shape
+    kpts = anchor_major(preds, "kpts", k * d, f"K * D = {k} * {d}", base)
+    sigma = anchor_major(preds, "kpts_sigma", 2 * k, f"2 * K = 2 * {k}", base) if with_sigma else None
+    return branch.with_keypoints(base, kpts, batch_tensor(batch, "keypoints"), sigma)
 
-    def __init__(self, loss: YOLOv8PoseLoss, info: ModelInfo) -> None:
-        super().__init__()
-        self.loss, self.info = loss, info
 
-    def forward(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> LossOutput:
-        levels = levels_of(preds.get("feats"), self.info.strides)
-        feats = box_class_maps(preds, levels, self.info.reg_max, self.info.num_classes)
-        k, d = self.loss.kpt_shape
-        kpts = level_maps("preds['kpts']", pred_tensor(preds, "kpts", k * d, f" = K * D {k} * {d}"), levels)
-        rows = batch_rows(batch, feats[0].device)
-        keypoints = batch_tensor(batch, "keypoints").to(feats[0].device)
-        if not isinstance(self.loss, YOLO26PoseLoss):
-            return self.loss(feats, kpts, rows, keypoints)
-        sigma = None
-        if self.loss.flow_model is not None:
-            sigma = level_maps("preds['kpts_sigma']", pred_tensor(preds, "kpts_sigma", 2 * k, f" = 2 * K {k}"), levels)
-        return self.loss(feats, kpts, sigma, rows, keypoints)
+class UltralyticsPoseBranch(UltralyticsDetectBranch, YOLOv8PoseLoss):
+    """:class:`~detloss.losses.pose.YOLOv8PoseLoss` on one head's outputs as ultralytics emits them
+    and the dataloader's batch (``branch(preds, batch)``)."""
+
+    def check(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> PoseInputs:  # type: ignore[override]
+        return _pose_inputs(self, preds, batch, with_sigma=False)
+
+
+class UltralyticsPose26Branch(UltralyticsDetectBranch, YOLO26PoseLoss):
+    """:class:`~detloss.losses.pose.YOLO26PoseLoss` on one head's outputs as ultralytics emits them
+    (``kpts_sigma`` read only with a flow model) and the dataloader's batch."""
+
+    def check(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> PoseInputs:  # type: ignore[override]
+        return _pose_inputs(self, preds, batch, with_sigma=self.flow_model is not None)
 
 
 @register_criterion("PoseModel")
@@ -73,16 +74,14 @@ class PoseLoss(UltralyticsCriterion):
     def make_branch(self, model: Any, info: ModelInfo, tal_topk: int, tal_topk2: Optional[int]) -> torch.nn.Module:
         head, args = info.head, model.args
         kpt_shape = head.kpt_shape
-        kw = dict(tal_topk=tal_topk, tal_topk2=tal_topk2, kpt_shape=tuple(int(v) for v in kpt_shape),
-                  pose=hyp(args, "pose"), kobj=hyp(args, "kobj"), sigmas=oks_sigmas(model, kpt_shape),
-                  **common_kwargs(model, info))
-        if info.head_is("Pose26"):
-            flow = head.flow_model if hasattr(head, "flow_model") else None
-            if flow is not None:
-                k = int(kpt_shape[0])
-                kw.update(flow_model=flow, rle=hyp(args, "rle"),
-                          rle_weights=COCO_RLE_WEIGHTS.clone() if kpt_shape == [17, 3] else torch.ones(k))
-            loss: YOLOv8PoseLoss = YOLO26PoseLoss(info.num_classes, info.strides, info.reg_max, **kw)
-        else:
-            loss = YOLOv8PoseLoss(info.num_classes, info.strides, info.reg_max, **kw)
-        return PoseBranch(loss.to(info.device), info)
+        kw = dict(box=hyp(args, "box"), cls=hyp(args, "cls"), dfl=hyp(args, "dfl"), tal_topk=tal_topk, tal_topk2=tal_topk2,
+                  kpt_shape=tuple(int(v) for v in kpt_shape), pose=hyp(args, "pose"), kobj=hyp(args, "kobj"),
+                  sigmas=oks_sigmas(model, kpt_shape))
+        if not info.head_is("Pose26"):
+            return UltralyticsPoseBranch(info, **kw).to(info.device)
+        flow = head.flow_model if hasattr(head, "flow_model") else None
+        if flow is not None:
+            k = int(kpt_shape[0])
+            kw.update(flow_model=flow, rle=hyp(args, "rle"),
+                      rle_weights=COCO_RLE_WEIGHTS.clone() if kpt_shape == [17, 3] else torch.ones(k))
+        return UltralyticsPose26Branch(info, **kw).to(info.device)

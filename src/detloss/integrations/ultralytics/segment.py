@@ -13,50 +13,62 @@ logits (B, nc, hs, ws))``; ``batch``: ``batch_idx``, ``cls``, ``bboxes``, ``mask
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from ...losses.segment import YOLO26SegmentLoss, YOLOv8SegmentLoss
-from ...output import LossOutput
-from ._heads import box_class_maps, level_maps, pred_tensor
-from ._model import ModelInfo, UltralyticsCriterion, batch_rows, batch_tensor, hyp, levels_of
+from ...losses.segment import SegmentInputs, YOLO26SegmentLoss, YOLOv8SegmentLoss
+from ._heads import anchor_major
+from ._model import ModelInfo, UltralyticsCriterion, batch_tensor, hyp
 from ._swap import register_criterion
-from .obb import common_kwargs
+from .detect import UltralyticsDetectBranch
 
-__all__ = ["SegmentationLoss"]
+__all__ = ["SegmentationLoss", "UltralyticsSegmentBranch", "UltralyticsSegment26Branch"]
 
 
-class SegmentBranch(torch.nn.Module):
-    """One head's segmentation loss on ultralytics' outputs (a :class:`YOLOv8SegmentLoss` fed per
-    level); for the YOLOv8 form it adds ultralytics' constant ``sem`` item (0)."""
+def _protos(preds: Mapping[str, Any], semantic: bool) -> Tuple[Any, Optional[Any]]:
+    """``preds['proto']``: the prototypes, or (prototypes, semantic logits) from a Segment26 head."""
+    if "proto" not in preds:
+        raise ValueError(f"preds: expected a 'proto' entry (the prototypes), got keys {sorted(preds)}")
+    proto = preds["proto"]
+    if isinstance(proto, tuple) != semantic or (semantic and len(proto) != 2):
+        want = "(prototypes, semantic logits) from a Segment26 head" if semantic else "the prototypes alone (a Segment head)"
+        raise ValueError(f"preds['proto']: expected {want}, got {'a tuple' if isinstance(proto, tuple) else 'a tensor'}")
+    return proto if semantic else (proto, None)
 
-    def __init__(self, loss: YOLOv8SegmentLoss, info: ModelInfo) -> None:
-        super().__init__()
-        self.loss, self.info = loss, info
 
-    def forward(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> LossOutput:
-        levels = levels_of(preds.get("feats"), self.info.strides)
-        feats = box_class_maps(preds, levels, self.info.reg_max, self.info.num_classes)
-        coef = level_maps("preds['mask_coefficient']", pred_tensor(preds, "mask_coefficient"), levels)
-        if "proto" not in preds:
-            raise ValueError(f"preds: expected a 'proto' entry (the prototypes), got keys {sorted(preds)}")
-        proto, semantic = preds["proto"], None
-        if isinstance(proto, tuple):
-            if len(proto) != 2:
-                raise ValueError(f"preds['proto']: expected the prototypes or (prototypes, semantic logits), got a tuple of {len(proto)}")
-            proto, semantic = proto
-        is26 = isinstance(self.loss, YOLO26SegmentLoss)
-        if is26 != (semantic is not None):
-            want = "(prototypes, semantic logits) from a Segment26 head" if is26 else "the prototypes alone (a Segment head)"
-            raise ValueError(f"preds['proto']: expected {want}, got {'a tuple' if semantic is not None else 'a tensor'}")
-        dev = feats[0].device
-        rows, masks = batch_rows(batch, dev), batch_tensor(batch, "masks").to(dev)
-        if is26:
-            return self.loss(feats, coef, proto, semantic, rows, masks, batch_tensor(batch, "sem_masks").to(dev))
-        out = self.loss(feats, coef, proto, rows, masks)
-        zero = out.total.new_zeros(())
-        return LossOutput(out.total, {**out.components, "sem": zero}, out.stats, {**out.terms, "sem": zero})
+def _segment_inputs(branch: Any, preds: Mapping[str, Any], batch: Mapping[str, Any], semantic: bool) -> SegmentInputs:
+    base = UltralyticsDetectBranch.check(branch, preds, batch)
+    proto, sem_logits = _protos(preds, semantic)
+    nm = proto.shape[1] if isinstance(proto, Tensor) and proto.ndim == 4 else -1
+    coef = anchor_major(preds, "mask_coefficient", nm, "the prototypes' nm", base)
+    out = branch.with_masks(base, coef, proto, batch_tensor(batch, "masks"))
+    return branch.with_semantic(out, sem_logits, batch_tensor(batch, "sem_masks")) if semantic else out
+
+
+class UltralyticsSegmentBranch(UltralyticsDetectBranch, YOLOv8SegmentLoss):
+    """:class:`~detloss.losses.segment.YOLOv8SegmentLoss` on one head's outputs as ultralytics
+    emits them and the dataloader's batch, with ultralytics' constant ``sem`` item (0)."""
+
+    def __init__(self, info: ModelInfo, **kwargs: Any) -> None:
+        super().__init__(info, **kwargs)
+        self.add_term("sem", "zero_term", 0.0)
+
+    def check(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> SegmentInputs:  # type: ignore[override]
+        return _segment_inputs(self, preds, batch, semantic=False)
+
+    def zero_term(self, inputs: SegmentInputs, prepared: Any, assignment: Any) -> Tensor:
+        """v8SegmentationLoss's ``sem_loss``: always 0 for a head without semantic logits."""
+        return torch.zeros((), dtype=inputs.dtype, device=inputs.device)
+
+
+class UltralyticsSegment26Branch(UltralyticsDetectBranch, YOLO26SegmentLoss):
+    """:class:`~detloss.losses.segment.YOLO26SegmentLoss` on one head's outputs as ultralytics emits
+    them and the dataloader's batch."""
+
+    def check(self, preds: Mapping[str, Any], batch: Mapping[str, Any]) -> SegmentInputs:  # type: ignore[override]
+        return _segment_inputs(self, preds, batch, semantic=True)
 
 
 @register_criterion("SegmentationModel")
@@ -67,11 +79,10 @@ class SegmentationLoss(UltralyticsCriterion):
     :class:`~detloss.integrations.ultralytics.UltralyticsCriterion`)."""
 
     def make_branch(self, model: Any, info: ModelInfo, tal_topk: int, tal_topk2: Optional[int]) -> torch.nn.Module:
-        kw = common_kwargs(model, info)
-        kw.update(tal_topk=tal_topk, tal_topk2=tal_topk2, num_masks=None, overlap_masks=bool(model.args.overlap_mask),
-                  seg=kw["box"])
+        args = model.args
+        box = hyp(args, "box")
+        kw = dict(box=box, cls=hyp(args, "cls"), dfl=hyp(args, "dfl"), tal_topk=tal_topk, tal_topk2=tal_topk2,
+                  num_masks=None, overlap_masks=bool(args.overlap_mask), seg=box)
         if info.head_is("Segment26"):
-            loss: YOLOv8SegmentLoss = YOLO26SegmentLoss(info.num_classes, info.strides, info.reg_max, sem=kw["box"], **kw)
-        else:
-            loss = YOLOv8SegmentLoss(info.num_classes, info.strides, info.reg_max, **kw)
-        return SegmentBranch(loss.to(info.device), info)
+            return UltralyticsSegment26Branch(info, sem=box, **kw).to(info.device)
+        return UltralyticsSegmentBranch(info, **kw).to(info.device)

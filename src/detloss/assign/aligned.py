@@ -45,10 +45,10 @@ from ..anchors import Level
 from .base import rank_in_group
 from .tal import TALAssignment, _candidate_pairs, _result, enlarge_small_boxes
 
-__all__ = ["AlignedAssigner", "BoxTaskAlignedAssigner", "CandidatePairs", "select_aligned", "box_ciou"]
+__all__ = ["AlignedAssigner", "BoxTaskAlignedAssigner", "CandidatePairs", "select_aligned", "topk_ties", "box_ciou"]
 
 
-def _topk_ties(box: Tensor, anchor: Tensor, value: Tensor, needy: Tensor, k: int, n_anchor: int) -> Tensor:
+def topk_ties(box: Tensor, anchor: Tensor, value: Tensor, needy: Tensor, k: int, n_anchor: int) -> Tensor:
     """bool ``[C]``: the pairs of the boxes marked ``needy`` (bool ``[n_box]``) that ``torch.topk``
     picks among the ``k`` largest of their box's dense row (``value`` at its pairs' anchors, 0 at
     every other anchor): the reference's choice, zeros included, in torch's tie order."""
@@ -92,7 +92,7 @@ def select_aligned(
     if zero_ties:
         needy = torch.bincount(box[nz], minlength=n_box) < min(topk, n_anchor)
         if bool(needy.any()):
-            fill = _topk_ties(box, anchor, metric, needy, topk, n_anchor) & (metric == 0)
+            fill = topk_ties(box, anchor, metric, needy, topk, n_anchor) & (metric == 0)
             pre = torch.cat((pre, fill.nonzero().squeeze(1)))
     claims = torch.bincount(flat[pre], minlength=n_flat)
     owner = torch.zeros(n_flat, dtype=torch.long, device=dev)
@@ -110,7 +110,7 @@ def select_aligned(
             needy = torch.bincount(box[pos[metric[pos] > 0]], minlength=n_box) < min(topk2, n_anchor)
             needy &= torch.bincount(box[pos], minlength=n_box) > 0
             if bool(needy.any()):
-                keep |= _topk_ties(box[pos], anchor[pos], metric[pos], needy, topk2, n_anchor) & (metric[pos] == 0)
+                keep |= topk_ties(box[pos], anchor[pos], metric[pos], needy, topk2, n_anchor) & (metric[pos] == 0)
         pos = pos[keep]
     pos_box = box[pos]
     best_metric = torch.zeros(n_box, dtype=metric.dtype, device=dev).scatter_reduce_(0, pos_box, metric[pos], "amax")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as fn
-from .aligned import BoxTaskAlignedAssigner, CandidatePairs
+from .aligned import BoxTaskAlignedAssigner, CandidatePairs, topk_ties
 from .base import rank_in_group
 
 __all__ = ["SegTaskAlignedAssigner", "MASK_CHUNK_PIXELS", "MASK_IOU_CANDIDATES"]
@@ -56,7 +56,19 @@ class SegTaskAlignedAssigner(BoxTaskAlignedAssigner):
     ) -> Tensor:
         iou = super().overlaps(pairs, pd_bboxes=pd_bboxes)
         box_metric = score.pow(self.alpha) * iou.pow(self.beta) + self.eps
-        sel = (rank_in_group(pairs.box, box_metric) < MASK_IOU_CANDIDATES * self.topk).nonzero().squeeze(1)
+        k3 = MASK_IOU_CANDIDATES * self.topk
+        chosen = rank_in_group(pairs.box, box_metric) < k3
+        if self.zero_ties:
+            # a box with fewer than 3 topk candidates above the eps floor takes the rest among the
+            # tied ones in torch.topk's order, as the reference does over the dense row
+            n_box = pairs.boxes.shape[0]
+            above = torch.bincount(pairs.box[box_metric > self.eps], minlength=n_box)
+            needy = (above < k3) & (torch.bincount(pairs.box, minlength=n_box) > k3)
+            if bool(needy.any()):
+                n_anchor = pd_coef.shape[1]
+                tied = topk_ties(pairs.box, pairs.anchor, box_metric, needy, k3, n_anchor)
+                chosen = torch.where(needy[pairs.box], tied, chosen)
+        sel = chosen.nonzero().squeeze(1)
         miou = torch.zeros_like(iou)
         if sel.numel():
             n_anchor = pd_coef.shape[1]

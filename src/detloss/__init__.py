@@ -18,6 +18,11 @@ _LAZY = {
     "YOLOv5Loss": "detloss.losses.yolov5",
     "FCOSLoss": "detloss.losses.fcos",
     "YOLOv8Loss": "detloss.losses.yolov8",
+    "YOLOv8OBBLoss": "detloss.losses.obb",
+    "YOLOv8PoseLoss": "detloss.losses.pose",
+    "YOLO26PoseLoss": "detloss.losses.pose",
+    "YOLOv8SegmentLoss": "detloss.losses.segment",
+    "YOLO26SegmentLoss": "detloss.losses.segment",
     "TaskAlignedAssigner": "detloss.assign.tal",
 }
 

@@ -123,3 +123,63 @@ def test_bad_input():
         F.dice_loss(logits, target)
     with pytest.raises(ValueError, match=r"target: expected the same shape as input \(1, 5, 9, 11\), got \(1, 5, 4, 5\)"):
         F.bce_dice_loss(logits[None], target[None, :, :4, :5])
+
+
+def proto_case(seed=0, n=11, b=3, nm=5, h=7, w=9):
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.randn(n, nm, generator=g, dtype=D)
+    proto = torch.randn(b, nm, h, w, generator=g, dtype=D)
+    image = torch.randint(0, b, (n,), generator=g)
+    maps = torch.randint(0, 4, (b, h, w), generator=g).to(torch.uint8)
+    value = torch.randint(1, 4, (n,), generator=g)
+    c = torch.rand(n, 4, generator=g, dtype=D) * torch.tensor([w, h, w, h], dtype=D)
+    boxes = torch.cat((torch.minimum(c[:, :2], c[:, 2:]), torch.maximum(c[:, :2], c[:, 2:])), 1)
+    area = torch.rand(n, generator=g, dtype=D) + 0.1
+    return coef, proto, image, maps, value, boxes, area
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prototype_mask_bce_equals_decode_then_cropped_bce(overlap, monkeypatch):
+    import detloss.functional.masks as M
+
+    monkeypatch.setattr(M, "PROTO_CHUNK_PIXELS", 2 * 63)  # several chunks per image
+    coef, proto, image, maps, value, boxes, area = proto_case()
+    leaves = [t.clone().requires_grad_(True) for t in (coef, proto, area)]
+    if overlap:
+        got = F.prototype_mask_bce(*leaves[:2], maps, boxes=boxes, area=leaves[2], image=image, mask_value=value, reduction="none")
+        target = (maps[image] == value[:, None, None]).to(D)
+    else:
+        per = (maps[image] == value[:, None, None]).to(torch.uint8)
+        got = F.prototype_mask_bce(*leaves[:2], per, boxes=boxes, area=leaves[2], image=image,
+                                   mask_index=torch.arange(11), reduction="none")
+        target = per.to(D)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (coef, proto, area)]
+    logits = torch.einsum("nc,nchw->nhw", ref_leaves[0], ref_leaves[1][image])
+    ref = F.cropped_mask_bce(logits, target, boxes=boxes, area=ref_leaves[2], reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(ref.sum(), ref_leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_prototype_mask_bce_gradcheck_and_edges():
+    coef, proto, image, maps, value, boxes, area = proto_case(seed=1, n=4, b=2, nm=3, h=4, w=5)
+    args = tuple(t.clone().requires_grad_(True) for t in (coef, proto, area))
+    assert gradcheck(lambda c, p, a: F.prototype_mask_bce(c, p, maps, boxes=boxes, area=a, image=image, mask_value=value), args)
+    area[1] = 0.0  # zero area: contributes 0, no NaN
+    big = value.clone()
+    big[0] = 300  # cannot occur in a uint8 map: an empty target
+    out = F.prototype_mask_bce(coef, proto, maps, boxes=boxes, area=area, image=image, mask_value=big, reduction="none")
+    alone = F.prototype_mask_bce(coef[:1], proto, maps.to(torch.int64), boxes=boxes[:1], area=area[:1], image=image[:1],
+                                 mask_value=big[:1], reduction="none")
+    torch.testing.assert_close(out[:1], alone)
+    assert float(out[1]) == 0.0 and torch.isfinite(out).all()
+    empty = F.prototype_mask_bce(coef[:0], proto, maps, boxes=boxes[:0], area=area[:0], image=image[:0], mask_value=value[:0])
+    assert float(empty) == 0.0
+    with pytest.raises(ValueError, match=r"proto: expected \[B, 3, H, W\] or \[3, H, W\] prototypes"):
+        F.prototype_mask_bce(coef, proto[:, :2], maps, boxes=boxes, area=area, image=image, mask_value=value)
+    with pytest.raises(ValueError, match=r"masks: expected \[T, 4, 5\] \(the prototypes' size\), got \(2, 8, 10\)"):
+        F.prototype_mask_bce(coef, proto, maps.repeat(1, 2, 2), boxes=boxes, area=area, image=image, mask_value=value)
+    with pytest.raises(ValueError, match=r"image: expected indices in \[0, 1\]"):
+        F.prototype_mask_bce(coef, proto, maps, boxes=boxes, area=area, image=image + 5, mask_value=value)
+    with pytest.raises(ValueError, match=r"masks: expected one map per image"):
+        F.prototype_mask_bce(coef, proto, maps[:1], boxes=boxes, area=area, image=image, mask_value=value)

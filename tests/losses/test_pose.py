@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import detloss.nn as dnn
-from detloss.losses._task_heads import end_to_end
+from detloss.losses.tasks import end_to_end
 from detloss.losses.e2e import EndToEndLoss
 from detloss.losses.pose import YOLO26PoseLoss, YOLOv8PoseLoss
 from reference_cases import (

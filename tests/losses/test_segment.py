@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detloss.losses._task_heads import end_to_end
+from detloss.losses.tasks import end_to_end
 from detloss.losses.e2e import EndToEndLoss
 from detloss.losses.segment import YOLO26SegmentLoss, YOLOv8SegmentLoss
 from reference_cases import (

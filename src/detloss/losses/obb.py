@@ -34,7 +34,7 @@ from ..anchors import make_anchors
 from ..assign.base import Assignment
 from ..assign.rotated import RotatedTaskAlignedAssigner
 from ..boxes import check_yolo_targets, image_slots
-from ._task_heads import aligned_assignment, box_assigner, expected_distances, flatten_level_maps
+from .tasks import aligned_assignment, box_assigner, expected_distances, flatten_level_maps
 from .base import Decoded
 from .yolov8 import DFL_MARGIN, YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 

@@ -34,7 +34,7 @@ from .._checks import check_floating
 from ..assign.base import Assignment
 from ..assign.pose import PoseTaskAlignedAssigner
 from ..functional.keypoints import COCO_KEYPOINT_SIGMAS, COCO_RLE_WEIGHTS
-from ._task_heads import aligned_assignment, box_assigner, flatten_level_maps
+from .tasks import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
 __all__ = ["YOLOv8PoseLoss", "YOLO26PoseLoss", "PoseInputs", "PoseDecoding", "default_sigmas"]

@@ -36,7 +36,7 @@ from .._checks import check_floating, check_tensor
 from ..assign.base import Assignment
 from ..assign.segment import SegTaskAlignedAssigner
 from ..boxes import image_slots
-from ._task_heads import aligned_assignment, box_assigner, flatten_level_maps
+from .tasks import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
 __all__ = ["YOLOv8SegmentLoss", "YOLO26SegmentLoss", "SegmentInputs"]

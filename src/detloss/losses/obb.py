@@ -105,17 +105,12 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         tal_topk: int = 10,
         *,
         angle: float = 1.0,
-        tal_topk2: Optional[int] = None,
-        tal_alpha: float = 0.5,
-        tal_beta: float = 6.0,
-        enlarge_small_boxes: bool = True,
         min_target_side: float = MIN_TARGET_SIDE,
         angle_range: Optional[Tuple[float, float]] = HEAD_ANGLE_RANGE,
         zero_ties: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, tal_topk2=tal_topk2,
-                         tal_alpha=tal_alpha, tal_beta=tal_beta, enlarge_small_boxes=enlarge_small_boxes, **kwargs)
+        super().__init__(num_classes, strides, reg_max, box, cls, dfl, tal_topk, **kwargs)
         self.add_term("angle", "angle_term", angle)
         if not min_target_side >= 0:
             raise ValueError(f"min_target_side: expected a number >= 0, got {min_target_side!r}")

@@ -19,6 +19,11 @@ _LAZY = {
     "YOLOv5Loss": "detloss.losses.yolov5",
     "FCOSLoss": "detloss.losses.fcos",
     "YOLOv8Loss": "detloss.losses.yolov8",
+    "YOLOv8OBBLoss": "detloss.losses.obb",
+    "YOLOv8PoseLoss": "detloss.losses.pose",
+    "YOLO26PoseLoss": "detloss.losses.pose",
+    "YOLOv8SegmentLoss": "detloss.losses.segment",
+    "YOLO26SegmentLoss": "detloss.losses.segment",
     "TaskAlignedAssigner": "detloss.assign.tal",
     "EndToEndLoss": "detloss.losses.e2e",
     "HungarianMatcher": "detloss.assign.hungarian", "DETRLoss": "detloss.losses.detr", "RTDETRLoss": "detloss.losses.rtdetr", "DFINELoss": "detloss.losses.dfine", "DEIMLoss": "detloss.losses.dfine",  # noqa: E501

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import functional as F
 from ._checks import check_choice, check_reduction
+from ._nn_tasks import BCEDiceLoss, CroppedMaskBCELoss, KeypointLoss, ProbIoULoss, RealNVP, RLELoss, RotatedAngleLoss
 
 __all__ = [
     "BCELoss",
@@ -28,6 +29,7 @@ __all__ = [
     "MSELoss",
     "IoULoss",
     "DistributionFocalLoss",
+    "ProbIoULoss", "RotatedAngleLoss", "KeypointLoss", "RLELoss", "CroppedMaskBCELoss", "BCEDiceLoss", "RealNVP",
 ]
 
 

@@ -112,6 +112,24 @@ class DetectionLoss(torch.nn.Module):
         self.gains: Dict[str, float] = check_gains(gains, tuple(self.term_methods))
         self.reduce_across_ranks = bool(reduce_across_ranks)
 
+    def add_term(self, name: str, method: str, gain: float, *, after: Optional[str] = None) -> None:
+        """Add a term to this instance (a variant's extra term: the angle of rotated boxes, the
+        keypoints of a pose head): ``method`` computes it, ``gain`` weights it, and it comes right
+        after the term ``after`` (default: last) in ``components`` and ``terms``. Call it in
+        ``__init__`` after the parent's; the class's :attr:`term_methods` is left as it is."""
+        if name in self.term_methods:
+            raise ValueError(f"name: expected a new term, {name!r} is already one of {list(self.term_methods)}")
+        if not callable(getattr(self, method, None)):
+            raise ValueError(f"method: expected the name of a method of {type(self).__name__}, got {method!r}")
+        if after is not None and after not in self.term_methods:
+            raise ValueError(f"after: expected one of {list(self.term_methods)}, got {after!r}")
+        gain = check_gains({name: gain}, (name,))[name]
+        items = list(self.term_methods.items())
+        at = len(items) if after is None else [k for k, _ in items].index(after) + 1
+        items.insert(at, (name, method))
+        self.term_methods = dict(items)
+        self.gains = {k: (gain if k == name else self.gains[k]) for k in self.term_methods}
+
     # ------------------------------------------------------------------ the pipeline
     def forward(self, *args: Any, **kwargs: Any) -> LossOutput:
         with autocast_off():  # the steps compute in the dtype check() chose, matmuls included

@@ -34,12 +34,16 @@ from ._model import (
 )
 from ._swap import CRITERIA, criterion_for, install_criterion, register_criterion, use_detloss
 from .detect import DetectionLoss, E2EDetectLoss
-
-# OBB, pose and segmentation criteria (OBBLoss, PoseLoss, SegmentationLoss): imported here.
+from .obb import OBBLoss
+from .pose import PoseLoss
+from .segment import SegmentationLoss
 
 __all__ = [
     "DetectionLoss",
     "E2EDetectLoss",
+    "OBBLoss",
+    "PoseLoss",
+    "SegmentationLoss",
     "FORMS",
     "ModelInfo",
     "UltralyticsCriterion",

@@ -17,7 +17,7 @@ import importlib
 import sys
 from typing import List
 
-SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8")
+SUITES = ("kernels", "yolov5", "yolov3", "fcos", "yolov8", "yolo26", "ultralytics_tasks", "retinanet", "ssd", "detr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

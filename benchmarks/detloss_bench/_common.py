@@ -41,6 +41,21 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median wall time of each function, their runs interleaved (one warm-up each, then
+    ``repeats`` rounds of one run of each), so that a change of machine load between two
+    functions' runs does not show up as a ratio."""
+    for f in fns.values():
+        f()
+    times: Dict[str, List[float]] = {w: [] for w in fns}
+    for _ in range(repeats):
+        for w, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[w].append(time.perf_counter() - t0)
+    return {w: statistics.median(v) for w, v in times.items()}
+
+
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by torch on the CPU during ``fn()`` beyond what was live before it.
 
@@ -59,6 +74,49 @@ def peak_memory(fn: Callable[[], object]) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _can_reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kb("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def peak_rss(fn: Callable[[], object]) -> int:
+    """Peak resident memory of the process during ``fn()`` beyond its level just before, in bytes.
+
+    Linux: free heap memory is returned first (glibc ``malloc_trim``), the peak resident size
+    ``VmHWM`` is reset through ``/proc/self/clear_refs``, and read after the call. It counts every
+    allocation (torch's and the peers' Python objects alike) at a constant cost, whatever the
+    number of ops, where :func:`peak_memory` keeps a profiler event per op and itself runs out
+    of memory on long Python loops. Includes the allocator's slack (typically 10-30 % above the
+    allocation peak). Elsewhere: :func:`peak_memory`.
+    """
+    if not _can_reset_peak_rss():
+        return peak_memory(fn)
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - before) * 1024
 
 
 def fmt_ms(seconds: float) -> str:
@@ -160,10 +218,32 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / scale if a.numel() else 0.0
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one intra-op thread, then restore the thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def check_equal(ours: Side, peer: Side, rtol: float = 1e-5, grad_rtol: float = 1e-4) -> str:
     """Raise :class:`EqualityError` unless the totals (relative ``rtol``), the terms and the
     gradients (largest difference relative to the largest gradient entry, ``grad_rtol``) agree;
-    returns a one-line summary of the differences."""
+    returns a one-line summary of the differences.
+
+    The check runs on one thread: a peer's assignment by indexing with repeated indices
+    (yolov5's ``tobj[b, a, gj, gi] = iou`` where several targets share a cell) keeps the value
+    written last only when the write is serial; with several threads torch's CPU ``index_put_``
+    splits the indices and which duplicate wins varies from call to call (seen at batch 16 with
+    100 boxes per image). detloss reproduces the serial rule on every device and thread count."""
+    with one_thread():
+        return _check_equal(ours, peer, rtol, grad_rtol)
+
+
+def _check_equal(ours: Side, peer: Side, rtol: float, grad_rtol: float) -> str:
     totals = ours.loss is not None and peer.loss is not None
     if totals:
         a, b = float(ours.loss().detach().sum()), float(peer.loss().detach().sum())
@@ -219,10 +299,11 @@ def alternating_medians(fns: Sequence[Callable[[], object]], repeats: int, warmu
 
 
 def measure(sides: Sequence[Side], repeats: int, warmup: int) -> List[Measurement]:
-    """fwd and fwd+bwd median times (alternating between the sides) and peak memory of each side."""
+    """fwd and fwd+bwd median times (alternating between the sides) and peak memory of each side
+    (:func:`peak_rss`)."""
     fwd = alternating_medians([_fwd(s) for s in sides], repeats, warmup)
     fwd_bwd = alternating_medians([_fwd_bwd(s) for s in sides], repeats, warmup)
-    return [Measurement(f, fb, peak_memory(_fwd(s)), peak_memory(_fwd_bwd(s)))
+    return [Measurement(f, fb, peak_rss(_fwd(s)), peak_rss(_fwd_bwd(s)))
             for s, f, fb in zip(sides, fwd, fwd_bwd)]
 
 
@@ -261,6 +342,7 @@ def report(title: str, peer_label: str, rows: Sequence[Row], missing: Optional[s
                           fmt_mb(om), "-" if pm is None else fmt_mb(pm), "-" if pm is None else _ratio(pm, max(om, 1))])
     print_table(["boxes/img", "pass", "detloss", peer_label, "speed-up", "detloss peak", "peer peak", "mem ratio"],
                 table)
+    print("  (median times; peak: resident memory above the level before the call; ratios peer / detloss)")
     for r in rows:
         if r.check:
             print(f"  {r.boxes} boxes/img: {r.check}")
@@ -299,14 +381,14 @@ def apply_quick(args: argparse.Namespace, *, size: int = 64, boxes: Sequence[int
 
 
 def write_json(path: Optional[str], suite: str, args: argparse.Namespace, peer_label: str, rows: Sequence[Row],
-               missing: Optional[str], transcription: bool = False) -> None:
+               missing: Optional[str], transcription: bool = False, load: Optional[Tuple[float, float]] = None) -> None:
     if not path:
         return
     import json
 
     doc = {"suite": suite, "peer": peer_label, "peer_missing": missing, "transcription": transcription,
            "batch": args.batch, "size": args.size, "classes": args.classes, "threads": torch.get_num_threads(),
-           "torch": torch.__version__,
+           "torch": torch.__version__, "load_average": load, "cpu_count": os.cpu_count(),
            "rows": [{"boxes": r.boxes, "check": r.check, "detloss": asdict(r.ours),
                      "peer": None if r.peer is None else asdict(r.peer), **r.extra} for r in rows]}
     with open(path, "w") as f:
@@ -320,6 +402,7 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
     its framework is absent), then for each box count ``case(boxes, peer)`` gives the two sides
     (the peer's None when it is missing), which are checked, measured and reported.
     Returns 0, or 1 when the check fails, 2 when ``--peers`` was asked and the peer is missing."""
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     missing = None
     try:
         peer = build_peer()
@@ -337,5 +420,32 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
             print(f"{suite}: error: {nb} boxes/img: the equality check failed, nothing was timed: {e}", file=sys.stderr)
             return 1
     report(title, peer_label, rows, missing, transcription)
-    write_json(args.json, suite, args, peer_label, rows, missing, transcription)
+    load = None if load_before is None else (load_before, os.getloadavg()[0])
+    if load is not None:
+        print(f"machine load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+              f"({os.cpu_count()} cores): above the thread count, other processes shared the CPU\n")
+    write_json(args.json, suite, args, peer_label, rows, missing, transcription, load)
     return 0
+
+
+def print_growth(results, lo: int, hi: int, width: int = 12, what: str = "assignment") -> None:
+    """How each method's ``(fwd+bwd time, peak mem, assignment time, its peak mem)`` grows from
+    ``lo`` to ``hi`` boxes per image (``results[method][boxes]``)."""
+    if lo == hi:
+        return
+    print(f"\ngrowth {lo} -> {hi} boxes per image:")
+    for label, r in results.items():
+        (t0, m0, ta0, ma0), (t1, m1, ta1, ma1) = r[lo], r[hi]
+        print(f"  {label:{width}s} fwd+bwd time x{t1 / t0:.2f}, peak mem x{m1 / m0:.2f}; "
+              f"{what} time x{ta1 / ta0:.2f}, peak mem x{ma1 / max(ma0, 1):.2f}")
+
+
+def apply_detector_arguments(args: argparse.Namespace, quick_boxes: int) -> None:
+    """:func:`apply_quick` with ``quick_boxes`` boxes per image under ``--quick``."""
+    apply_quick(args, boxes=(quick_boxes,))
+
+
+def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """:func:`alternating_medians` over named functions (one warm-up run each)."""
+    names = list(fns)
+    return dict(zip(names, alternating_medians([fns[n] for n in names], repeats, warmup=1)))

@@ -1,35 +1,39 @@
-"""Benchmark: the fused single-pass kernels (:mod:`detloss.kernels`) against their baselines.
+"""Benchmark: the dense and box losses of :mod:`detloss.functional` (fused and plain paths) against
+the real peers, in the same process.
 
-For each fused loss at detector sizes (160000 x 80 and 2 x 100000 x 80 logits; 200,000 box pairs)
-it times the forward and the forward+backward (median of ``--repeats`` after warm-up, with
-``torch.set_num_threads(--threads)``) and measures the peak extra memory of forward+backward,
-side by side in the same process with
+For each loss it times the forward and the forward+backward (median of ``--repeats`` after
+warm-up, ``torch.set_num_threads(--threads)``, float32) and measures the peak extra memory of
+forward+backward, through the public functions of :mod:`detloss.functional` (validation included):
 
-(a) the plain autograd formula, written as torchvision / fvcore / mmdetection write it (the
-    ``_<name>_formula`` of :mod:`detloss.functional`, the ground truth of the tests);
-(b) PyTorch's native ``binary_cross_entropy_with_logits`` on the same tensor (dense losses);
-(c) the memory-bandwidth bound measured on the spot: one read of the inputs and one write of a
-    gradient-sized tensor into preallocated memory (``torch.add(x, t, out=buf)``).
+* **fused**: the compiled pass (what detloss runs for large inputs that require grad);
+* **plain**: the same call with ``DETLOSS_FUSED=0`` (what it runs for small inputs, without a
+  compiler, for targets that require grad, under ``torch.func.grad``);
+* **peer**, the original's own code where it can be imported: ``torchvision.ops.sigmoid_focal_loss``,
+  ``generalized_box_iou_loss``, ``distance_box_iou_loss``, ``complete_box_iou_loss`` (torchvision);
+  PyTorch's ``binary_cross_entropy_with_logits``; ultralytics' ``VarifocalLoss`` and ``bbox_iou``
+  (CIoU); with ``--yolov5``, YOLOv5 v7.0's ``BCEBlurWithLogitsLoss`` and ``QFocalLoss`` (its
+  package takes about a minute to import). The values are checked equal first.
 
-It also reports the first-call cost of each configuration (compilation; Inductor's on-disk cache
-makes it smaller in later processes). Run: ``python benchmarks/bench_kernels.py`` or
-``detloss bench kernels`` (``--quick`` for tiny sizes, ``--only dense`` or ``--only box`` for one
-half). ``DETLOSS_COMPILE=0`` benchmarks the eager closed-form pass instead of the compiled one.
+It also prints the memory-bandwidth bound measured on the spot (one read of the inputs and one write
+of a gradient-sized tensor into preallocated memory) and each configuration's first-call cost
+(compilation; Inductor's on-disk cache makes it smaller in later processes). Run:
+``python benchmarks/run.py kernels`` (``--quick`` for tiny sizes, ``--only dense`` or ``--only box``
+for one half, ``--peers`` to fail when torchvision is missing). ``DETLOSS_COMPILE=0`` benchmarks the
+plain pass in the "fused" rows too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as TF
 
+import detloss.functional as F
 from detloss import kernels
-from detloss.functional import bce as fbce
-from detloss.functional import focal as ffocal
-from detloss.functional import iou as fiou
 from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -43,6 +47,120 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("dense", "box"), default=None,
                         help="run only the dense (logit) losses or only the box losses")
+    parser.add_argument("--peers", action="store_true", help="fail unless torchvision (the main peer) imports")
+    parser.add_argument("--yolov5", action="store_true",
+                        help="also run YOLOv5's BCEBlurWithLogitsLoss and QFocalLoss as peers (slow import)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------------------------
+
+
+class Peers(NamedTuple):
+    torchvision: Optional[object]  # torchvision.ops
+    varifocal: Optional[type]  # ultralytics.utils.loss.VarifocalLoss
+    bbox_iou: Optional[Callable]  # ultralytics.utils.metrics.bbox_iou
+    blur: Optional[type]  # yolov5 utils.loss.BCEBlurWithLogitsLoss
+    qfocal: Optional[type]  # yolov5 utils.loss.QFocalLoss
+
+
+def import_peers(yolov5: bool) -> Peers:
+    """The peers' code that this environment has (None for what it lacks)."""
+    tv = vfl = biou = blur = qfl = None
+    try:
+        import torchvision.ops as tv
+    except ImportError:
+        pass
+    try:
+        from ultralytics.utils.loss import VarifocalLoss as vfl
+        from ultralytics.utils.metrics import bbox_iou as biou
+    except ImportError:
+        pass
+    if yolov5:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from yolov5.utils.loss import BCEBlurWithLogitsLoss as blur
+            from yolov5.utils.loss import QFocalLoss as qfl
+    return Peers(tv, vfl, biou, blur, qfl)
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` for the calls inside."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def plain_path() -> contextlib.AbstractContextManager:
+    """``DETLOSS_FUSED=0``: detloss's plain path."""
+    return environ(kernels.ENV_FUSED, "0")
+
+
+class Case(NamedTuple):
+    """One loss: detloss's call, the peer's call on the same tensors (None: no peer here) and
+    the peer's name."""
+
+    label: str
+    detloss: LossFn
+    peer: Optional[LossFn]
+    peer_name: str
+
+
+def dense_cases(t: torch.Tensor, q: torch.Tensor, peers: Peers) -> List[Case]:
+    """Every dense loss with a detector's setting, in the reduction its peer returns."""
+    tv = peers.torchvision
+    cases = [
+        Case("sigmoid_focal_loss (sum)", lambda x: F.sigmoid_focal_loss(x, t, reduction="sum"),
+             None if tv is None else (lambda x: tv.sigmoid_focal_loss(x, t, reduction="sum")),
+             "torchvision.ops.sigmoid_focal_loss"),
+        Case("bce_with_logits (sum)", lambda x: F.bce_with_logits(x, t, reduction="sum"),
+             lambda x: TF.binary_cross_entropy_with_logits(x, t, reduction="sum"),
+             "torch binary_cross_entropy_with_logits"),
+    ]
+    blur = None if peers.blur is None else peers.blur(alpha=0.05)
+    cases.append(Case("bce_blur (mean)", lambda x: F.bce_blur(x, t), blur, "yolov5 BCEBlurWithLogitsLoss"))
+    qfl = None if peers.qfocal is None else peers.qfocal(torch.nn.BCEWithLogitsLoss(reduction="sum"), 1.5, 0.25)
+    cases.append(Case("quality_focal_loss (sum, yolov5)",
+                      lambda x: F.quality_focal_loss(x, q, gamma=1.5, alpha=0.25, reduction="sum"),
+                      None if qfl is None else (lambda x: qfl(x, q)), "yolov5 QFocalLoss"))
+    vfl = None if peers.varifocal is None else peers.varifocal()
+    vfl_dims = tuple(range(1, t.dim()))  # ultralytics: mean over the anchor dimension, then sum
+    cases.append(Case("varifocal_loss (ultralytics)",
+                      lambda x: F.varifocal_loss(x, q, t, reduction="none").mean(vfl_dims[:1]).sum(),
+                      None if vfl is None else (lambda x: vfl(x, q, t)), "ultralytics VarifocalLoss"))
+    return cases
+
+
+def box_cases(target: torch.Tensor, peers: Peers) -> List[Case]:
+    tv, biou = peers.torchvision, peers.bbox_iou
+    cases = []
+    for kind, peer in (("giou", "generalized_box_iou_loss"), ("diou", "distance_box_iou_loss"),
+                       ("ciou", "complete_box_iou_loss")):
+        fn = None if tv is None else getattr(tv, peer)
+        cases.append(Case(f"iou_loss {kind} torchvision (sum)",
+                          lambda p, k=kind: F.iou_loss(p, target, kind=k, reduction="sum"),
+                          None if fn is None else (lambda p, f=fn: f(p, target, reduction="sum")),
+                          f"torchvision.ops.{peer}"))
+    cases.append(Case("iou_loss ciou yolov5 (sum)",
+                      lambda p: F.iou_loss(p, target, kind="ciou", convention="yolov5", reduction="sum"),
+                      None if biou is None else (lambda p: (1 - biou(p, target, xywh=False, CIoU=True)).sum()),
+                      "ultralytics bbox_iou(CIoU=True)"))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
 
 
 def _dense_inputs(shape: Sequence[int], seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,27 +169,6 @@ def _dense_inputs(shape: Sequence[int], seed: int) -> Tuple[torch.Tensor, torch.
     score = torch.rand(*shape, generator=g)
     label = (torch.rand(*shape, generator=g) > 0.99).float()  # ~1% positives, as a detector sees
     return x, label, score * label
-
-
-def _dense_cases(t: torch.Tensor, q: torch.Tensor) -> List[Tuple[str, str, LossFn, LossFn]]:
-    """(loss name, reduction, fused, formula) for every fused dense loss."""
-    return [
-        ("sigmoid_focal_loss", "sum",
-         lambda x: kernels.fused_sigmoid_focal_loss(x, t, 0.25, 2.0, "sum"),
-         lambda x: ffocal._sigmoid_focal_loss_formula(x, t, 0.25, 2.0, "sum")),
-        ("bce_with_logits", "sum",
-         lambda x: kernels.fused_bce_with_logits(x, t, None, None, "sum"),
-         lambda x: fbce._bce_with_logits_formula(x, t, None, None, "sum")),
-        ("bce_blur", "mean",
-         lambda x: kernels.fused_bce_blur(x, t, 0.05, "mean"),
-         lambda x: fbce._bce_blur_formula(x, t, 0.05, "mean")),
-        ("quality_focal_loss", "sum",
-         lambda x: kernels.fused_quality_focal_loss(x, q, 2.0, None, "sum"),
-         lambda x: ffocal._quality_focal_loss_formula(x, q, 2.0, None, "sum")),
-        ("varifocal_loss", "sum",
-         lambda x: kernels.fused_varifocal_loss(x, q, t, 0.75, 2.0, "sum"),
-         lambda x: ffocal._varifocal_loss_formula(x, q, t, 0.75, 2.0, "sum")),
-    ]
 
 
 def _box_inputs(n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,159 +180,162 @@ def _box_inputs(n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return pred, target
 
 
-class _Measure:
-    def __init__(self, repeats: int, warmup: int) -> None:
-        self.repeats, self.warmup = repeats, warmup
+class Measure(NamedTuple):
+    repeats: int
+    warmup: int
 
     def fwd(self, fn: LossFn, x: torch.Tensor) -> float:
-        def run():
-            fn(x)
-
-        return median_time(run, self.repeats, self.warmup)
+        return median_time(lambda: fn(x), self.repeats, self.warmup)
 
     def fwd_bwd(self, fn: LossFn, x: torch.Tensor) -> Tuple[float, int]:
         def run():
-            loss = fn(x)
-            if loss.dim():
-                loss = loss.sum()
-            loss.backward()
+            fn(x).backward()
             x.grad = None
 
-        t = median_time(run, self.repeats, self.warmup)
-        return t, peak_memory(run)
+        return median_time(run, self.repeats, self.warmup), peak_memory(run)
+
+
+class Timing(NamedTuple):
+    fwd: float
+    fwd_bwd: float
+    mem: int
+
+
+def _time(fn: LossFn, x: torch.Tensor, m: Measure) -> Timing:
+    fb, mem = m.fwd_bwd(fn, x)
+    return Timing(m.fwd(fn, x), fb, mem)
 
 
 def _first_call(fn: LossFn, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
-    loss = fn(x)
-    (loss if loss.dim() == 0 else loss.sum()).backward()
+    fn(x).backward()
     x.grad = None
     return time.perf_counter() - t0
 
 
-def _bound(inputs: Sequence[torch.Tensor], grad_like: torch.Tensor, m: _Measure) -> float:
-    """One read of the inputs and one write of a gradient-sized tensor into preallocated memory."""
-    buf = torch.empty_like(grad_like)
-    if len(inputs) == 1:
-        return median_time(lambda: torch.neg(inputs[0], out=buf), m.repeats, m.warmup)
-    a, b = inputs[0], inputs[1]
-    if len(inputs) == 2:
-        return median_time(lambda: torch.add(a, b, out=buf), m.repeats, m.warmup)
-    c = inputs[2]
-    return median_time(lambda: torch.addcmul(a, b, c, out=buf), m.repeats, m.warmup)
+def check_equal(label: str, ours: LossFn, peer: LossFn, x: torch.Tensor) -> None:
+    """The value and the gradient of detloss equal the peer's (float32 rounding) before timing."""
+    a, b = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    la, lb = ours(a), peer(b)
+    la.backward()
+    lb.backward()
+    try:
+        torch.testing.assert_close(la.detach(), lb.detach().to(la.dtype), rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(a.grad, b.grad.to(a.grad.dtype), rtol=1e-3, atol=1e-5)
+    except AssertionError as e:
+        raise SystemExit(f"{label}: detloss and its peer disagree, not timing it:\n{e}") from None
 
 
-def _bound_fresh(a: torch.Tensor, b: torch.Tensor, m: _Measure) -> float:
-    """The same read and write into a freshly allocated tensor: the bound plus the allocation
-    (first-touch page faults of a large buffer), which every loss that returns a new gradient pays."""
-    return median_time(lambda: torch.add(a, b), m.repeats, m.warmup)
+def _bound(a: torch.Tensor, b: torch.Tensor, m: Measure) -> float:
+    """One read of ``a`` and ``b`` and one write of a gradient-sized tensor into preallocated memory."""
+    buf = torch.empty_like(a)
+    return median_time(lambda: torch.add(a, b, out=buf), m.repeats, m.warmup)
 
 
-def _fmt_x(r: float) -> str:
-    return f"{r:7.2f}x"
+def _x(r: Optional[float]) -> str:
+    return "" if r is None else f"{r:6.2f}x"
 
 
-def _fused_vs_formula(
-    label: str, shape_s: str, fused: LossFn, formula: LossFn, x: torch.Tensor, m: _Measure, bound: float,
-    first_call: float, native_fb: Optional[float] = None,
-) -> Tuple[List[List[object]], List[object]]:
-    """Time and memory rows of the fused loss and its formula on ``x``, and their ratio row."""
-    grad_bytes = x.numel() * x.element_size()
-    f_fwd = m.fwd(fused, x)
-    f_fb, f_mem = m.fwd_bwd(fused, x)
-    p_fwd = m.fwd(formula, x)
-    p_fb, p_mem = m.fwd_bwd(formula, x)
-    rows: List[List[object]] = [
-        [label, shape_s, "fused", fmt_ms(f_fwd), fmt_ms(f_fb), fmt_mb(f_mem)],
-        [label, shape_s, "formula", fmt_ms(p_fwd), fmt_ms(p_fb), fmt_mb(p_mem)],
-    ]
-    ratio: List[object] = [
-        label, shape_s, _fmt_x(p_fb / f_fb), "" if native_fb is None else _fmt_x(f_fb / native_fb),
-        _fmt_x(f_fb / bound), f"{f_mem / grad_bytes:5.2f}", f"{p_mem / grad_bytes:5.2f}", f"{first_call:6.2f} s",
-    ]
-    return rows, ratio
+def _ratio(a: float, b: Optional[float]) -> Optional[float]:
+    return None if b is None or b == 0 else a / b
+
+
+def run_cases(
+    cases: List[Case], x0: torch.Tensor, shape_s: str, m: Measure, fused: bool, first_calls: Dict[str, float],
+    timing_rows: List[List[object]], ratio_rows: List[List[object]], native: Optional[Timing] = None,
+) -> None:
+    """Time every case on ``x0`` (``fused``: the fused and the plain path; else the plain one)."""
+    x = x0.clone().requires_grad_()
+    for case in cases:
+        peer = None
+        if case.peer is not None:
+            check_equal(case.label, case.detloss, case.peer, x0)
+            peer = _time(case.peer, x, m)
+        if fused:
+            if case.label not in first_calls:
+                first_calls[case.label] = _first_call(case.detloss, x)
+            ours = _time(case.detloss, x, m)
+            timing_rows.append([case.label, shape_s, "detloss fused", fmt_ms(ours.fwd), fmt_ms(ours.fwd_bwd),
+                                fmt_mb(ours.mem)])
+        with plain_path():
+            plain = _time(case.detloss, x, m)
+        timing_rows.append([case.label, shape_s, "detloss plain", fmt_ms(plain.fwd), fmt_ms(plain.fwd_bwd),
+                            fmt_mb(plain.mem)])
+        if peer is not None:
+            timing_rows.append([case.label, shape_s, case.peer_name, fmt_ms(peer.fwd), fmt_ms(peer.fwd_bwd),
+                                fmt_mb(peer.mem)])
+        p_fb = None if peer is None else peer.fwd_bwd
+        row = [case.label, shape_s]
+        if fused:
+            row += [_x(_ratio(ours.fwd, None if peer is None else peer.fwd)), _x(_ratio(ours.fwd_bwd, p_fb)),
+                    _x(_ratio(plain.fwd_bwd, ours.fwd_bwd)),
+                    _x(_ratio(ours.fwd_bwd, None if native is None else native.fwd_bwd)),
+                    _x(_ratio(ours.mem, None if peer is None else peer.mem))]
+        else:
+            row += ["", "", "", "", ""]
+        row += [_x(_ratio(plain.fwd, None if peer is None else peer.fwd)), _x(_ratio(plain.fwd_bwd, p_fb)),
+                _x(_ratio(plain.mem, None if peer is None else peer.mem)),
+                f"{first_calls[case.label]:5.2f} s" if fused else "",
+                "" if peer is not None else "(no peer here)"]
+        ratio_rows.append(row)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="detloss bench kernels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/run.py kernels", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
     torch.set_num_threads(args.threads)
+    peers = import_peers(args.yolov5)
+    if args.peers and peers.torchvision is None:
+        raise SystemExit("--peers: torchvision is not importable here (run in the environment of make venv-int)")
     if args.quick:
-        dense_shapes: List[Tuple[int, ...]] = [(2000, 80), (2, 1000, 80)]
-        n_boxes = 2000
+        dense_fused: List[Tuple[int, ...]] = [(2000, 80), (2, 1000, 80)]
+        dense_plain: List[Tuple[int, ...]] = [(300, 80)]
+        boxes_fused, boxes_plain = [2000], [200]
     else:
-        dense_shapes = [(160000, 80), (2, 100000, 80)]
-        n_boxes = 200000
-    m = _Measure(args.repeats, args.warmup)
-    compiling = kernels.compile_enabled()
-    print(f"detloss kernels benchmark: {torch.get_num_threads()} threads, float32, "
-          f"median of {args.repeats} after {args.warmup} warm-up; fused pass "
-          f"{'compiled (torch.compile dynamic=True)' if compiling else 'eager closed form (DETLOSS_COMPILE=0)'}; "
-          f"torch {torch.__version__}")
-
-    timing_rows: List[List[object]] = []
-    ratio_rows: List[List[object]] = []
-    first_calls: Dict[str, float] = {}
-
-    if args.only == "box":
-        dense_shapes = []
-    for si, shape in enumerate(dense_shapes):
-        x0, t, q = _dense_inputs(shape, args.seed + si)
-        x = x0.clone().requires_grad_()
-        grad_mb = x.numel() * x.element_size()
-        bound = _bound([x0, t], x0, m)
-        fresh = _bound_fresh(x0, t, m)
-        native = lambda a: TF.binary_cross_entropy_with_logits(a, t, reduction="sum")  # noqa: E731
-        n_fwd = m.fwd(native, x)
-        n_fb, n_mem = m.fwd_bwd(native, x)
-        shape_s = "x".join(map(str, shape))
-        for name, red, fused, formula in _dense_cases(t, q):
-            key = f"{name}/{red}"
-            if key not in first_calls:
-                first_calls[key] = _first_call(fused, x)
-            rows, ratio = _fused_vs_formula(
-                f"{name} ({red})", shape_s, fused, formula, x, m, bound, first_calls[key], native_fb=n_fb
-            )
-            timing_rows += rows
-            ratio_rows.append(ratio)
-        timing_rows += [
-            ["native BCE-with-logits (sum)", shape_s, "torch", fmt_ms(n_fwd), fmt_ms(n_fb), fmt_mb(n_mem)],
-            ["bandwidth bound", shape_s, "read x,t write g", "", fmt_ms(bound), ""],
-            ["bound + allocating g", shape_s, "torch.add(x, t)", "", fmt_ms(fresh), fmt_mb(grad_mb)],
-        ]
-        del x, x0, t, q
-
-    if args.only != "dense":
-        pred0, target = _box_inputs(n_boxes, args.seed)
-        pred = pred0.clone().requires_grad_()
-        grad_mb = pred.numel() * pred.element_size()
-        bound = _bound([pred0, target], pred0, m)
-        fresh = _bound_fresh(pred0, target, m)
-        shape_s = f"{n_boxes} pairs"
-        for convention, kinds in (("torchvision", ("iou", "giou", "diou", "ciou")), ("yolov5", ("ciou",))):
-            for kind in kinds:
-                key = f"iou_loss/{kind}/{convention}"
-                fused = lambda p, k=kind, c=convention: kernels.fused_iou_loss(p, target, k, "xyxy", c, "sum")  # noqa: E731
-                formula = lambda p, k=kind, c=convention: fiou._iou_loss_formula(p, target, k, "xyxy", c, "sum")  # noqa: E731
-                first_calls[key] = _first_call(fused, pred)
-                rows, ratio = _fused_vs_formula(
-                    f"iou_loss {kind} {convention} (sum)", shape_s, fused, formula, pred, m, bound, first_calls[key]
-                )
-                timing_rows += rows
-                ratio_rows.append(ratio)
-        timing_rows.append(["bandwidth bound", shape_s, "read p,t write g", "", fmt_ms(bound), ""])
-        timing_rows.append(["bound + allocating g", shape_s, "torch.add(p, t)", "", fmt_ms(fresh), fmt_mb(grad_mb)])
+        dense_fused, dense_plain = [(160000, 80), (2, 100000, 80)], [(3000, 80)]
+        boxes_fused, boxes_plain = [200000], [2000]
+    m = Measure(args.repeats, args.warmup)
+    print(f"detloss kernels benchmark: {torch.get_num_threads()} threads, float32, median of {args.repeats} "
+          f"after {args.warmup} warm-up; fused pass "
+          f"{'compiled (torch.compile dynamic=True)' if kernels.compile_enabled() else 'plain (DETLOSS_COMPILE=0)'}; "
+          f"torch {torch.__version__}; peers: "
+          + ", ".join(n for n, p in zip(Peers._fields, peers) if p is not None) or "none importable")
+    with environ(kernels.ENV_MIN_NUMEL, "0"):  # the fused rows: the compiled pass at every size
+        timing_rows: List[List[object]] = []
+        ratio_rows: List[List[object]] = []
+        first_calls: Dict[str, float] = {}
+        if args.only != "box":
+            for si, shape in enumerate(dense_fused + dense_plain):
+                fused = shape in dense_fused
+                x0, t, q = _dense_inputs(shape, args.seed + si)
+                shape_s = "x".join(map(str, shape))
+                native = None
+                if fused:
+                    x = x0.clone().requires_grad_()
+                    native = _time(lambda a: TF.binary_cross_entropy_with_logits(a, t, reduction="sum"), x, m)
+                    bound = _bound(x0, t, m)
+                    timing_rows.append(["bandwidth bound", shape_s, "read x, t; write g", "", fmt_ms(bound), ""])
+                run_cases(dense_cases(t, q, peers), x0, shape_s, m, fused, first_calls, timing_rows, ratio_rows,
+                          native)
+        if args.only != "dense":
+            for n in boxes_fused + boxes_plain:
+                pred0, target = _box_inputs(n, args.seed)
+                shape_s = f"{n} pairs"
+                if n in boxes_fused:
+                    bound = _bound(pred0, target, m)
+                    timing_rows.append(["bandwidth bound", shape_s, "read p, t; write g", "", fmt_ms(bound), ""])
+                run_cases(box_cases(target, peers), pred0, shape_s, m, n in boxes_fused, first_calls, timing_rows,
+                          ratio_rows)
 
     print("\nTimes (fwd: the loss call on an input that requires grad; fwd+bwd: loss.backward() too) "
           "and peak extra memory of fwd+bwd")
     print_table(["loss", "shape", "impl", "fwd", "fwd+bwd", "peak mem"], timing_rows)
-    print("\nRatios, fwd+bwd (speedup = formula / fused; vs native and vs bound = fused / other, lower is "
-          "better; memory in gradient-sized buffers)")
+    print("\nRatios (detloss / peer, lower is better; speedup = plain / fused; vs native = fused / PyTorch's "
+          "BCE-with-logits on the same logits)")
     print_table(
-        ["loss", "shape", "speedup", "vs native", "vs bound", "mem fused", "mem formula", "first call"],
+        ["loss", "shape", "fused fwd", "fused fwd+bwd", "speedup", "vs native", "fused mem", "plain fwd",
+         "plain fwd+bwd", "plain mem", "first call", ""],
         ratio_rows,
     )
-    if os.environ.get("DETLOSS_FUSED", "1") == "0":
-        print("note: DETLOSS_FUSED=0 does not affect this benchmark (it calls the kernels directly)")
     return 0

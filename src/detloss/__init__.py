@@ -2,7 +2,8 @@
 
 Primitive losses live in :mod:`detloss.functional` (module twins in :mod:`detloss.nn`);
 the complete detector losses are :class:`YOLOv3Loss`, :class:`YOLOv5Loss`, :class:`FCOSLoss`
-and :class:`YOLOv8Loss`, each returning a :class:`LossOutput`.
+and :class:`YOLOv8Loss`, each returning a :class:`LossOutput`; :class:`EndToEndLoss` combines the
+one-to-many and one-to-one losses of an end-to-end head (YOLOv10, YOLO26).
 """
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ _LAZY = {
     "YOLOv5Loss": "detloss.losses.yolov5",
     "FCOSLoss": "detloss.losses.fcos",
     "YOLOv8Loss": "detloss.losses.yolov8",
+    "YOLOv8OBBLoss": "detloss.losses.obb",
+    "YOLOv8PoseLoss": "detloss.losses.pose",
+    "YOLO26PoseLoss": "detloss.losses.pose",
+    "YOLOv8SegmentLoss": "detloss.losses.segment",
+    "YOLO26SegmentLoss": "detloss.losses.segment",
     "TaskAlignedAssigner": "detloss.assign.tal",
+    "EndToEndLoss": "detloss.losses.e2e",
+    "HungarianMatcher": "detloss.assign.hungarian", "DETRLoss": "detloss.losses.detr", "RTDETRLoss": "detloss.losses.rtdetr", "DFINELoss": "detloss.losses.dfine", "DEIMLoss": "detloss.losses.dfine",  # noqa: E501
+    "RetinaNetLoss": "detloss.losses.retinanet",
+    "SSDLoss": "detloss.losses.ssd",
 }
 
 __all__ = ["LossOutput", "__version__", *_LAZY]

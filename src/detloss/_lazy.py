@@ -11,19 +11,25 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+import torch
+
 __all__ = ["Deferred", "DeferredField", "DeferredDict", "is_deferred"]
 
 _UNSET = object()
 
 
 class Deferred:
-    """``fn()``, computed on the first call and remembered (objects sharing it share the value)."""
+    """``fn()``, computed on the first call and remembered (objects sharing it share the value).
 
-    __slots__ = ("_fn", "_value")
+    It is computed in the autograd mode of its creation: a value deferred with gradients on keeps
+    its graph even when first read under ``torch.no_grad()`` (an assigner reading the logits)."""
+
+    __slots__ = ("_fn", "_value", "_grad")
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self._fn: Optional[Callable[[], Any]] = fn
         self._value: Any = _UNSET
+        self._grad = torch.is_grad_enabled()
 
     @property
     def computed(self) -> bool:
@@ -32,7 +38,8 @@ class Deferred:
     def __call__(self) -> Any:
         if self._value is _UNSET:
             fn, self._fn = self._fn, None
-            self._value = fn()  # type: ignore[misc]
+            with torch.set_grad_enabled(self._grad):
+                self._value = fn()  # type: ignore[misc]
         return self._value
 
     def __repr__(self) -> str:

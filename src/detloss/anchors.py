@@ -92,15 +92,17 @@ def window_cells(start: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 @dataclass
 class GridLevel:
     """How one level's predictions lie on the image: ``num_anchors * ny * nx`` predictions laid
-    out ``[anchor slot, ny, nx]``, the point of cell ``(gy, gx)`` at ``((gx + offset) * sx,
-    (gy + offset) * sy)`` pixels. ``anchors``: the slots' ``(w, h)`` in pixels, or None for one
-    prediction per point (anchor-free heads)."""
+    out ``[anchor slot, ny, nx]`` (``[ny, nx, anchor slot]`` with ``slot_last``: torchvision's
+    heads), the point of cell ``(gy, gx)`` at ``((gx + offset) * sx, (gy + offset) * sy)`` pixels.
+    ``anchors``: the slots' ``(w, h)`` in pixels, or None for one prediction per point
+    (anchor-free heads)."""
 
     stride: float
     grid: Tuple[int, int]
     spacing: Tuple[float, float]
     offset: float = 0.5
     anchors: Optional[List[Tuple[float, float]]] = None
+    slot_last: bool = False
 
     @property
     def num_preds(self) -> int:
@@ -117,7 +119,10 @@ def locate(levels: Sequence[GridLevel], pred_index: Tensor) -> Dict[str, Tensor]
     local = pred_index - (ends - sizes)[level]
     ny = torch.tensor([lv.grid[0] for lv in levels], device=pred_index.device)[level]
     nx = torch.tensor([lv.grid[1] for lv in levels], device=pred_index.device)[level]
-    cell = local % (ny * nx)
+    slots = torch.tensor([1 if lv.anchors is None else len(lv.anchors) for lv in levels], device=pred_index.device)[level]
+    last = torch.tensor([lv.slot_last for lv in levels], device=pred_index.device)[level]
+    cell = torch.where(last, torch.div(local, slots, rounding_mode="floor"), local % (ny * nx))
+    anchor = torch.where(last, local % slots, torch.div(local, ny * nx, rounding_mode="floor"))
     gy, gx = torch.div(cell, nx, rounding_mode="floor"), cell % nx
     f64 = dict(dtype=torch.float64, device=pred_index.device)
     offset = torch.tensor([lv.offset for lv in levels], **f64)[level]
@@ -125,7 +130,7 @@ def locate(levels: Sequence[GridLevel], pred_index: Tensor) -> Dict[str, Tensor]
     sy = torch.tensor([lv.spacing[1] for lv in levels], **f64)[level]
     return {
         "level": level,
-        "anchor": torch.div(local, ny * nx, rounding_mode="floor"),
+        "anchor": anchor,
         "gy": gy,
         "gx": gx,
         "x": (gx + offset) * sx,

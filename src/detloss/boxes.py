@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_choice, check_tensor
+from ._checks import check_choice, check_tensor, compute_dtype, upcast
 
 BOX_FORMATS = ("xyxy", "cxcywh")
 
@@ -42,10 +42,14 @@ def yolo_rows_to_targets(
     rows: torch.Tensor, batch_size: int, image_size: Tuple[int, int]
 ) -> List[Dict[str, torch.Tensor]]:
     """YOLO rows ``[N, 6]`` (image_index, class, cx, cy, w, h; normalized) -> a list of
-    ``batch_size`` dicts ``{"boxes": xyxy pixels, "labels": int64}``; ``image_size`` is (h, w)."""
+    ``batch_size`` dicts ``{"boxes": xyxy pixels, "labels": int64}``; ``image_size`` is (h, w).
+
+    The pixels are computed in float32 or wider (float64 rows in float64): float16 rows would
+    round a 1024-pixel coordinate to half a pixel."""
     check_tensor("rows", rows)
     if rows.ndim != 2 or rows.shape[-1] != 6:
         raise ValueError(f"rows: expected shape [N, 6], got {tuple(rows.shape)}")
+    rows = upcast(rows, compute_dtype(rows))
     h, w = image_size
     scale = rows.new_tensor([w, h, w, h])
     out = []
@@ -119,7 +123,7 @@ def check_yolo_targets(
             bad = v >= limit
             if bool(bad.any()):
                 r = int(bad.nonzero()[0])
-                bound = "num_classes" if col == 1 else "the batch size (preds' first dimension)"
+                bound = "num_classes" if col == 1 else "the batch size (the predictions' first dimension)"
                 raise ValueError(
                     f"{name}: expected {what} < {bound} = {limit}, got {int(v[r])} in row {r}"
                     + (f" (rows {_bad_rows(bad)})" if int(bad.sum()) > 1 else "")

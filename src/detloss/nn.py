@@ -13,6 +13,7 @@ from torch import nn
 
 from . import functional as F
 from ._checks import check_choice, check_reduction
+from ._nn_tasks import BCEDiceLoss, CroppedMaskBCELoss, KeypointLoss, ProbIoULoss, RealNVP, RLELoss, RotatedAngleLoss
 
 __all__ = [
     "BCELoss",
@@ -28,6 +29,7 @@ __all__ = [
     "MSELoss",
     "IoULoss",
     "DistributionFocalLoss",
+    "ProbIoULoss", "RotatedAngleLoss", "KeypointLoss", "RLELoss", "CroppedMaskBCELoss", "BCEDiceLoss", "RealNVP",
 ]
 
 
@@ -110,14 +112,25 @@ class CrossEntropyLoss(_Loss):
 
 
 class SigmoidFocalLoss(_Loss):
-    """Module form of :func:`detloss.functional.sigmoid_focal_loss` (torchvision defaults)."""
+    """Module form of :func:`detloss.functional.sigmoid_focal_loss` (torchvision defaults;
+    ``pos_weight``, a buffer, as YOLOv5's FocalLoss around ``BCEWithLogitsLoss(pos_weight=...)``)."""
 
-    def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "none",
+        pos_weight: Optional[torch.Tensor] = None,
+    ) -> None:
         super().__init__(reduction=reduction)
         self.alpha, self.gamma = float(alpha), float(gamma)
+        self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.sigmoid_focal_loss(input, target, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
+        return F.sigmoid_focal_loss(
+            input, target, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction, pos_weight=self.pos_weight
+        )
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
@@ -201,7 +214,8 @@ class MSELoss(_Loss):
 
 
 class IoULoss(_Loss):
-    """Module form of :func:`detloss.functional.iou_loss`: ``1 - IoU_kind(pred, target)``."""
+    """Module form of :func:`detloss.functional.iou_loss`: ``1 - IoU_kind(pred, target)``
+    (``validate=False`` for predictions that may be inverted boxes)."""
 
     def __init__(
         self,
@@ -211,6 +225,7 @@ class IoULoss(_Loss):
         convention: str = "torchvision",
         reduction: str = "none",
         eps: float = 1e-7,
+        validate: bool = True,
     ) -> None:
         super().__init__(reduction=reduction)
         from .functional.iou import BOX_FORMATS, CONVENTIONS, KINDS
@@ -219,6 +234,7 @@ class IoULoss(_Loss):
         self.box_format = check_choice("box_format", box_format, BOX_FORMATS)
         self.convention = check_choice("convention", convention, CONVENTIONS)
         self.eps = float(eps)
+        self.validate = bool(validate)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.iou_loss(
@@ -229,11 +245,12 @@ class IoULoss(_Loss):
             convention=self.convention,
             reduction=self.reduction,
             eps=self.eps,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, box_format={self.box_format!r}, convention={self.convention!r}, "
-                f"reduction={self.reduction!r}")
+                f"reduction={self.reduction!r}" + ("" if self.validate else ", validate=False"))
 
 
 class DistributionFocalLoss(_Loss):

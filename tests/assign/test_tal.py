@@ -249,3 +249,34 @@ def test_bad_inputs():
         TaskAlignedAssigner(topk=0)
     with pytest.raises(ValueError, match="min_side"):
         TaskAlignedAssigner(min_side=-1.0)
+
+
+def test_raw_logits_are_refused_where_probabilities_are_documented():
+    args, _ = random_problem(2, 1, 3, (64, 64), 3)
+    scores, *rest = args
+    logits = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
+    assert bool((logits < 0).any())
+    with pytest.raises(ValueError, match=r"pd_scores: expected probabilities in \[0, 1\] \(sigmoid of the class logits\)"):
+        TaskAlignedAssigner(num_classes=3)(logits, *rest)
+    with pytest.raises(ValueError, match=r"pd_scores: expected probabilities in \[0, 1\]"):
+        TaskAlignedAssigner(num_classes=3)(scores + 1.0, *rest)
+    TaskAlignedAssigner(num_classes=3)(scores.clamp(0, 1), *rest)  # 0 and 1 themselves are probabilities
+
+
+def test_inverted_boxes_are_named_by_the_assigners_arguments():
+    args, _ = random_problem(2, 1, 3, (64, 64), 3)
+    scores, pd, anc, labels, gt, mask = args
+    asg = TaskAlignedAssigner(num_classes=3)
+    bad = gt.clone()
+    bad[0, 0] = bad[0, 0, [2, 3, 0, 1]]  # x1 > x2, y1 > y2
+    with pytest.raises(ValueError, match=r"gt_bboxes: expected xyxy boxes with x1 <= x2 and y1 <= y2, got .* at index \(0, 0\)"):
+        asg(scores, pd, anc, labels, bad, mask)
+    # a padding row may hold anything
+    masked = mask.clone()
+    masked[0, 0] = False
+    asg(scores, pd, anc, labels, bad, masked)
+    # inverted predicted boxes count with their CIoU, as ultralytics takes them; both paths agree
+    flipped = pd[..., [2, 3, 0, 1]].clone()
+    a = asg(scores, flipped, anc, labels, gt, mask)
+    b = TaskAlignedAssigner(num_classes=3, dense=True)(scores, flipped, anc, labels, gt, mask)
+    assert torch.equal(a.fg_mask, b.fg_mask) and torch.equal(a.target_scores, b.target_scores)

@@ -102,3 +102,17 @@ def test_run_py_drops_peers_for_a_suite_without_the_option(monkeypatch, capsys):
     assert detloss_bench.run(argparse.Namespace(suite="all", rest=["--quick", "--peers"])) == 0
     assert seen["argv"] == ["--quick"] and "takes no --peers" in capsys.readouterr().out
     assert detloss_bench._takes(yolov5, "--peers") and not detloss_bench._takes(fake, "--peers")
+
+
+def test_the_equality_check_runs_on_one_thread():
+    """Repeated-index writes in a peer (yolov5's tobj) are serial, last writer wins, only on one thread."""
+    seen = []
+    x = torch.randn(3, requires_grad=True)
+
+    def loss():
+        seen.append(torch.get_num_threads())
+        return x.sum()
+
+    torch.set_num_threads(2)
+    _common.check_equal(_common.Side("d", loss, [x]), _common.Side("p", loss, [x]))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2

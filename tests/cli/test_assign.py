@@ -262,7 +262,7 @@ def test_bad_paths(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "fcos", "--labels", str(labels), "--anchor-t", "3")
     assert rc == 2 and "--anchor-t" in err
     with pytest.raises(ValueError, match="scheme"):
-        assignment_table("retinanet", [[0, 0.5, 0.5, 0.1, 0.1]])
+        assignment_table("no-such-scheme", [[0, 0.5, 0.5, 0.1, 0.1]])
     with pytest.raises(ValueError, match="rows"):
         assignment_table("yolov5", [[0, 0.5, 0.5, 0.1]])
 
@@ -273,3 +273,43 @@ def test_empty_labels(tmp_path, capsys):
         rc, out, err = run_cli(capsys, scheme, "--labels", str(labels), "--png", str(tmp_path / f"{scheme}.png"))
         assert rc == 0, err
         assert (tmp_path / f"{scheme}.png").exists()
+
+
+# ----------------------------------------------------------------------------- hostile input
+def _one_line_error(capsys, *argv):
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_png_that_is_a_folder(tmp_path, capsys):
+    labels = write_labels(tmp_path, "0 0.5 0.5 0.2 0.2\n")
+    err = _one_line_error(capsys, "yolov5", "--labels", str(labels), "--png", str(tmp_path))
+    assert "--png: expected the name of a PNG file" in err and str(tmp_path) in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1.5", "-0.1"])
+def test_ignore_thresh_outside_0_1(tmp_path, capsys, value):
+    labels = write_labels(tmp_path, "0 0.5 0.5 0.2 0.2\n")
+    err = _one_line_error(capsys, "yolov3", "--labels", str(labels), f"--ignore-thresh={value}")
+    assert "--ignore-thresh: expected an IoU threshold in [0, 1]" in err
+    with pytest.raises(ValueError, match="ignore_thresh"):
+        assignment_table("yolov3", [[0, 0.5, 0.5, 0.2, 0.2]], ignore_thresh=float(value))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_anchor_t_not_a_positive_finite_ratio(tmp_path, capsys, value):
+    labels = write_labels(tmp_path, "0 0.5 0.5 0.2 0.2\n")
+    err = _one_line_error(capsys, "yolov5", "--labels", str(labels), f"--anchor-t={value}")
+    assert "--anchor-t: expected a positive ratio threshold" in err
+
+
+@pytest.mark.parametrize("size", [("100000", "100000"), ("640", "8193"), ("4", "640")])
+def test_size_out_of_range(tmp_path, capsys, size):
+    labels = write_labels(tmp_path, "0 0.5 0.5 0.2 0.2\n")
+    err = _one_line_error(capsys, "yolov8", "--labels", str(labels), "--size", *size, "--png", str(tmp_path / "x.png"))
+    assert "--size: expected 8 to 8192 pixels per side" in err
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="size: expected 8 to 8192"):
+        assignment_table("yolov8", [[0, 0.5, 0.5, 0.2, 0.2]], size=tuple(int(s) for s in size))

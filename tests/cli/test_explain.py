@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detloss.functional as DF
+from detloss import HungarianMatcher
 from detloss.tools.cli import main
 from detloss.tools.explain import LOSSES, explain
 
@@ -149,6 +150,8 @@ YS = torch.rand(2, 3, generator=g, dtype=torch.float64)
 P = _r(2, 3, lo=0.02, hi=0.98)
 BA, BB = _boxes(4), _boxes(4)
 DL, DT = _r(3, 8), _r(3, lo=0.0, hi=6.9)
+MQ = torch.cat((_r(4, 3), _r(4, 2, lo=0.3, hi=0.7), _r(4, 2, lo=0.1, hi=0.3)), 1)  # logits, cx cy w h
+MT = torch.tensor([[2, 0.4, 0.5, 0.2, 0.3], [0, 0.6, 0.4, 0.1, 0.2]], dtype=torch.float64)
 
 CASES = [
     ("bce-with-logits", X, Y01, {}, lambda: DF.bce_with_logits(X, Y01)),
@@ -186,6 +189,9 @@ CASES = [
     ("ciou", BA, BB, {"convention": "yolov5", "box_format": "cxcywh"},
      lambda: DF.iou_loss(BA, BB, kind="ciou", convention="yolov5", box_format="cxcywh")),
     ("dfl", DL, DT, {}, lambda: DF.distribution_focal_loss(DL, DT)),
+    ("matching-cost", MQ, MT, {"use_focal": True}, lambda: HungarianMatcher(use_focal=True).cost_terms(
+        {"pred_logits": MQ[None, :, :3], "pred_boxes": MQ[None, :, 3:]},
+        [{"labels": MT[:, 0].long(), "boxes": MT[:, 1:]}])[0]["total"]),
 ]
 
 
@@ -217,7 +223,7 @@ def test_every_loss_covered():
 @given(
     st.lists(st.floats(-30, 30), min_size=1, max_size=6),
     st.floats(0, 1),
-    st.floats(-1, 1),
+    st.one_of(st.floats(0, 1), st.just(-1.0)),  # torchvision's alpha: [0, 1], or -1 for none
     st.floats(0, 4),
     st.sampled_from(["none", "mean", "sum"]),
 )
@@ -316,3 +322,77 @@ def test_bad_inputs(capsys):
         explain("mse", [1.0, 2.0], [0.0, 0.0], reduction="none", expect="1,2,3")
     with pytest.raises(ValueError, match="label"):
         explain("varifocal", [0.1], [0.5])
+
+
+# ----------------------------------------------------------------------------- hostile input
+def _one_line_error(capsys, *argv):
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        (",", "empty value at position 0"),
+        ("1,,2", "empty value at position 1"),
+        ("1,2,", "empty value at position 2"),
+        ("1,2;;3,4", "empty row 1"),
+        ("nan", "'nan' at position 0"),
+        ("1,-inf", "'-inf' at position 1"),
+        ("1e400", "'1e400' at position 0 (beyond the float range)"),
+    ],
+)
+def test_input_and_target_that_are_not_finite_numbers(capsys, text, what):
+    # the target matches the number of values, so the error can only come from the text itself
+    n = max(1, len(text.split(",")))
+    err = _one_line_error(capsys, "l1", "--input", text, "--target", ",".join(["0"] * n))
+    assert "input: expected comma-separated finite numbers" in err and what in err
+    err = _one_line_error(capsys, "l1", "--input", ",".join(["0"] * n), "--target", text)
+    assert "target: expected comma-separated finite numbers" in err and what in err
+
+
+def test_values_separated_by_spaces_still_parse():
+    e = explain("l1", "1 2, 3", "0,0,0", reduction="none")
+    assert e.result.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_python_api_rejects_non_finite_tensors():
+    with pytest.raises(ValueError, match=r"input: expected finite numbers, got nan at position 1"):
+        explain("l1", torch.tensor([1.0, float("nan")]), [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"weight: expected finite numbers"):
+        explain("bce-with-logits", [0.1, 0.2], [1, 0], weight=[1.0, float("inf")])
+
+
+@pytest.mark.parametrize("name", ["cross-entropy", "softmax-focal"])
+def test_fractional_class_index_is_an_error(capsys, name):
+    err = _one_line_error(capsys, name, "--input", "1,2,3", "--target", "1.5")
+    assert "target: expected class indices (whole numbers)" in err and "1.5" in err
+    # whole numbers written as floats are class indices
+    assert explain(name, [1.0, 2.0, 3.0], [1.0]).result.isfinite().all()
+
+
+@pytest.mark.parametrize("digits", ["-3", "16", "100"])
+def test_digits_out_of_range(capsys, digits):
+    err = _one_line_error(capsys, "bce", "--input", "0.5", "--target", "1", "--digits", digits)
+    assert "digits: expected a whole number of digits after the point from 0 to 15" in err
+    err = _one_line_error(capsys, "bce", "--input", "0.5", "--target", "1", "--digits", digits, "--json")
+    assert "digits" in err
+
+
+def test_digits_in_range_render():
+    e = explain("bce", [0.5], [1])
+    assert "0.693147" in e.render(digits=6) and "0.7" in e.render(digits=1) and e.render(digits=0)
+
+
+@pytest.mark.parametrize("option", ["--alpha", "--gamma"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_hyperparameters(capsys, option, value):
+    err = _one_line_error(capsys, "focal", "--input", "1", "--target", "1", f"{option}={value}")
+    assert f"{option[2:]}: expected a finite number" in err
+
+
+def test_non_finite_claim(capsys):
+    err = _one_line_error(capsys, "focal", "--input", "1", "--target", "1", "--expect", "nan")
+    assert "expect: expected finite numbers" in err

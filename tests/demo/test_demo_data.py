@@ -158,8 +158,16 @@ def test_bad_paths(tmp_path):
 def test_unreadable_image_names_the_file(tmp_path):
     root = _write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.2 0.2\n"})
     (root / "images" / "broken.jpg").write_bytes(b"not an image")
-    ds = YoloTxtDataset(str(root))
+    # when the dataset is built, not when the image is first read during training
     with pytest.raises(ValueError, match="broken.jpg: cannot read the image"):
+        YoloTxtDataset(str(root))
+
+
+def test_image_spoilt_after_the_dataset_was_built_names_the_file(tmp_path):
+    root = _write_yolo(tmp_path / "ds", {"a": "0 0.5 0.5 0.2 0.2\n", "b": None})
+    ds = YoloTxtDataset(str(root))
+    (root / "images" / "b.png").write_bytes(b"not an image any more")
+    with pytest.raises(ValueError, match="b.png: cannot read the image"):
         ds[1]
 
 
@@ -223,7 +231,24 @@ def test_coco_not_json(tmp_path):
 
 
 def test_coco_missing_image_file(tmp_path):
+    # q.png is listed but absent: an error when the dataset is built, naming the entry and the file
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "p.png")
     (tmp_path / "ann.json").write_text(json.dumps(_coco_doc()))
-    ds = CocoJsonDataset(str(tmp_path / "ann.json"))
-    with pytest.raises(FileNotFoundError, match=r"p\.png does not exist"):
-        ds[0]
+    with pytest.raises(FileNotFoundError, match=r"images\[1\]: image file .*q\.png does not exist"):
+        CocoJsonDataset(str(tmp_path / "ann.json"))
+
+
+def test_coco_image_that_is_not_an_image(tmp_path):
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    (tmp_path / "q.png").write_text("a text file named like an image")
+    (tmp_path / "ann.json").write_text(json.dumps(_coco_doc()))
+    with pytest.raises(ValueError, match=r"images\[1\]: .*q\.png: cannot read the image"):
+        CocoJsonDataset(str(tmp_path / "ann.json"))
+
+
+def test_coco_without_categories(tmp_path):
+    doc = _coco_doc()
+    doc["categories"], doc["annotations"] = [], []
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="expected at least one category under 'categories'"):
+        CocoJsonDataset(str(tmp_path / "ann.json"))

@@ -6,7 +6,6 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,13 +86,90 @@ def test_minutes_budget_stops_early(tmp_path):
         (["--img-size", "100"], "--img-size: expected a multiple of 32"),
         (["--ema", "1.5"], r"--ema: expected a decay in \[0, 1\)"),
         (["--data", "/no/such/folder"], "/no/such/folder does not exist"),
+        (["--lr", "nan"], "--lr: expected a positive finite learning rate, got nan"),
+        (["--lr", "0"], "--lr: expected a positive"),
+        (["--weight-decay", "inf"], "--weight-decay: expected a finite number >= 0"),
+        (["--width", "0"], "--width: expected a positive finite channel multiplier"),
+        (["--minutes", "nan"], "--minutes: expected a positive number"),
+        (["--img-size", "65536"], "--img-size: expected at most 4096 pixels"),
+        (["--seed", "-1"], "--seed: expected a seed >= 0"),
+        (["--warmup", "-5"], "--warmup: expected a number of steps >= 0"),
+        (["--val-images", "0"], "--val-images: expected a positive number of images"),
+        (["--images", "/tmp"], "--images: applies to a COCO json"),
     ],
 )
 def test_bad_arguments_give_a_clear_error(tmp_path, capsys, args, message):
     code, out = _train(tmp_path, *args)
     assert code == 2
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(message, err)
+    assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def _no_training(monkeypatch):
+    """Make any model construction fail loudly: the errors must come before training starts."""
+    import detloss.tools.demo.train as train
+
+    def boom(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "Detector", boom)
+
+
+def test_files_that_are_not_images_stop_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    data = _fixed_dataset(tmp_path / "data")
+    (data / "images" / "notes.jpg").write_text("these are notes, not a picture")
+    code, out = _train(tmp_path, "--data", str(data))
+    err = capsys.readouterr().err
+    assert code == 2 and "notes.jpg: cannot read the image" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def _coco_json(tmp_path, n=3, categories=True):
+    from detloss.tools.demo.data import SyntheticShapes
+
+    ds = SyntheticShapes(n, 64, seed=2)
+    doc = {"images": [], "annotations": [],
+           "categories": [{"id": 3, "name": "c"}, {"id": 1, "name": "a"}, {"id": 2, "name": "b"}] if categories else []}
+    for i in range(n):
+        img, lab = ds[i]
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+        doc["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+        for c, cx, cy, w, h in lab.tolist() if categories else []:
+            doc["annotations"].append({"id": len(doc["annotations"]), "image_id": i, "category_id": int(c) + 1,
+                                       "bbox": [(cx - w / 2) * 64, (cy - h / 2) * 64, w * 64, h * 64]})
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    return doc
+
+
+def test_coco_with_a_missing_image_stops_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    _coco_json(tmp_path)
+    (tmp_path / "1.png").unlink()
+    code, out = _train(tmp_path, "--data", str(tmp_path / "ann.json"))
+    err = capsys.readouterr().err
+    assert code == 2 and "1.png does not exist" in err and "images[1]" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_coco_without_categories_stops_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    _coco_json(tmp_path, categories=False)
+    code, out = _train(tmp_path, "--data", str(tmp_path / "ann.json"))
+    err = capsys.readouterr().err
+    assert code == 2 and "at least one category under 'categories'" in err
+    assert not out.exists()
+
+
+def test_unwritable_project_stops_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["train", *TINY, "--project", str(blocker / "sub"), "--name", "run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--project: cannot create the run folder" in err and "is not a folder" in err
 
 
 def test_malformed_label_stops_before_training(tmp_path, capsys):
@@ -126,19 +202,7 @@ def test_two_ranks_ddp_gloo(tmp_path):
 
 
 def test_trains_on_a_coco_json(tmp_path):
-    from detloss.tools.demo.data import SyntheticShapes
-
-    ds = SyntheticShapes(3, 64, seed=2)
-    doc = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "c"}, {"id": 1, "name": "a"},
-                                                           {"id": 2, "name": "b"}]}
-    for i in range(3):
-        img, lab = ds[i]
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
-        doc["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
-        for c, cx, cy, w, h in lab.tolist():
-            doc["annotations"].append({"id": len(doc["annotations"]), "image_id": i, "category_id": int(c) + 1,
-                                       "bbox": [(cx - w / 2) * 64, (cy - h / 2) * 64, w * 64, h * 64]})
-    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    doc = _coco_json(tmp_path)
     code, out = _train(tmp_path, "--data", str(tmp_path / "ann.json"), "--steps", "2", "--loss", "yolov8")
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())

@@ -160,3 +160,49 @@ def test_hyperparameters():
         F.bce_blur(X, X, alpha=0)
     with raises(ValueError, "eps", "2"):
         F.smooth_bce(2)
+
+
+@pytest.mark.parametrize("bad", [2.0, 0.5, -1.0])
+def test_varifocal_labels_must_be_zero_or_one(bad):
+    score = torch.full((2, 3), 0.5)
+    label = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, bad]])
+    with raises(ValueError, "label", "0 or 1", f"{bad:g}", "(1, 2)"):
+        F.varifocal_loss(X, score, label)
+    F.varifocal_loss(X, score, torch.tensor([[0, 1, 0], [1, 0, 0]]))  # integer and bool labels are fine
+    F.varifocal_loss(X, score, torch.tensor([[False, True, False], [True, False, False]]))
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, float("-inf"), float("nan")])
+def test_bce_blur_targets_in_unit_interval(bad):
+    target = torch.tensor([[0.0, 1.0, 0.5], [bad, 0.0, 0.0]])
+    with raises(ValueError, "target", "[0.0, 1.0]", "(1, 0)"):
+        F.bce_blur(X, target)
+
+
+def test_binary_cross_entropy_target_out_of_range_is_detloss_error():
+    """torch raises its own RuntimeError for targets outside [0, 1]; detloss names the argument."""
+    with raises(ValueError, "target", "[0.0, 1.0]", "2", "(0, 1)"):
+        F.binary_cross_entropy(torch.full((2, 3), 0.5), torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("alpha", [2.0, float("nan"), -0.5, 1.0001, float("inf")])
+def test_focal_alpha_follows_torchvision(alpha):
+    """torchvision.ops.sigmoid_focal_loss accepts alpha in [0, 1] or -1 ("disabled")."""
+    with raises(ValueError, "alpha", "[0, 1]", "-1"):
+        F.sigmoid_focal_loss(X, X, alpha=alpha)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -1.0, 0.25])
+def test_focal_alpha_accepted_values(alpha):
+    assert torch.isfinite(F.sigmoid_focal_loss(X, X, alpha=alpha)).all()
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 1.5, float("nan")])
+def test_other_alphas_in_unit_interval(alpha):
+    score = torch.full((2, 3), 0.5)
+    with raises(ValueError, "alpha", "[0, 1]"):
+        F.varifocal_loss(X, score, torch.zeros(2, 3), alpha=alpha)
+    with raises(ValueError, "alpha", "[0, 1]"):
+        F.quality_focal_loss(X, score, alpha=alpha)
+    with raises(ValueError, "alpha", "[0, 1]"):
+        F.softmax_focal_loss(X, torch.tensor([0, 1]), alpha=alpha)

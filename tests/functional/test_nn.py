@@ -80,3 +80,59 @@ def test_box_iou_has_torchvision_meaning():
     union = torch.tensor([[4.0, 4.0], [7.0, 5.0]])
     torch.testing.assert_close(m, inter / union)
     torch.testing.assert_close(F.aligned_box_iou(a, b), torch.tensor([1.0, 0.0]))
+
+
+#: Each loss of detloss.functional and its module; the functional's tensor arguments that the
+#: module takes in forward rather than in __init__.
+TWINS = {
+    "binary_cross_entropy": ("BCELoss", ()),
+    "bce_with_logits": ("BCEWithLogitsLoss", ()),
+    "bce_blur": ("BCEBlurWithLogitsLoss", ()),
+    "cross_entropy": ("CrossEntropyLoss", ()),
+    "sigmoid_focal_loss": ("SigmoidFocalLoss", ()),
+    "softmax_focal_loss": ("SoftmaxFocalLoss", ()),
+    "quality_focal_loss": ("QualityFocalLoss", ()),
+    "varifocal_loss": ("VarifocalLoss", ()),
+    "smooth_l1_loss": ("SmoothL1Loss", ()),
+    "l1_loss": ("L1Loss", ()),
+    "mse_loss": ("MSELoss", ()),
+    "iou_loss": ("IoULoss", ()),
+    "distribution_focal_loss": ("DistributionFocalLoss", ("weight",)),
+}
+NOT_LOSSES = {"smooth_bce", "aligned_box_iou", "box_iou", "pairwise_box_iou"}
+
+
+def test_every_functional_loss_has_its_module_with_the_same_options():
+    """Every loss in detloss.functional has an nn twin whose constructor takes each of its keyword
+    options (same name, same default), tensors included as buffers."""
+    import inspect
+
+    assert set(F.__all__) == set(TWINS) | NOT_LOSSES
+    assert {m for m, _ in TWINS.values()} == set(N.__all__)
+    for fname, (mname, in_forward) in TWINS.items():
+        fparams = {p.name: p for p in inspect.signature(getattr(F, fname)).parameters.values()
+                   if p.kind is p.KEYWORD_ONLY and p.name not in in_forward}
+        mparams = {p.name: p for p in inspect.signature(getattr(N, mname).__init__).parameters.values()
+                   if p.kind is p.KEYWORD_ONLY}
+        assert set(fparams) == set(mparams), (fname, set(fparams) ^ set(mparams))
+        for name, p in fparams.items():
+            assert mparams[name].default == p.default or (p.default != p.default), (fname, name)
+        fwd = list(inspect.signature(getattr(N, mname).forward).parameters)[1:]
+        assert all(a in fwd for a in in_forward), (mname, fwd)
+
+
+def test_new_module_options_reach_the_function():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, generator=g)
+    y = (torch.rand(4, 5, generator=g) > 0.5).float()
+    pw = torch.linspace(0.5, 2.0, 5)
+    m = N.SigmoidFocalLoss(gamma=1.5, pos_weight=pw, reduction="sum")
+    assert "pos_weight" in m.state_dict()
+    assert torch.equal(m(x, y), F.sigmoid_focal_loss(x, y, gamma=1.5, pos_weight=pw, reduction="sum"))
+    inverted = torch.tensor([[2.0, 2.0, 0.0, 1.0]])
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert torch.equal(N.IoULoss(validate=False)(inverted, box), F.iou_loss(inverted, box, validate=False))
+    import pytest
+
+    with pytest.raises(ValueError, match="pred"):
+        N.IoULoss()(inverted, box)

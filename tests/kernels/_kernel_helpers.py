@@ -27,3 +27,34 @@ def assert_parity(fused, formula, x, grad_output=None, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(lf, lr, rtol=rtol, atol=atol)
     torch.testing.assert_close(gf, gr, rtol=rtol, atol=atol)
     return lf, gf
+
+
+# The formulas of detloss.kernels.dense (the losses as their originals write them, autograd
+# throughout), with the pass's reduction: the ground truth the closed forms are compared with.
+def _formula(name, reduction, **params):
+    from detloss.kernels import dense
+    from detloss.kernels._runtime import make_formula
+
+    return make_formula(dense.FORMULAS[name], reduction, **params)
+
+
+def bce_formula(x, t, weight=None, pos_weight=None, reduction="mean"):
+    return _formula("bce_with_logits", reduction)(x, t, weight, pos_weight)
+
+
+def focal_formula(x, t, alpha=0.25, gamma=2.0, reduction="none", pos_weight=None):
+    return _formula("sigmoid_focal_loss", reduction, alpha=alpha, gamma=gamma)(x, t, pos_weight)
+
+
+def qfl_formula(x, t, gamma=2.0, alpha=None, reduction="mean"):
+    return _formula("quality_focal_loss", reduction, gamma=gamma, alpha=alpha)(x, t)
+
+
+def vfl_formula(x, score, label, alpha=0.75, gamma=2.0, reduction="mean"):
+    return _formula("varifocal_loss", reduction, alpha=alpha, gamma=gamma)(x, score, label)
+
+
+def blur_formula(x, t, alpha=0.05, reduction="mean"):
+    from detloss.kernels.dense import BLUR_EPS
+
+    return _formula("bce_blur", reduction, alpha=alpha, eps=BLUR_EPS)(x, t)

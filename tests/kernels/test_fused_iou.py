@@ -16,6 +16,7 @@ from detloss.boxes import xyxy_to_cxcywh
 from detloss.functional import iou as fiou
 from detloss.kernels import iou as kiou
 from detloss.kernels.iou import FUSED_KINDS
+from detloss.kernels.iou_formula import atan_ratio
 
 
 def _pairs(n=400, dtype=torch.float64, seed=0):
@@ -104,7 +105,7 @@ _SIDES = (0.0, 1e-3, 0.5, 2.0, 7.0, 1e3)
 
 
 def _formula_angle_difference(w1, h1, w2, h2):
-    return fiou._atan_ratio(w2, h2) - fiou._atan_ratio(w1, h1)
+    return atan_ratio(w2, h2) - atan_ratio(w1, h1)
 
 
 def test_aspect_angle_difference_every_side_case():
@@ -183,3 +184,38 @@ def test_tiny_and_huge_boxes_float32_finite_and_equal_formula(eager, kind, scale
     assert torch.isfinite(lf).all() and torch.isfinite(gf).all()
     torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gf * scale, gr * scale, rtol=1e-4, atol=1e-5)
+
+
+def _inverted_pairs(n=300, seed=5):
+    """Pairs of which about half have x2 < x1 and/or y2 < y1 (in either box): what validate=False
+    lets through, e.g. FCOS predictions decoded from negative distances."""
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(n, 4, generator=g, dtype=torch.float64) * 5
+    target = torch.randn(n, 4, generator=g, dtype=torch.float64) * 5
+    target[: n // 2, 2:] = target[: n // 2, :2] + torch.rand(n // 2, 2, generator=g, dtype=torch.float64) * 4
+    pred[:10, 3] = pred[:10, 1]  # zero heights
+    pred[10:20, 2:] = pred[10:20, :2] - 1  # inverted in both directions
+    return pred, target
+
+
+@pytest.mark.parametrize("convention", ["torchvision", "yolov5"])
+@pytest.mark.parametrize("box_format", ["xyxy", "cxcywh"])
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_inverted_boxes_match_formula(eager, convention, box_format, kind):
+    """The closed form goes through the formula's arithmetic for inverted boxes too: values and
+    gradients equal to rounding, through iou_loss(validate=False) on the fused path."""
+    import detloss.functional as F
+
+    pred, target = _inverted_pairs()
+    if box_format == "cxcywh":  # negative sides
+        pred, target = xyxy_to_cxcywh(pred), xyxy_to_cxcywh(target)
+    assert bool(((pred[:, 2] < pred[:, 0]) if box_format == "xyxy" else (pred[:, 2] < 0)).any())
+    go = torch.rand(pred.shape[0], dtype=torch.float64)
+    assert_parity(
+        lambda p: F.iou_loss(p, target, kind=kind, box_format=box_format, convention=convention, validate=False),
+        lambda p: fiou._iou_loss_formula(p, target, kind, box_format, convention, "none"),
+        pred,
+        go,
+    )
+    with pytest.raises(ValueError, match="x2 >= x1|w >= 0"):
+        F.iou_loss(pred, target, kind=kind, box_format=box_format, convention=convention)

@@ -311,13 +311,69 @@ def test_bad_head_shapes_and_types():
         FCOSLoss(2)(cls, reg, ctr, SIZES_64, [{"boxes": torch.tensor([[0.0, 0, float("nan"), 4]]), "labels": torch.tensor([0])}])
 
 
-def test_bad_yolo_rows():
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ([1.0, 0.0, 0.5, 0.5, 0.2, 0.2], r"targets: expected image index < the batch size .* = 1, got 1 in row 1"),
+        ([0.5, 0.0, 0.5, 0.5, 0.2, 0.2], r"targets: expected a non-negative integer image index .* in row 1"),
+        ([0.0, 2.0, 0.5, 0.5, 0.2, 0.2], r"targets: expected class < num_classes = 2, got 2 in row 1"),
+        ([0.0, 1.0, 0.5, 0.5, 1.5, 0.2], r"targets: expected normalized coordinates cx, cy, w, h in \[0, 1\].* in row 1"),
+        ([0.0, 1.0, 1.5, 0.5, 0.2, 0.2], r"targets: expected normalized coordinates .* in row 1"),
+        ([0.0, 1.0, 0.5, -0.1, 0.2, 0.2], r"targets: expected normalized coordinates .* in row 1"),
+        ([0.0, 1.0, 0.5, float("nan"), 0.2, 0.2], r"targets: expected finite values, got NaN or inf in row\(s\) 1"),
+    ],
+    ids=["image_out_of_batch", "fractional_image", "class_out_of_range", "w_above_1", "centre_outside", "negative_cy", "nan"],
+)
+def test_bad_yolo_rows_are_refused_as_the_yolo_losses_refuse_them(row, match):
     cls, reg, ctr = _random_heads(1, P_64, 2)
-    rows = torch.tensor([[0.0, 1.0, 0.5, 0.5, 0.2, 0.2], [1.0, 0.0, 0.5, 0.5, 0.2, 0.2]])
-    with pytest.raises(ValueError, match=r"image_size: required"):
-        FCOSLoss(2)(cls, reg, ctr, SIZES_64, rows)
-    with pytest.raises(ValueError, match=r"image indices.*row 1"):
+    rows = torch.tensor([[0.0, 1.0, 0.5, 0.5, 0.2, 0.2], row])
+    with pytest.raises(ValueError, match=match):
         FCOSLoss(2)(cls, reg, ctr, SIZES_64, rows, image_size=(64, 64))
+
+
+def test_yolo_rows_need_an_image_size():
+    cls, reg, ctr = _random_heads(1, P_64, 2)
+    with pytest.raises(ValueError, match=r"image_size: required"):
+        FCOSLoss(2)(cls, reg, ctr, SIZES_64, torch.tensor([[0.0, 1.0, 0.5, 0.5, 0.2, 0.2]]))
+
+
+def test_float16_yolo_rows_become_pixels_in_float32():
+    """float16 holds 11 significant bits: cx * 1024 rounded in float16 is up to half a pixel off.
+    The rows' own float16 values are converted in float32, where these products are exact."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+    c = wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh)
+    rows = torch.cat((torch.zeros(n, 1), torch.randint(0, 2, (n, 1), generator=g).float(), c, wh), 1).half()
+    size = (1024, 1024)
+    want = detloss.boxes.cxcywh_to_xyxy(rows[:, 2:6].double()) * 1024
+    (got,) = detloss.boxes.yolo_rows_to_targets(rows, 1, size)
+    assert got["boxes"].dtype == torch.float32
+    assert float((got["boxes"].double() - want).abs().max()) < 1e-3
+    # the loss assigns on those boxes, as it does on the same boxes given in float32 pixels
+    sizes = [(128, 128), (64, 64), (32, 32), (16, 16), (8, 8)]
+    heads = _random_heads(1, sum(h * w for h, w in sizes), 2)
+    loss_fn = FCOSLoss(2)
+    a = loss_fn.assign(*heads, sizes, rows, image_size=size)
+    b = loss_fn.assign(*heads, sizes, [{"boxes": want.float(), "labels": rows[:, 1].long()}], image_size=size)
+    assert a.num_pos > 0 and torch.equal(a.boxes, b.boxes)
+    assert torch.equal(torch.stack(a.matched_idxs()), torch.stack(b.matched_idxs()))
+
+
+@pytest.mark.parametrize("convention", ["torchvision", "mmdet"])
+@pytest.mark.parametrize("targets", ["dicts", "rows"])
+def test_a_batch_of_zero_images_is_a_zero_loss_with_a_graph(convention, targets):
+    heads = [h[:0].detach().requires_grad_() for h in _random_heads(1, P_64, 2)]
+    t = [] if targets == "dicts" else torch.zeros(0, 6)
+    loss_fn = FCOSLoss(2, convention=convention)
+    out = loss_fn(*heads, SIZES_64, t, image_size=(64, 64))
+    assert out.total.requires_grad and float(out.total.detach()) == 0.0
+    grads = torch.autograd.grad(out.total, heads)
+    assert [g.shape for g in grads] == [h.shape for h in heads]
+    assert out.stats["num_pos"] == out.stats["num_targets"] == 0 and out.stats["num_pos_per_level"] == [0] * 5
+    assert out.stats["iou_mean"] == 0.0
+    assert loss_fn.assign(*heads, SIZES_64, t, image_size=(64, 64)).num_pos == 0
+    assert loss_fn.decode(*heads, SIZES_64).boxes.shape == (0, P_64, 4)
 
 
 def test_bad_constructor_arguments():

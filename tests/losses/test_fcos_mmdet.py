@@ -1,14 +1,19 @@
-"""FCOSLoss(convention="mmdet") against a transcription of mmdetection 3.x FCOSHead.loss_by_feat.
+"""FCOSLoss(convention="mmdet") against :func:`mmdet_by_rules`, mmdetection 3.x FCOSHead's loss
+written here from the rules detloss.losses.fcos's module docstring states (no copy of mmdet's code).
 
-No reference data from mmdetection is stored; the functions below transcribe, line by line,
-mmdet's ``FCOSHead.loss_by_feat`` / ``centerness_target``, mmdet's ``py_sigmoid_focal_loss``,
-``bbox_overlaps`` (aligned, eps 1e-6), ``GIoULoss`` / ``IoULoss`` (mode "log") and
-``weight_reduce_loss`` (``sum / (avg_factor + float32 eps)``); the matcher
-``_get_targets_single`` is transcribed in test_fcos_assign.py. FCOSLoss keeps torchvision's
-``eps`` placement inside the IoU formulas, so agreement is asserted to 1e-6 relative. The
-torchvision convention is pinned by stored reference data (tests/data/torchvision_fcos/,
-SOURCE: "torchvision 0.29.1+cu130 ... FCOS.compute_loss (matcher) -> FCOSHead.compute_loss.
-Run unmodified on CPU in float64.") in test_fcos.py.
+No reference data from mmdetection is stored. The rules: every point's box from the matcher
+rules (:func:`test_fcos_assign.mmdet_dense_match`), its distance targets ``(l, t, r, b)`` to
+that box (in strides with ``norm_on_bbox``); the sigmoid focal loss ``-alpha_t (1 - p_t)^gamma
+log p_t`` (alpha 0.25, gamma 2) of every point and class against the one-hot labels over
+``max(#positives, 1)``; the centerness target ``c* = sqrt(min(l, r) / max(l, r) * min(t, b) /
+max(t, b))``; the box loss of the positives' prediction and target decoded around their point
+(GIoU loss ``1 - IoU + (C - U) / C``, or ``-log(max(IoU, 1e-6))``), weighted by ``c*``, over
+``max(sum c*, 1e-6)``; the BCE of the centerness logits against ``c*`` over ``max(#positives, 1)``;
+each divisor plus float32's eps. FCOSLoss keeps torchvision's ``eps`` placement inside the IoU
+formulas (the rules have none), so the box term agrees to 1e-6 relative, the others to rounding.
+The torchvision convention is pinned by stored reference data (tests/data/torchvision_fcos/,
+SOURCE: "torchvision 0.29.1+cu130 ... FCOS.compute_loss (matcher) -> FCOSHead.compute_loss. Run
+unmodified on CPU in float64.") in test_fcos.py.
 """
 from __future__ import annotations
 
@@ -20,97 +25,67 @@ import torch.nn.functional as TF
 
 from detloss.losses.fcos import FCOSLoss
 
-from test_fcos_assign import STRIDES, _feature_sizes, mmdet_dense_targets, mmdet_points
+from test_fcos_assign import STRIDES, _feature_sizes, mmdet_dense_match, mmdet_points
 
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def mmdet_bbox_overlaps_aligned(b1, b2, mode, eps=1e-6):
-    area1 = (b1[..., 2] - b1[..., 0]) * (b1[..., 3] - b1[..., 1])
-    area2 = (b2[..., 2] - b2[..., 0]) * (b2[..., 3] - b2[..., 1])
-    lt = torch.max(b1[..., :2], b2[..., :2])
-    rb = torch.min(b1[..., 2:], b2[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area1 + area2 - overlap
-    enclosed_lt = torch.min(b1[..., :2], b2[..., :2])
-    enclosed_rb = torch.max(b1[..., 2:], b2[..., 2:])
-    eps_t = union.new_tensor([eps])
-    union = torch.max(union, eps_t)
-    ious = overlap / union
-    if mode == "iou":
-        return ious
-    enclose_wh = (enclosed_rb - enclosed_lt).clamp(min=0)
-    enclose_area = torch.max(enclose_wh[..., 0] * enclose_wh[..., 1], eps_t)
-    return ious - (enclose_area - union) / enclose_area
+def focal_by_definition(logits, labels, alpha=0.25, gamma=2.0):
+    """``-alpha_t (1 - p_t)^gamma log(p_t)`` elementwise: ``p_t = p`` and ``alpha_t = alpha`` on the
+    positive class, ``p_t = 1 - p`` and ``alpha_t = 1 - alpha`` elsewhere."""
+    p = torch.sigmoid(logits)
+    pos = -alpha * (1 - p) ** gamma * TF.logsigmoid(logits)
+    neg = -(1 - alpha) * p ** gamma * TF.logsigmoid(-logits)
+    return torch.where(labels > 0, pos, neg)
 
 
-def mmdet_box_loss(pred, target, kind):
-    if kind == "giou":
-        return 1 - mmdet_bbox_overlaps_aligned(pred, target, "giou", eps=1e-6)
-    ious = mmdet_bbox_overlaps_aligned(pred, target, "iou", eps=1e-6).clamp(min=1e-6)
-    return -ious.log()
+def iou_and_enclosure(a, b):
+    """IoU, union and the area of the smallest enclosing box of aligned xyxy boxes, by definition."""
+    w = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = w * h
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    enclosure = (torch.maximum(a[:, 2], b[:, 2]) - torch.minimum(a[:, 0], b[:, 0])) * (
+        torch.maximum(a[:, 3], b[:, 3]) - torch.minimum(a[:, 1], b[:, 1])
+    )
+    return inter / union, union, enclosure
 
 
-def mmdet_focal(pred, target, gamma=2.0, alpha=0.25):
-    pred_sigmoid = pred.sigmoid()
-    pt = (1 - pred_sigmoid) * target + pred_sigmoid * (1 - target)
-    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
-    return TF.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
-
-
-def mmdet_centerness_target(pos_bbox_targets):
-    left_right = pos_bbox_targets[:, [0, 2]]
-    top_bottom = pos_bbox_targets[:, [1, 3]]
-    if len(left_right) == 0:
-        centerness_targets = left_right[..., 0]
-    else:
-        centerness_targets = (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0]) * (
-            top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0]
-        )
-    return torch.sqrt(centerness_targets)
-
-
-def mmdet_loss(cls, reg, ctr, fs, boxes_list, labels_list, num_classes, center_sampling, norm_on_bbox, kind):
-    """FCOSHead.loss_by_feat on flattened [B, P, ...] outputs (one process)."""
+def mmdet_by_rules(cls, reg, ctr, fs, boxes_list, labels_list, num_classes, center_sampling, norm_on_bbox, kind):
+    """The three terms (cls, box, centerness) on ``[B, P, ...]`` head outputs, one process."""
     points, strides = mmdet_points(fs)
-    all_labels, all_targets = [], []
-    for boxes, labels in zip(boxes_list, labels_list):
-        lab, tgt, _ = mmdet_dense_targets(points, fs, boxes, labels, num_classes, center_sampling)
+    cls_sum = cls.new_zeros(())
+    pos_reg, pos_ctr, pos_points, pos_targets = [], [], [], []
+    for b, (boxes, labels) in enumerate(zip(boxes_list, labels_list)):
+        match = mmdet_dense_match(points, strides, fs, boxes, center_sampling)
+        fg = match >= 0
+        onehot = torch.zeros(points.shape[0], num_classes, dtype=cls.dtype)
+        onehot[fg, labels[match[fg]]] = 1.0
+        cls_sum = cls_sum + focal_by_definition(cls[b], onehot).sum()
+        box = boxes[match[fg]]
+        pt = points[fg]
+        ltrb = torch.cat((pt - box[:, :2], box[:, 2:] - pt), 1)
         if norm_on_bbox:
-            tgt = tgt / strides[:, None]
-        all_labels.append(lab)
-        all_targets.append(tgt)
-    flatten_labels = torch.cat(all_labels)
-    flatten_bbox_targets = torch.cat(all_targets)
-    flatten_points = points.repeat(len(boxes_list), 1)
-    flatten_cls_scores = cls.reshape(-1, num_classes)
-    flatten_bbox_preds = reg.reshape(-1, 4)
-    flatten_centerness = ctr.reshape(-1)
-    bg_class_ind = num_classes
-    pos_inds = ((flatten_labels >= 0) & (flatten_labels < bg_class_ind)).nonzero().reshape(-1)
-    num_pos = max(float(len(pos_inds)), 1.0)
-    onehot = TF.one_hot(flatten_labels, num_classes + 1)[:, :num_classes].to(cls.dtype)
-    loss_cls = mmdet_focal(flatten_cls_scores, onehot).sum() / (num_pos + EPS32)
-    pos_bbox_preds = flatten_bbox_preds[pos_inds]
-    pos_centerness = flatten_centerness[pos_inds]
-    pos_bbox_targets = flatten_bbox_targets[pos_inds]
-    pos_centerness_targets = mmdet_centerness_target(pos_bbox_targets)
-    centerness_denorm = max(float(pos_centerness_targets.sum().detach()), 1e-6)
-    if len(pos_inds) > 0:
-        pos_points = flatten_points[pos_inds]
-        dec_pred = torch.cat((pos_points - pos_bbox_preds[:, :2], pos_points + pos_bbox_preds[:, 2:]), -1)
-        dec_tgt = torch.cat((pos_points - pos_bbox_targets[:, :2], pos_points + pos_bbox_targets[:, 2:]), -1)
-        loss_bbox = (mmdet_box_loss(dec_pred, dec_tgt, kind) * pos_centerness_targets).sum() / (
-            centerness_denorm + EPS32
-        )
-        loss_centerness = TF.binary_cross_entropy_with_logits(
-            pos_centerness, pos_centerness_targets, reduction="sum"
-        ) / (num_pos + EPS32)
-    else:
-        loss_bbox = pos_bbox_preds.sum()
-        loss_centerness = pos_centerness.sum()
-    return loss_cls, loss_bbox, loss_centerness
+            ltrb = ltrb / strides[fg, None]
+        pos_reg.append(reg[b][fg])
+        pos_ctr.append(ctr[b].reshape(-1)[fg])
+        pos_points.append(pt)
+        pos_targets.append(ltrb)
+    reg_p, ctr_p, pts, ltrb = (torch.cat(v) for v in (pos_reg, pos_ctr, pos_points, pos_targets))
+    n_pos = ltrb.shape[0]
+    num = max(float(n_pos), 1.0) + EPS32
+    loss_cls = cls_sum / num
+    if n_pos == 0:
+        return loss_cls, reg.sum() * 0, ctr.sum() * 0
+    lr, tb = ltrb[:, [0, 2]], ltrb[:, [1, 3]]
+    c_star = torch.sqrt(lr.min(1).values / lr.max(1).values * (tb.min(1).values / tb.max(1).values))
+    pred = torch.cat((pts - reg_p[:, :2], pts + reg_p[:, 2:]), 1)
+    target = torch.cat((pts - ltrb[:, :2], pts + ltrb[:, 2:]), 1)
+    iou, union, enclosure = iou_and_enclosure(pred, target)
+    per_box = 1 - iou + (enclosure - union) / enclosure if kind == "giou" else -iou.clamp(min=1e-6).log()
+    loss_box = (per_box * c_star).sum() / (max(float(c_star.sum()), 1e-6) + EPS32)
+    bce = -(c_star * TF.logsigmoid(ctr_p) + (1 - c_star) * TF.logsigmoid(-ctr_p))
+    return loss_cls, loss_box, bce.sum() / num
 
 
 def _scene(seed, batch=2, num_classes=4, h=160, w=128, empty_first=False):
@@ -139,12 +114,12 @@ def _scene(seed, batch=2, num_classes=4, h=160, w=128, empty_first=False):
         (False, True, "log_iou", True),
     ],
 )
-def test_matches_mmdet_transcription(center_sampling, norm_on_bbox, kind, empty_first):
+def test_matches_mmdets_rules(center_sampling, norm_on_bbox, kind, empty_first):
     fs, boxes_list, labels_list, heads = _scene(1, empty_first=empty_first)
     if norm_on_bbox:
         heads[1] = heads[1] / 8
     ref_heads = [h.clone().requires_grad_() for h in heads]
-    ref = mmdet_loss(*ref_heads, fs, boxes_list, labels_list, 4, center_sampling, norm_on_bbox, kind)
+    ref = mmdet_by_rules(*ref_heads, fs, boxes_list, labels_list, 4, center_sampling, norm_on_bbox, kind)
     sum(ref).backward()
     loss_fn = FCOSLoss(
         4, convention="mmdet", center_sampling=center_sampling, norm_on_bbox=norm_on_bbox, box_loss=kind

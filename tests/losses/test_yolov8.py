@@ -295,3 +295,94 @@ def test_decode_is_the_inference_decoding():
         want_scores.append(torch.sigmoid(f[:, 16:]).flatten(2).transpose(1, 2))
     torch.testing.assert_close(boxes, torch.cat(want_boxes, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scores, torch.cat(want_scores, 1), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[(8, 8)] * 3, [(2, 2), (4, 4), (8, 8)], [(8, 8), (4, 4), (4, 4)], [(8, 8), (4, 8), (2, 2)]],
+    ids=["same_size_every_level", "levels_reversed", "last_level_too_big", "one_axis_off"],
+)
+def test_level_sizes_that_fit_no_image_are_refused(sizes):
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    feats = [torch.randn(1, 19, h, w) for h, w in sizes]
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]])
+    with pytest.raises(ValueError, match=r"feats: expected level sizes that one image size gives at strides"):
+        loss_fn(feats, targets)
+    with pytest.raises(ValueError, match=r"feats: expected level sizes"):
+        loss_fn.decode(feats)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[(80, 80), (40, 40), (20, 20)], [(13, 9), (7, 5), (4, 3)], [(12, 12), (6, 6), (3, 3)], [(1, 1), (1, 1), (1, 1)]],
+    ids=["640", "100x68_ceil", "100_floor", "tiny"],
+)
+def test_level_sizes_of_one_image_are_accepted(sizes):
+    # ceil(H / s) at every level (stride-2 convolutions with padding), or floor(H / s) (pooling)
+    feats = [torch.randn(1, 19, h, w) for h, w in sizes]
+    out = YOLOv8Loss(3, reg_max=4)(feats, torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]))
+    assert torch.isfinite(out.total)
+
+
+def test_a_batch_of_zero_images_is_a_zero_loss_with_a_graph():
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    feats = [torch.randn(0, 19, s, s, dtype=torch.float64, requires_grad=True) for s in (8, 4, 2)]
+    out = loss_fn(feats, torch.zeros(0, 6, dtype=torch.float64))
+    assert out.total.requires_grad and float(out.total.detach()) == 0.0
+    grads = torch.autograd.grad(out.total, feats)
+    assert [g.shape for g in grads] == [f.shape for f in feats]
+    assert out.stats["num_pos"] == out.stats["num_targets"] == out.stats["matched_targets"] == 0
+    assert out.stats["normalizer"] == 1.0 and out.stats["iou_mean"] == 0.0
+    assert all(float(v) == 0.0 for v in out.components.values())
+    decoded = loss_fn.decode(feats)
+    assert decoded.boxes.shape == (0, 84, 4) and decoded.scores.shape == (0, 84, 3)
+    assert loss_fn.assign(feats, torch.zeros(0, 6, dtype=torch.float64)).num_pos == 0
+
+
+def test_a_box_centred_at_the_origin_is_dropped_visibly():
+    """ultralytics' padding rule (x1 + y1 + x2 + y2 > 0) takes a box centred at (0, 0) for padding:
+    the loss keeps the rule (the same loss as without that row), counts the row in
+    stats["dropped_targets"] and warns."""
+    feats, targets = small_problem(n=4)
+    corner = torch.tensor([[0, 1, 0.0, 0.0, 0.3, 0.2]], dtype=torch.float64)
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    with pytest.warns(y8.PaddingRuleWarning, match=r"targets: 1 row\(s\) centred at \(0, 0\) were dropped"):
+        out = loss_fn(feats, torch.cat((targets, corner)))
+    want = loss_fn(feats, targets)
+    assert out.total == want.total
+    assert out.stats["dropped_targets"] == 1 and out.stats["num_targets"] == 4
+    assert want.stats["dropped_targets"] == 0
+    # a centre just off the corner is a box like any other
+    corner[0, 2] = 1e-3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", y8.PaddingRuleWarning)
+        kept = loss_fn(feats, torch.cat((targets, corner)))
+    assert kept.stats["num_targets"] == 5 and kept.stats["dropped_targets"] == 0
+    assert "x1 + y1 + x2 + y2 > 0" in YOLOv8Loss.__doc__ and "dropped_targets" in YOLOv8Loss.__doc__
+
+
+def test_autocast_bfloat16_changes_nothing():
+    """Inside torch.autocast the loss is computed as outside it: the box decoding's matmul (the
+    expectation of each side's distribution) does not drop to bfloat16."""
+    feats, targets = small_problem(n=6, dtype=torch.float32)
+    loss_fn = YOLOv8Loss(3, reg_max=4)
+    plain = [f.clone().requires_grad_(True) for f in feats]
+    auto = [f.clone().requires_grad_(True) for f in feats]
+    want = loss_fn(plain, targets)
+    want.total.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_fn(auto, targets)
+        decoded = loss_fn.decode(feats)
+    got.total.backward()
+    assert got.stats["num_pos"] > 0
+    for k in want.components:
+        assert torch.equal(got.components[k], want.components[k]), k
+    for a, b in zip(auto, plain):
+        assert torch.equal(a.grad, b.grad)
+    ref = loss_fn.decode(feats)
+    assert decoded.boxes.dtype == torch.float32 and torch.equal(decoded.boxes, ref.boxes)

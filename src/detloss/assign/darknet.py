@@ -33,7 +33,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .._checks import check_floating, check_like_first
+from .._checks import check_finite, check_floating, check_like_first
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
 from .base import PerLevelAssignment, cell_index
 
@@ -162,11 +162,11 @@ def _layers_assignment(cls, layers, positive, owner, ignore, rows: torch.Tensor,
         weights=torch.ones(target.shape[0], dtype=rows.dtype, device=rows.device),
         batch_size=batch,
         num_preds=sum(a * h * w for a, h, w in shapes),
-        ignore=torch.cat([m.reshape(batch, -1) for m in ignore], 1),
+        ignore=torch.cat([m.flatten(1) for m in ignore], 1),
         extras={
             "levels": layers,
             "level": torch.cat([torch.full_like(b, i) for i, (b, _, _, _) in enumerate(parts)]),
-            **{k: torch.cat([m.reshape(batch, -1) for m in v], 1) for k, v in extras.items()},
+            **{k: torch.cat([m.flatten(1) for m in v], 1) for k, v in extras.items()},
         },
     )
 
@@ -182,7 +182,8 @@ def check_yolo_layers(
     img_size: Tuple[int, int],
     strides: Sequence[int],
 ) -> None:
-    """``inputs[i]`` must be ``[B, len(masks[i]) * (5 + num_classes), img_h / strides[i], img_w / strides[i]]``."""
+    """``inputs[i]`` must be ``[B, len(masks[i]) * (5 + num_classes), img_h / strides[i], img_w / strides[i]]``,
+    with finite values (one synchronization for all layers)."""
     if isinstance(inputs, torch.Tensor) or not isinstance(inputs, (list, tuple)):
         raise TypeError(f"inputs: expected a list of {len(masks)} layer tensors, got {type(inputs).__name__}")
     if len(inputs) != len(masks):
@@ -204,6 +205,7 @@ def check_yolo_layers(
                 f"got {tuple(x.shape[2:])}"
             )
         check_like_first(name, x, "inputs[0]", inputs[0])
+    check_finite([f"inputs[{i}]" for i in range(len(inputs))], inputs)
 
 
 def check_darknet_targets(targets: object, batch_size: int, num_classes: int) -> torch.Tensor:
@@ -374,10 +376,10 @@ def assign_darknet(
         nb, _, h, w = x_raw.shape
         na = len(mask)
         mask_t = torch.as_tensor(list(mask), dtype=torch.long, device=dev)
-        x = x_raw.detach().reshape(nb, na, -1, h, w)
+        x = x_raw.detach().reshape(nb, na, x_raw.shape[1] // na, h, w)
         pred = _decode_darknet(x, anchors_px[mask_t], (net_h, net_w))  # [B, A, H, W, 4]
 
-        best_iou, slot = _best_truth_iou(pred.reshape(nb, -1, 4), truth_boxes, truth_valid)
+        best_iou, slot = _best_truth_iou(pred.reshape(nb, na * h * w, 4), truth_boxes, truth_valid)
         best_iou = best_iou.reshape(nb, na, h, w)
         if truth_rows.shape[1]:
             best_truth = torch.gather(truth_rows, 1, slot).reshape(nb, na, h, w)

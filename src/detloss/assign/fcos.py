@@ -120,7 +120,7 @@ def _assignment(
     img, point = torch.div(pos, num_points, rounding_mode="floor"), pos % num_points
     local = matched.reshape(-1)[pos]
     device = matched.device
-    counts = torch.tensor([b.shape[0] for b in boxes_list], device=device)
+    counts = torch.tensor([b.shape[0] for b in boxes_list], dtype=torch.long, device=device)
     row = (torch.cumsum(counts, 0) - counts)[img] + local  # in the concatenated boxes
     dtype = grid.points.dtype
     boxes = torch.cat([b.to(device=device, dtype=dtype) for b in boxes_list]) if boxes_list else grid.points.new_zeros((0, 4))

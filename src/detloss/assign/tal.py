@@ -32,6 +32,7 @@ the candidate path prefers the lower anchor index; the dense path keeps ``torch.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -236,6 +237,18 @@ class OneHotScores(Deferred):
 
 def _extras(labels, boxes, scores, fg_mask, target_gt_idx, num_classes) -> DeferredDict:
     return DeferredDict(zip(TAL_OUTPUTS, (labels, boxes, OneHotScores(labels, scores, num_classes), fg_mask, target_gt_idx)))
+def _raise_bad_value(name: str, t: torch.Tensor, pos: Tuple[int, ...]) -> None:
+    """The error for the entry ``pos`` of ``t`` that :meth:`TaskAlignedAssigner._check` refused."""
+    value = float(t[pos])
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected finite values, got {value} at index {pos}")
+    if name == "pd_scores":
+        raise ValueError(
+            f"{name}: expected probabilities in [0, 1] (sigmoid of the class logits), got {value} at index {pos}"
+        )
+    raise ValueError(
+        f"{name}: expected xyxy boxes with x1 <= x2 and y1 <= y2, got {t[pos[:-1]].tolist()} at index {pos[:-1]}"
+    )
 
 
 class TaskAlignedAssigner:
@@ -263,10 +276,14 @@ class TaskAlignedAssigner:
         dense: compute the reference's dense way (``[B, M, A]`` tensors) instead of over the
             candidates only. Same results; for testing and benchmarking.
 
-    Call with ``pd_scores`` ``[B, A, nc]`` (probabilities), ``pd_bboxes`` ``[B, A, 4]`` (xyxy
-    pixels), ``anc_points`` ``[A, 2]`` (pixels), ``gt_labels`` ``[B, M, 1]``, ``gt_bboxes``
-    ``[B, M, 4]`` (xyxy pixels) and ``mask_gt`` ``[B, M, 1]`` (valid rows; default: rows with
-    ``x1 + y1 + x2 + y2 > 0``, the reference's rule). Anchors laid out level by level, row-major,
+    Call with ``pd_scores`` ``[B, A, nc]`` (probabilities in [0, 1], the sigmoid of the class
+    logits: raw logits are refused with a ValueError), ``pd_bboxes`` ``[B, A, 4]`` (xyxy pixels;
+    they may be inverted, as a head predicting distances can give them, and count with their
+    CIoU as in the reference), ``anc_points`` ``[A, 2]`` (pixels), ``gt_labels`` ``[B, M, 1]``,
+    ``gt_bboxes`` ``[B, M, 4]`` (xyxy pixels, ``x1 <= x2`` and ``y1 <= y2`` in valid rows) and
+    ``mask_gt`` ``[B, M, 1]`` (valid rows; default: rows with ``x1 + y1 + x2 + y2 > 0``, the
+    reference's padding rule, which also takes a box centred at (0, 0) for padding). Errors
+    name these arguments. Anchors laid out level by level, row-major,
     at cell centres (:func:`anchor_grid`) take the candidate path; any other layout, or
     ``feat_shapes`` not given and not recognisable, is computed densely. Returns a
     :class:`TALAssignment` (an :class:`~detloss.assign.base.Assignment` that also unpacks like
@@ -401,11 +418,13 @@ class TaskAlignedAssigner:
         tensors = [t.detach().to(dt) for t in (pd_scores, pd_bboxes, anc_points, gt_bboxes)]
         for name, t in zip(("pd_scores", "pd_bboxes", "anc_points", "gt_bboxes"), tensors):
             bad = ~torch.isfinite(t)
+            if name == "pd_scores":  # probabilities: a raw logit would pass the power alpha as NaN or > 1
+                bad = bad | (t < 0) | (t > 1)
             if name == "gt_bboxes":
-                bad = bad & mask[..., None]
+                bad = (bad | (t[..., 2:] < t[..., :2]).repeat(1, 1, 2)) & mask[..., None]
             if bool(bad.any()):
                 pos = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(f"{name}: expected finite values, got {float(t[pos])} at index {pos}")
+                _raise_bad_value(name, t, pos)
         labels = gt_labels.detach()
         if labels.is_floating_point():
             if bool((labels != labels.round())[mask].any()):

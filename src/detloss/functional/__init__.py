@@ -11,7 +11,10 @@ from .cross_entropy import cross_entropy
 from .dfl import distribution_focal_loss
 from .focal import quality_focal_loss, sigmoid_focal_loss, softmax_focal_loss, varifocal_loss
 from .iou import aligned_box_iou, box_iou, iou_loss, pairwise_box_iou
+from .keypoints import keypoint_loss, keypoint_similarity, object_keypoint_similarity, realnvp_log_prob, rle_loss
+from .masks import bce_dice_loss, crop_mask, cropped_mask_bce, dice_loss, prototype_mask_bce
 from .regression import l1_loss, mse_loss, smooth_l1_loss
+from .rotated import dist_to_rbox, probiou, probiou_loss, rbox_covariance, rbox_to_dist, rotated_angle_loss, xywhr_to_corners
 
 __all__ = [
     "binary_cross_entropy",
@@ -31,4 +34,7 @@ __all__ = [
     "pairwise_box_iou",
     "iou_loss",
     "distribution_focal_loss",
+    "keypoint_loss", "keypoint_similarity", "object_keypoint_similarity", "realnvp_log_prob", "rle_loss",
+    "bce_dice_loss", "crop_mask", "cropped_mask_bce", "dice_loss", "prototype_mask_bce",
+    "dist_to_rbox", "probiou", "probiou_loss", "rbox_covariance", "rbox_to_dist", "rotated_angle_loss", "xywhr_to_corners",
 ]

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import check_floating, check_reduction, check_tensor, compute_dtype, upcast
-from ._common import first_bad, reduce
+from ._common import first_bad, reduce, values
 
 __all__ = ["cross_entropy"]
 
@@ -48,14 +48,15 @@ def check_class_target(
         raise TypeError(f"target: expected an integer tensor of class indices, got dtype {target.dtype}")
     target = target.long()
     num_classes = input.shape[cdim]
-    ignore = target == ignore_index
-    bad = ~ignore & ((target < 0) | (target >= num_classes))
+    seen = values(target)
+    bad = (seen != ignore_index) & ((seen < 0) | (seen >= num_classes))
     if bad.numel() and bool(bad.any()):
         pos = first_bad(bad)
         raise ValueError(
             f"target: expected class indices in [0, {num_classes - 1}] or ignore_index={ignore_index}, "
-            f"got {int(target[pos])} at index {pos}"
+            f"got {int(seen[pos])} at index {pos}"
         )
+    ignore = target == ignore_index
     return target.masked_fill(ignore, 0), ignore
 
 

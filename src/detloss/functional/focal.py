@@ -22,20 +22,11 @@ from .._checks import (
     compute_dtype,
     upcast,
 )
-from ._common import check_in_range, reduce
-from .bce import _bce_with_logits_formula
+from ..kernels.dense import safe_pow
+from ._common import check_binary, check_in_range, check_unit_interval, reduce
 from .cross_entropy import _safe_div, check_class_target, check_class_weight, class_dim
 
 __all__ = ["sigmoid_focal_loss", "softmax_focal_loss", "quality_focal_loss", "varifocal_loss"]
-
-
-def _pow(base: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``base ** gamma`` for ``base >= 0``; for 0 < gamma < 1 the gradient at base == 0 is taken
-    as 0 instead of the ``inf * 0 = NaN`` that plain ``pow`` produces."""
-    if gamma == 0 or gamma >= 1:
-        return base ** gamma
-    pos = base > 0
-    return torch.where(pos, torch.where(pos, base, torch.ones_like(base)) ** gamma, torch.zeros_like(base))
 
 
 def _check_gamma(gamma: float) -> float:
@@ -49,26 +40,7 @@ def _check_logits_targets(input: torch.Tensor, target: torch.Tensor, target_name
     check_floating("input", input)
     check_floating(target_name, target)
     check_same_shape("input", input, target_name, target)
-    check_in_range(target_name, target.detach(), 0.0, 1.0, "values")
-
-
-def _sigmoid_focal_loss_formula(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    pos_weight: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Eager formula of :func:`sigmoid_focal_loss` (validated tensors in the compute dtype)."""
-    p = torch.sigmoid(input)
-    ce = _bce_with_logits_formula(input, target, pos_weight=pos_weight, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * _pow((1 - p_t).clamp(min=0), gamma)
-    if alpha >= 0:
-        alpha_t = alpha * target + (1 - alpha) * (1 - target)
-        loss = alpha_t * loss
-    return reduce(loss, reduction)
+    check_in_range(target_name, target, 0.0, 1.0, "values")
 
 
 def sigmoid_focal_loss(
@@ -85,9 +57,10 @@ def sigmoid_focal_loss(
     .. math:: p_t = p\,y + (1 - p)(1 - y),\quad \alpha_t = \alpha\,y + (1 - \alpha)(1 - y),\quad
               \ell = \alpha_t\,(1 - p_t)^\gamma\,\mathrm{BCE}(x, y)
 
-    with :math:`p = \sigma(x)`. ``alpha < 0`` disables the :math:`\alpha_t` factor; targets may be
-    soft (in [0, 1]). Source: Lin et al. 2017 (arXiv:1708.02002), code as
-    ``torchvision.ops.sigmoid_focal_loss`` (defaults alpha=0.25, gamma=2, reduction="none").
+    with :math:`p = \sigma(x)`. ``alpha`` lies in [0, 1], or is -1 to disable the :math:`\alpha_t`
+    factor (torchvision's rule: anything else is a ValueError); targets may be soft (in [0, 1]).
+    Source: Lin et al. 2017 (arXiv:1708.02002), code as ``torchvision.ops.sigmoid_focal_loss``
+    (defaults alpha=0.25, gamma=2, reduction="none").
     With ``gamma=1.5`` and the same alpha it is YOLOv5's and ultralytics' ``FocalLoss``
     (ultralytics switches alpha off for ``alpha <= 0``: pass ``alpha=-1`` for its ``alpha=0``).
     ``pos_weight`` (optional, broadcastable to ``input``) goes to the BCE term as in
@@ -96,16 +69,12 @@ def sigmoid_focal_loss(
     _check_logits_targets(input, target)
     check_reduction(reduction)
     gamma = _check_gamma(gamma)
+    alpha = check_unit_interval("alpha", alpha, sentinels=(-1.0,))
     if pos_weight is not None:
         check_floating("pos_weight", pos_weight)
         check_broadcastable_to("pos_weight", pos_weight, input.shape, "input")
-    if kernels.use_fused(input, target, pos_weight):
-        return kernels.fused_sigmoid_focal_loss(input, target, float(alpha), gamma, reduction, pos_weight)
-    dtype = compute_dtype(input, target, pos_weight)
-    return _sigmoid_focal_loss_formula(
-        upcast(input, dtype), upcast(target, dtype), alpha=float(alpha), gamma=gamma, reduction=reduction,
-        pos_weight=upcast(pos_weight, dtype),
-    )
+    compiled = kernels.use_fused(input, target, pos_weight)
+    return kernels.fused_sigmoid_focal_loss(input, target, alpha, gamma, reduction, pos_weight, compiled=compiled)
 
 
 def softmax_focal_loss(
@@ -123,7 +92,7 @@ def softmax_focal_loss(
     .. math:: \ell = -\alpha\,w_y\,(1 - p_y)^\gamma \log p_y, \qquad p = \mathrm{softmax}(x)
 
     Source: Lin et al. 2017 (arXiv:1708.02002), the multi-class form, with mmcv's
-    ``softmax_focal_loss`` defaults (gamma=2, alpha=0.25, a scalar applied to every class).
+    ``softmax_focal_loss`` defaults (gamma=2, alpha=0.25, a scalar in [0, 1] applied to every class).
     Shapes, ``weight``, ``ignore_index`` and the weighted ``"mean"`` follow
     :func:`detloss.functional.cross_entropy`, so ``gamma=0, alpha=1`` gives exactly the
     cross-entropy (mmcv divides by N instead; the two agree without weights or ignored entries).
@@ -132,6 +101,7 @@ def softmax_focal_loss(
     check_tensor("target", target)
     check_reduction(reduction)
     gamma = _check_gamma(gamma)
+    alpha = check_unit_interval("alpha", alpha)
     cdim = class_dim(input)
     check_class_weight(weight, input.shape[cdim])
     safe_target, ignore = check_class_target(input, target, ignore_index)
@@ -140,25 +110,10 @@ def softmax_focal_loss(
     logp_y = torch.log_softmax(x, dim=cdim).gather(cdim, safe_target.unsqueeze(cdim)).squeeze(cdim)
     keep = (~ignore).to(dtype)
     w_t = keep if w is None else w[safe_target] * keep
-    mod = _pow((1 - logp_y.exp()).clamp(min=0), gamma)
-    loss = -float(alpha) * mod * logp_y * w_t
+    mod = safe_pow((1 - logp_y.exp()).clamp(min=0), gamma)
+    loss = -alpha * mod * logp_y * w_t
     if reduction == "mean":
         return _safe_div(loss.sum(), w_t.sum())
-    return reduce(loss, reduction)
-
-
-def _quality_focal_loss_formula(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    gamma: float = 2.0,
-    alpha: Optional[float] = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Eager formula of :func:`quality_focal_loss` (validated tensors in the compute dtype)."""
-    loss = _bce_with_logits_formula(input, target, reduction="none")
-    loss = loss * _pow((target - torch.sigmoid(input)).abs(), gamma)
-    if alpha is not None:
-        loss = loss * (target * alpha + (1 - target) * (1 - alpha))
     return reduce(loss, reduction)
 
 
@@ -177,35 +132,14 @@ def quality_focal_loss(
 
     ``alpha=None, gamma=2`` is GFL's QFL (Li et al. 2020, arXiv:2006.04388, with the dense
     target: the quality score at the labelled class, 0 elsewhere; GFL names gamma "beta");
-    ``alpha=0.25, gamma=1.5`` is YOLOv5 v7.0's ``QFocalLoss``.
+    ``alpha=0.25, gamma=1.5`` is YOLOv5 v7.0's ``QFocalLoss``; ``alpha`` is None or in [0, 1].
     """
     _check_logits_targets(input, target)
     check_reduction(reduction)
     gamma = _check_gamma(gamma)
-    if kernels.use_fused(input, target):
-        return kernels.fused_quality_focal_loss(input, target, gamma, alpha, reduction)
-    dtype = compute_dtype(input, target)
-    return _quality_focal_loss_formula(
-        upcast(input, dtype),
-        upcast(target, dtype),
-        gamma=gamma,
-        alpha=None if alpha is None else float(alpha),
-        reduction=reduction,
-    )
-
-
-def _varifocal_loss_formula(
-    input: torch.Tensor,
-    target_score: torch.Tensor,
-    label: torch.Tensor,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Eager formula of :func:`varifocal_loss` (validated tensors in the compute dtype)."""
-    weight = alpha * _pow(torch.sigmoid(input), gamma) * (1 - label) + target_score * label
-    loss = _bce_with_logits_formula(input, target_score, reduction="none") * weight
-    return reduce(loss, reduction)
+    alpha = None if alpha is None else check_unit_interval("alpha", alpha)
+    compiled = kernels.use_fused(input, target)
+    return kernels.fused_quality_focal_loss(input, target, gamma, alpha, reduction, compiled=compiled)
 
 
 def varifocal_loss(
@@ -222,10 +156,12 @@ def varifocal_loss(
 
     .. math:: \ell = \bigl[\alpha\,\sigma(x)^\gamma\,(1 - l) + q\,l\bigr]\ \mathrm{BCE}(x, q)
 
-    with :math:`q` = ``target_score`` and :math:`l` = ``label`` (1 at the positive's class, else 0).
-    Source: Zhang et al. 2021, VarifocalNet (arXiv:2008.13367), in the weighting of ultralytics'
-    ``VarifocalLoss`` (alpha=0.75, gamma=2; the weight is not detached). ``"none"`` gives the
-    elementwise loss; ultralytics' value is ``varifocal_loss(..., reduction="none").mean(1).sum()``.
+    with :math:`q` = ``target_score`` (in [0, 1]) and :math:`l` = ``label`` (1 at the positive's
+    class, else 0: any other value is a ValueError). Source: Zhang et al. 2021, VarifocalNet
+    (arXiv:2008.13367), in the weighting of ultralytics' ``VarifocalLoss`` (alpha=0.75, gamma=2;
+    the weight is not detached); ``alpha``, the weight of the negatives, lies in [0, 1].
+    ``"none"`` gives the elementwise loss; ultralytics' value is
+    ``varifocal_loss(..., reduction="none").mean(1).sum()``.
     """
     check_floating("input", input)
     _check_logits_targets(input, target_score, "target_score")
@@ -233,16 +169,9 @@ def varifocal_loss(
     if label.is_complex():
         raise TypeError(f"label: expected a real (0/1) tensor, got dtype {label.dtype}")
     check_same_shape("input", input, "label", label)
+    check_binary("label", label)
     check_reduction(reduction)
     gamma = _check_gamma(gamma)
-    if kernels.use_fused(input, target_score, label):
-        return kernels.fused_varifocal_loss(input, target_score, label, float(alpha), gamma, reduction)
-    dtype = compute_dtype(input, target_score, label)
-    return _varifocal_loss_formula(
-        upcast(input, dtype),
-        upcast(target_score, dtype),
-        upcast(label, dtype),
-        alpha=float(alpha),
-        gamma=gamma,
-        reduction=reduction,
-    )
+    alpha = check_unit_interval("alpha", alpha)
+    compiled = kernels.use_fused(input, target_score, label)
+    return kernels.fused_varifocal_loss(input, target_score, label, alpha, gamma, reduction, compiled=compiled)

@@ -1,35 +1,41 @@
-"""Fused single-pass "loss and closed-form gradient" kernels for the dense and box losses.
+"""Single-pass "loss and closed-form gradient" kernels behind the dense and box losses.
 
 A detector's dense losses run over every anchor times every class (160,000 x 80 logits for a
 batch of 8 at 640 px). Written as a chain of tensor ops, every op reads and writes the whole
 tensor and autograd keeps several of them alive for backward. Here each loss is one elementwise
-pass that reads the inputs once and writes the loss (or adds it up) and its gradient with respect
-to the logits (or the predicted boxes) together, with the derivative in closed form; only the
-gradient is kept for backward, which scales it by ``grad_output`` in place. The pass is compiled
-with ``torch.compile(dynamic=True)``: Inductor emits one C++/OpenMP loop on CPU and one Triton
-kernel on GPU from the same source, reused for every shape (no recompilation per batch size).
+*closed form* that computes the loss and its gradient with respect to the logits (or the predicted
+boxes) together, with the derivative in closed form; only the gradient is kept for backward,
+which scales it by ``grad_output`` in place. Two ways run it:
+
+* **compiled** (the fused path): ``torch.compile(dynamic=True)``; Inductor emits one C++/OpenMP loop
+  on CPU and one Triton kernel on GPU from the same source, reused for every shape. Used when the
+  input requires grad, has at least ``DETLOSS_FUSED_MIN_NUMEL`` elements (default 262144 = 2**18;
+  below that a loss costs well under a millisecond and a first call would pay the compile time for
+  nothing) and no other tensor requires grad, outside an enclosing ``torch.compile`` or
+  ``torch.func`` transform (:func:`use_fused`).
+* **plain** (everything else): the same closed form, eagerly, over chunks of the input small
+  enough for the cache (on CPU). No compiler, no first-call cost; exact tiny gradients.
+
+Gradients of targets or weights that require grad and second derivatives (``create_graph=True``)
+come from autograd through each loss's *formula* (the loss written as its original writes it),
+as does everything under ``vmap`` or an enclosing ``torch.compile``; ``torch.func.grad`` runs the
+plain path (:class:`FusedLoss` has ``setup_context``).
 
 Which losses: :func:`detloss.functional.bce_with_logits`, ``sigmoid_focal_loss``, ``bce_blur``,
 ``quality_focal_loss``, ``varifocal_loss`` (:mod:`detloss.kernels.dense`) and ``iou_loss`` for
-giou/diou/ciou in both conventions (:mod:`detloss.kernels.iou`). Those functions call
-:func:`use_fused` after validating and dispatch here when it says so; results equal their plain
-autograd formulas (the ground truth in the tests) to rounding, gradients included.
-
-When the fused path is used (:func:`use_fused`): autograd needs the gradient of the input, no
-other tensor needs one, and the input has at least ``DETLOSS_FUSED_MIN_NUMEL`` elements (default
-262144 = 2**18; below that a loss costs well under a millisecond and a first call would pay the
-compile time for nothing), outside an enclosing ``torch.compile`` or ``torch.func`` transform.
+giou/diou/ciou/iou in both conventions (:mod:`detloss.kernels.iou`, with the IoU formulas in
+:mod:`detloss.kernels.iou_formula`). Results equal the formulas (the ground truth in the tests) to
+rounding, gradients included. This package never imports :mod:`detloss.functional`.
 
 Environment switches (read at every call):
 
-* ``DETLOSS_FUSED=0``: never fuse; every call runs the plain autograd formula.
-* ``DETLOSS_COMPILE=0``: fuse, but run the eager closed-form pass instead of compiling it (for
-  platforms without a C++ compiler or Triton; a failing compile also falls back, with a warning).
+* ``DETLOSS_FUSED=0``: never compile; every call runs the plain path.
+* ``DETLOSS_COMPILE=0``: the same (for platforms without a C++ compiler or Triton); a pass that
+  fails to compile also falls back to the plain path, with a warning.
 * ``DETLOSS_FUSED_MIN_NUMEL=N``: the size threshold above.
 
-Costs: the first call of each configuration (loss, reduction, hyperparameters, dtypes) compiles
-once, a few seconds on CPU; Inductor's on-disk cache makes later processes faster. Double
-backward (``create_graph=True``) raises a RuntimeError: set ``DETLOSS_FUSED=0`` for it.
+Costs: the first compiled call of each configuration (loss, reduction, hyperparameters, dtypes)
+compiles once, a few seconds on CPU; Inductor's on-disk cache makes later processes faster.
 """
 from __future__ import annotations
 
@@ -38,12 +44,20 @@ from ._runtime import (
     ENV_COMPILE,
     ENV_FUSED,
     ENV_MIN_NUMEL,
+    FusedLoss,
+    FusedLossForTransforms,
+    LossPass,
+    apply_pass,
     compile_enabled,
     fused_enabled,
+    is_functorch_wrapped,
     min_numel,
+    under_vmap,
+    unwrap_functorch,
     use_fused,
 )
 from .dense import (
+    BLUR_EPS,
     fused_bce_blur,
     fused_bce_with_logits,
     fused_quality_focal_loss,
@@ -59,9 +73,17 @@ __all__ = [
     "ENV_COMPILE",
     "ENV_FUSED",
     "ENV_MIN_NUMEL",
+    "BLUR_EPS",
+    "FusedLoss",
+    "FusedLossForTransforms",
+    "LossPass",
+    "apply_pass",
     "compile_enabled",
     "fused_enabled",
+    "is_functorch_wrapped",
     "min_numel",
+    "under_vmap",
+    "unwrap_functorch",
     "use_fused",
     "fused_bce_with_logits",
     "fused_sigmoid_focal_loss",

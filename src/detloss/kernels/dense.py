@@ -1,86 +1,108 @@
-r"""Fused dense losses: BCE-with-logits, sigmoid focal, BCE-blur, quality focal and varifocal.
+r"""The dense losses: BCE-with-logits, sigmoid focal, BCE-blur, quality focal and varifocal.
 
-Each loss is written once as an *elementwise closed form* ``(x, ...) -> (loss, dloss/dx)`` that
-shares one exponential between the sigmoid and the softplus, exactly as darknet computes its
-``delta`` next to its cost instead of differentiating a graph:
+Each loss is written twice, on purpose:
+
+* a *closed form* ``(x, ...) -> (loss, dloss/dx)``, elementwise, that every path runs (compiled
+  into one loop, or eagerly chunk by chunk), with the BCE core :func:`bce_closed_form` that the
+  others build on;
+* a *formula*, the loss as its original writes it (torchvision's ``sigmoid_focal_loss``, PyTorch's
+  BCE expression), differentiated by autograd only where the closed form has nothing to say:
+  gradients of targets or weights, second derivatives, ``vmap``.
+
+The closed form of the BCE with :math:`p = \sigma(x)`, :math:`q = \sigma(-x)` (each computed to
+full relative precision), :math:`\ell_{sp} = \log(1 + e^{-|x|})`, :math:`p_w` = ``pos_weight``
+(1 without it) and :math:`l_w = 1 + (p_w - 1) y`:
 
 .. math::
-    e = e^{-|x|},\quad p = \sigma(x) = \begin{cases}1/(1+e) & x \ge 0\\ e/(1+e) & x < 0\end{cases},
-    \quad \ell_{\mathrm{sp}} = \log(1 + e)
+    \mathrm{BCE} = (1 - y)\max(x, 0) + p_w y \max(-x, 0) + l_w \ell_{sp},\qquad
+    \frac{\partial\,\mathrm{BCE}}{\partial x} = (1 - y)\,p - p_w y\,q
 
-    \mathrm{BCE} = \begin{cases}(1-y)\,x + l_w \ell_{\mathrm{sp}} & x \ge 0\\
-                                 l_w \ell_{\mathrm{sp}} - p_w y\,x & x < 0\end{cases},\qquad
-    \frac{\partial\,\mathrm{BCE}}{\partial x} = \begin{cases}(1-y) - l_w (1-p) & x \ge 0\\
-                                 l_w\,p - p_w y & x < 0\end{cases}
-
-with :math:`l_w = 1 + (p_w - 1) y` (:math:`p_w` = ``pos_weight``, 1 without it): the same branches
-as :func:`detloss.functional.bce_with_logits`, so no digits are lost at large :math:`|x|`. A
-modulating factor :math:`f` gives :math:`\partial(\mathrm{BCE} f) = f\,\partial\mathrm{BCE} +
-\mathrm{BCE}\,\partial f`, with :math:`\partial p/\partial x = p(1-p)`:
+Every term is a sum of non-negative parts or a difference of two independent ones, so neither
+the value nor the gradient cancels: the gradient at ``x = -60, y = 0`` is :math:`\sigma(-60)`
+(8.8e-27), not 0. A modulating factor :math:`f` gives :math:`\partial(\mathrm{BCE} f) = f\,
+\partial\mathrm{BCE} + \mathrm{BCE}\,\partial f`, with :math:`\partial p/\partial x = p\,q`:
 
 * sigmoid focal (Lin et al. 2017; torchvision): :math:`f = \alpha_t m^\gamma`,
-  :math:`m = 1 - p_t`, :math:`\partial m = p(1-p)(1 - 2y)`;
+  :math:`m = 1 - p_t = (1 - y) p + y q`, :math:`\partial m = p q (1 - 2y)`;
 * quality focal (Li et al. 2020 GFL; YOLOv5 QFocalLoss): :math:`f = \alpha_t |y - p|^\gamma`,
-  :math:`\partial |y - p| = -\mathrm{sign}(y - p)\,p(1-p)`;
-* varifocal (Zhang et al. 2021; ultralytics): :math:`f = \alpha p^\gamma (1 - l) + q\,l`,
-  :math:`\partial f = \alpha (1 - l)\,\gamma p^{\gamma - 1} p(1-p)`;
+  :math:`\partial |y - p| = -\mathrm{sign}(y - p)\,p q`;
+* varifocal (Zhang et al. 2021; ultralytics): :math:`f = \alpha p^\gamma (1 - l) + s\,l`,
+  :math:`\partial f = \alpha (1 - l)\,\gamma p^{\gamma - 1} p q`;
 * BCE-blur (YOLOv5): :math:`f = 1 - z`, :math:`z = \exp((p - y - 1)/(\alpha + 10^{-4}))`,
-  :math:`\partial f = -z\,p(1-p)/(\alpha + 10^{-4})`.
+  :math:`\partial f = -z\,p q/(\alpha + 10^{-4})`.
+
+The closed forms are written for both ways they run: compiled, where one ``exp`` gives the sigmoid
+of both signs and the softplus (the selects are free in a fused loop), and eager, where they use no
+boolean tensors (a select over a boolean mask costs about ten multiplications on CPU) and update
+their temporaries in place (never their inputs); ``1 - t`` is ``torch.rsub(t, 1)``, which skips
+the Python wrapper of the reflected operator.
 
 The ``fused_*`` functions take tensors already validated by :mod:`detloss.functional` (any floating
 dtype; half precision is computed in float32) and return the loss in the compute dtype.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ._runtime import CompiledPass, FusedLoss, cached_pass
+from ._runtime import LossPass, apply_pass, cached_pass
 
 Scalar = Union[torch.Tensor, float]
 
+#: YOLOv5's BCEBlurWithLogitsLoss adds this to ``alpha`` in the exponent's denominator.
+BLUR_EPS = 1e-4
+
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise closed forms
+# The BCE core
 # ---------------------------------------------------------------------------------------------
 
 
-def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x >= 0``, ``p = sigmoid(x)``, ``1 - p`` as ``sigmoid(-x)`` and ``log1p(exp(-|x|))``, from one exp."""
-    pos = x >= 0
-    e = torch.exp(-x.abs())
-    r = 1 / (1 + e)
-    er = e * r
-    p = torch.where(pos, r, er)
-    q = torch.where(pos, er, r)
-    return pos, p, q, torch.log1p(e)
+class BCEParts(NamedTuple):
+    """The elementwise BCE, its derivative and the parts the modulating factors reuse."""
+
+    loss: torch.Tensor
+    grad: torch.Tensor
+    p: torch.Tensor  #: sigmoid(x)
+    q: torch.Tensor  #: sigmoid(-x) = 1 - p, to full relative precision
+    a: torch.Tensor  #: (1 - y) p
+    b: torch.Tensor  #: y q; a + b = 1 - p_t, the focal loss's base (|y - p| for y in {0, 1})
 
 
-def _bce(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    parts: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    pos_weight: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BCE-with-logits and its derivative in ``x``, branch by branch (module docstring)."""
-    pos, p, q, lsp = parts
+def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sigmoid(x)``, ``sigmoid(-x)`` and ``log(1 + exp(-|x|))``."""
+    if torch.compiler.is_compiling():  # one exp for all three; Inductor fuses the selects
+        pos = x >= 0
+        e = torch.exp(-x.abs())
+        r = 1 / (1 + e)
+        s = e * r
+        return torch.where(pos, r, s), torch.where(pos, s, r), torch.log1p(e)
+    return torch.sigmoid(x), torch.neg(x).sigmoid_(), x.abs().neg_().exp_().log1p_()
+
+
+def bce_parts(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor] = None) -> BCEParts:
+    """BCE-with-logits (PyTorch's ``pos_weight``) and its derivative in ``x`` (module docstring)."""
+    p, q, lsp = _logistic(x)
+    ny = torch.rsub(y, 1)
+    relu_x = x.clamp(min=0)
+    a, b = ny * p, y * q
     if pos_weight is None:
-        loss = torch.where(pos, (1 - y) * x + lsp, lsp - y * x)
-        grad = torch.where(pos, (1 - y) - q, p - y)
+        loss = lsp.addcmul_(ny, relu_x).addcmul_(y, relu_x - x)  # relu_x - x = max(-x, 0), exactly
+        grad = a - b
     else:
-        lw = 1 + (pos_weight - 1) * y
         pwy = pos_weight * y
-        loss = torch.where(pos, (1 - y) * x + lw * lsp, lw * lsp - pwy * x)
-        grad = torch.where(pos, (1 - y) - lw * q, lw * p - pwy)
-    return loss, grad
+        loss = lsp.mul_(ny + pwy).addcmul_(ny, relu_x).addcmul_(pwy, relu_x - x)
+        grad = a - pos_weight * b
+    return BCEParts(loss, grad, p, q, a, b)
 
 
 def _pow_and_slope(base: torch.Tensor, gamma: float) -> Tuple[Scalar, Optional[Scalar]]:
     """``base ** gamma`` and its derivative ``gamma * base ** (gamma - 1)`` for ``base >= 0``.
 
-    The slope is None for ``gamma == 0`` and 0 at ``base == 0`` for ``0 < gamma < 1`` (the
-    convention of :mod:`detloss.functional`). Common exponents become multiplications.
+    The slope is None for ``gamma == 0`` and 0 at ``base == 0`` for ``0 < gamma < 1`` (where the
+    true slope is infinite and its product with the vanishing rest is 0). Common exponents become
+    multiplications.
     """
     if gamma == 0:
         return 1.0, None
@@ -90,10 +112,10 @@ def _pow_and_slope(base: torch.Tensor, gamma: float) -> Tuple[Scalar, Optional[S
         return base * base, 2 * base
     if gamma == 3:
         sq = base * base
-        return sq * base, 3 * sq
+        return sq * base, sq.mul_(3)
     if gamma == 1.5:
         s = torch.sqrt(base)
-        return base * s, 1.5 * s
+        return base * s, s.mul_(1.5)
     if gamma > 1:
         return base**gamma, gamma * base ** (gamma - 1)
     nz = base > 0
@@ -102,17 +124,23 @@ def _pow_and_slope(base: torch.Tensor, gamma: float) -> Tuple[Scalar, Optional[S
 
 
 def _alpha_t(y: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha * y + (1 - alpha) * (1 - y)
+    """``alpha * y + (1 - alpha) * (1 - y)``."""
+    return (2 * alpha - 1) * y + (1 - alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms
+# ---------------------------------------------------------------------------------------------
 
 
 def bce_with_logits_closed_form(
     x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], pos_weight: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise BCE-with-logits (``weight``, ``pos_weight``) and its derivative in ``x``."""
-    loss, grad = _bce(x, y, _logistic(x), pos_weight)
-    if weight is not None:
-        loss, grad = loss * weight, grad * weight
-    return loss, grad
+    parts = bce_parts(x, y, pos_weight)
+    if weight is None:
+        return parts.loss, parts.grad
+    return parts.loss.mul_(weight), parts.grad.mul_(weight)
 
 
 def sigmoid_focal_closed_form(
@@ -120,18 +148,16 @@ def sigmoid_focal_closed_form(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise sigmoid focal loss (torchvision semantics; ``pos_weight`` on the BCE term as
     YOLOv5's FocalLoss) and its derivative in ``x``."""
-    parts = _logistic(x)
-    p, q = parts[1], parts[2]  # sigmoid(x), sigmoid(-x)
-    ce, dce = _bce(x, y, parts, pos_weight)
-    # m = 1 - p_t = p (1 - y) + (1 - p) y: non-negative for y in [0, 1], no cancellation
-    m = p * (1 - y) + q * y
-    mod, slope = _pow_and_slope(m, gamma)
-    loss, grad = ce * mod, dce * mod
+    ce, dce, p, q, a, b = bce_parts(x, y, pos_weight)
+    mod, slope = _pow_and_slope(a.add_(b), gamma)  # base m = 1 - p_t (non-negative, no cancellation)
+    loss, grad = ce * mod, dce.mul_(mod)
     if slope is not None:
-        grad = grad + ce * slope * (p * q * (1 - 2 * y))
+        dm = p.mul_(q)
+        dm.addcmul_(dm, y, value=-2)  # d m / d x = p q (1 - 2 y)
+        grad.add_(dm.mul_(ce).mul_(slope))
     if alpha >= 0:
         at = _alpha_t(y, alpha)
-        loss, grad = at * loss, at * grad
+        loss, grad = loss.mul_(at), grad.mul_(at)
     return loss, grad
 
 
@@ -139,17 +165,15 @@ def quality_focal_closed_form(
     x: torch.Tensor, y: torch.Tensor, *, gamma: float, alpha: Optional[float]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise quality focal loss (GFL's QFL / YOLOv5's QFocalLoss) and its derivative."""
-    parts = _logistic(x)
-    p = parts[1]
-    ce, dce = _bce(x, y, parts)
+    ce, dce, p, q, _, _ = bce_parts(x, y)
     d = y - p
     mod, slope = _pow_and_slope(d.abs(), gamma)
-    loss, grad = ce * mod, dce * mod
+    loss, grad = ce * mod, dce.mul_(mod)
     if slope is not None:
-        grad = grad - ce * slope * torch.sign(d) * (p * (1 - p))
+        grad.sub_(torch.sign(d).mul_(p).mul_(q).mul_(ce).mul_(slope))
     if alpha is not None:
         at = _alpha_t(y, alpha)
-        loss, grad = loss * at, grad * at
+        loss, grad = loss.mul_(at), grad.mul_(at)
     return loss, grad
 
 
@@ -157,15 +181,13 @@ def varifocal_closed_form(
     x: torch.Tensor, score: torch.Tensor, label: torch.Tensor, *, alpha: float, gamma: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise varifocal loss (ultralytics weighting, not detached) and its derivative."""
-    parts = _logistic(x)
-    p = parts[1]
-    ce, dce = _bce(x, score, parts)
+    ce, dce, p, q, _, _ = bce_parts(x, score)
     powp, slope = _pow_and_slope(p, gamma)
-    neg = alpha * (1 - label)
-    w = neg * powp + score * label
-    loss, grad = ce * w, dce * w
+    neg = torch.rsub(label, 1).mul_(alpha)
+    w = (neg * powp).add_(score * label)
+    loss, grad = ce * w, dce.mul_(w)
     if slope is not None:
-        grad = grad + ce * neg * slope * (p * (1 - p))
+        grad.add_(p.mul_(q).mul_(neg).mul_(ce).mul_(slope))
     return loss, grad
 
 
@@ -173,17 +195,75 @@ def bce_blur_closed_form(
     x: torch.Tensor, y: torch.Tensor, *, alpha: float, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise YOLOv5 BCE-blur (``eps`` = its 1e-4 added to alpha) and its derivative in ``x``."""
-    parts = _logistic(x)
-    p = parts[1]
-    ce, dce = _bce(x, y, parts)
-    denom = alpha + eps
-    z = torch.exp((p - y - 1) / denom)
-    factor = 1 - z
-    return ce * factor, dce * factor - ce * z * (p * (1 - p)) / denom
+    ce, dce, p, q, _, _ = bce_parts(x, y)
+    inv = 1 / (alpha + eps)
+    z = ((p - y).sub_(1)).mul_(inv).exp_()
+    dz = (z * p).mul_(q).mul_(inv)  # d z / d x
+    factor = torch.rsub(z, 1)
+    return ce * factor, dce.mul_(factor).sub_(dz.mul_(ce))
 
 
 # ---------------------------------------------------------------------------------------------
-# Public fused entry points
+# Formulas (autograd: targets' and weights' gradients, second derivatives, vmap)
+# ---------------------------------------------------------------------------------------------
+
+
+def safe_pow(base: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``base ** gamma`` for ``base >= 0``; for 0 < gamma < 1 the gradient at base == 0 is taken
+    as 0 instead of the ``inf * 0 = NaN`` that plain ``pow`` produces."""
+    if gamma == 0 or gamma >= 1:
+        return base**gamma
+    pos = base > 0
+    return torch.where(pos, torch.where(pos, base, torch.ones_like(base)) ** gamma, torch.zeros_like(base))
+
+
+def bce_with_logits_formula(
+    x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None, pos_weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """PyTorch's own BCE-with-logits expression ``(1 - y) x - l_w log(sigmoid(x))`` (times ``weight``),
+    differentiable in every tensor, twice."""
+    log_sig = torch.nn.functional.logsigmoid(x)
+    loss = (1 - y) * x - (log_sig if pos_weight is None else (1 + (pos_weight - 1) * y) * log_sig)
+    return loss if weight is None else loss * weight
+
+
+def sigmoid_focal_formula(
+    x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor] = None, *, alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """torchvision's ``sigmoid_focal_loss``, term for term (``pos_weight`` on the BCE term)."""
+    p = torch.sigmoid(x)
+    ce = bce_with_logits_formula(x, y, pos_weight=pos_weight)
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * safe_pow((1 - p_t).clamp(min=0), gamma)
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return loss
+
+
+def quality_focal_formula(x: torch.Tensor, y: torch.Tensor, *, gamma: float = 2.0, alpha: Optional[float] = None):
+    """GFL's QFL / YOLOv5's QFocalLoss: ``BCE * |y - sigmoid(x)|^gamma`` (times alpha_t)."""
+    loss = bce_with_logits_formula(x, y) * safe_pow((y - torch.sigmoid(x)).abs(), gamma)
+    if alpha is not None:
+        loss = loss * (y * alpha + (1 - y) * (1 - alpha))
+    return loss
+
+
+def varifocal_formula(x: torch.Tensor, score: torch.Tensor, label: torch.Tensor, *, alpha: float = 0.75,
+                      gamma: float = 2.0) -> torch.Tensor:
+    """ultralytics' ``VarifocalLoss`` weighting: ``(alpha p^gamma (1 - label) + score label) BCE(x, score)``."""
+    weight = alpha * safe_pow(torch.sigmoid(x), gamma) * (1 - label) + score * label
+    return bce_with_logits_formula(x, score) * weight
+
+
+def bce_blur_formula(x: torch.Tensor, y: torch.Tensor, *, alpha: float = 0.05, eps: float = BLUR_EPS):
+    """YOLOv5's ``BCEBlurWithLogitsLoss``: ``BCE * (1 - exp((sigmoid(x) - y - 1) / (alpha + eps)))``."""
+    dx = torch.sigmoid(x) - y
+    return bce_with_logits_formula(x, y) * (1 - torch.exp((dx - 1) / (alpha + eps)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
 # ---------------------------------------------------------------------------------------------
 
 
@@ -194,11 +274,18 @@ CLOSED_FORMS: Dict[str, Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = {
     "varifocal_loss": varifocal_closed_form,
     "bce_blur": bce_blur_closed_form,
 }
+FORMULAS: Dict[str, Callable[..., torch.Tensor]] = {
+    "bce_with_logits": bce_with_logits_formula,
+    "sigmoid_focal_loss": sigmoid_focal_formula,
+    "quality_focal_loss": quality_focal_formula,
+    "varifocal_loss": varifocal_formula,
+    "bce_blur": bce_blur_formula,
+}
 
 
-def get_pass(name: str, reduction: str, **params) -> CompiledPass:
-    """The cached compiled pass of dense loss ``name`` (a key of :data:`CLOSED_FORMS`)."""
-    return cached_pass(name, CLOSED_FORMS[name], reduction, **params)
+def get_pass(name: str, reduction: str, **params) -> LossPass:
+    """The cached pass of dense loss ``name`` (a key of :data:`CLOSED_FORMS`)."""
+    return cached_pass(name, CLOSED_FORMS[name], FORMULAS[name], reduction, **params)
 
 
 def fused_bce_with_logits(
@@ -207,9 +294,11 @@ def fused_bce_with_logits(
     weight: Optional[torch.Tensor] = None,
     pos_weight: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.bce_with_logits` (same arguments, validated)."""
-    return FusedLoss.apply(get_pass("bce_with_logits", reduction), input, target, weight, pos_weight)
+    """:func:`detloss.functional.bce_with_logits` on validated arguments; ``compiled``: the
+    compiled pass, else the plain one (see :func:`detloss.kernels.apply_pass`)."""
+    return apply_pass(get_pass("bce_with_logits", reduction), compiled, input, target, weight, pos_weight)
 
 
 def fused_sigmoid_focal_loss(
@@ -219,10 +308,11 @@ def fused_sigmoid_focal_loss(
     gamma: float = 2.0,
     reduction: str = "none",
     pos_weight: Optional[torch.Tensor] = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.sigmoid_focal_loss` (same arguments, validated)."""
-    run = get_pass("sigmoid_focal_loss", reduction, alpha=float(alpha), gamma=float(gamma))
-    return FusedLoss.apply(run, input, target, pos_weight)
+    """:func:`detloss.functional.sigmoid_focal_loss` on validated arguments."""
+    pass_ = get_pass("sigmoid_focal_loss", reduction, alpha=float(alpha), gamma=float(gamma))
+    return apply_pass(pass_, compiled, input, target, pos_weight)
 
 
 def fused_quality_focal_loss(
@@ -231,11 +321,11 @@ def fused_quality_focal_loss(
     gamma: float = 2.0,
     alpha: Optional[float] = None,
     reduction: str = "mean",
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.quality_focal_loss` (same arguments, validated)."""
+    """:func:`detloss.functional.quality_focal_loss` on validated arguments."""
     a = None if alpha is None else float(alpha)
-    run = get_pass("quality_focal_loss", reduction, gamma=float(gamma), alpha=a)
-    return FusedLoss.apply(run, input, target)
+    return apply_pass(get_pass("quality_focal_loss", reduction, gamma=float(gamma), alpha=a), compiled, input, target)
 
 
 def fused_varifocal_loss(
@@ -245,17 +335,15 @@ def fused_varifocal_loss(
     alpha: float = 0.75,
     gamma: float = 2.0,
     reduction: str = "mean",
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.varifocal_loss` (same arguments, validated)."""
-    run = get_pass("varifocal_loss", reduction, alpha=float(alpha), gamma=float(gamma))
-    return FusedLoss.apply(run, input, target_score, label)
+    """:func:`detloss.functional.varifocal_loss` on validated arguments."""
+    pass_ = get_pass("varifocal_loss", reduction, alpha=float(alpha), gamma=float(gamma))
+    return apply_pass(pass_, compiled, input, target_score, label)
 
 
 def fused_bce_blur(
-    input: torch.Tensor, target: torch.Tensor, alpha: float = 0.05, reduction: str = "mean"
+    input: torch.Tensor, target: torch.Tensor, alpha: float = 0.05, reduction: str = "mean", compiled: bool = True
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.bce_blur` (same arguments, validated)."""
-    from ..functional.bce import BLUR_EPS  # late: functional imports this package
-
-    run = get_pass("bce_blur", reduction, alpha=float(alpha), eps=BLUR_EPS)
-    return FusedLoss.apply(run, input, target)
+    """:func:`detloss.functional.bce_blur` on validated arguments."""
+    return apply_pass(get_pass("bce_blur", reduction, alpha=float(alpha), eps=BLUR_EPS), compiled, input, target)

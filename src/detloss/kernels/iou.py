@@ -27,8 +27,15 @@ exactly 0) and adds eps to both heights of xyxy boxes. Sources: torchvision.ops 
 Rezatofighi et al. 2019 (GIoU), Zheng et al. 2020 (DIoU, CIoU).
 
 The pass is written for vector lanes (one reciprocal per denominator, CIoU's angle difference with
-one ``atan``: :func:`iou_closed_form`) and compiled with the options of :func:`box_pass_options`,
-under which Inductor vectorizes the strided loads of ``[N, 4]`` boxes.
+one ``atan``: :func:`iou_closed_form`; ``1 - t`` and ``1 / t`` as ``torch.rsub`` and
+``torch.reciprocal``, which skip the Python wrappers of reflected operators in the eager pass) and compiled with the options of :func:`box_pass_options`,
+under which Inductor vectorizes the strided loads of ``[N, 4]`` boxes. Like the formula, it first
+scales each pair by a power of two (:func:`detloss.kernels.iou_formula.scale_pairs`), so that no
+area or squared distance overflows or underflows, and scales the gradient back.
+
+Boxes that are inverted (``x2 < x1``; accepted by ``validate=False``) go through the same
+arithmetic as in the formula, branch for branch: negative sides, an intersection that counts only
+where it is positive, the aspect angle's limit where a height is not positive.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._runtime import CompiledPass, FusedLoss, cached_pass, inductor_options
+from ._runtime import LossPass, apply_pass, cached_pass, inductor_options
+from .iou_formula import iou_loss_formula, scale_pairs
 
 #: The kinds with a fused pass (EIoU and SIoU run the plain formula).
 FUSED_KINDS = ("iou", "giou", "diou", "ciou")
@@ -47,11 +55,12 @@ _V_SCALE = 4 / math.pi**2
 
 
 def _sel_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d max(a, b) / da: 1 where a > b, 1/2 on a tie, else 0 (and d min(a, b) / da = 1 - this)."""
-    return torch.where(a > b, 1.0, torch.where(a == b, 0.5, 0.0)).to(a.dtype)
+    """d max(a, b) / da: 1 where a > b, 1/2 on a tie, else 0 (and d min(a, b) / da = 1 - this);
+    from the sign of ``a - b``, which is 0 only on a tie (no boolean tensors)."""
+    return torch.sub(a, b).sign_().add_(1).mul_(0.5)
 
 
-def _corners(boxes: torch.Tensor, box_format: str, h_eps: float):
+def _corners(boxes: torch.Tensor, box_format: str, h_eps):
     """(x1, y1, x2, y2, w, h); w and h are the given sides for cxcywh, x2 - x1 and y2 - y1 (+ h_eps) for xyxy."""
     if box_format == "xyxy":
         x1, y1, x2, y2 = boxes.unbind(-1)
@@ -93,8 +102,7 @@ def _aspect_angle_difference(w1: torch.Tensor, h1: torch.Tensor, w2: torch.Tenso
     angle = torch.atan(cross / torch.where(cross == 0, 1.0, dot))  # 0 / 0 only after underflow
     half_turn = (cross >= 0).to(angle.dtype) * (2 * math.pi) - math.pi  # +-pi in angle's dtype
     diff = torch.where(dot < 0, angle + half_turn, angle)
-    ok = h1 > 0
-    inv = torch.where(ok, 1 / (m1 * (n_w1 * n_w1 + n_h1 * n_h1)), 0.0)
+    inv = torch.where(h1 > 0, torch.reciprocal(m1 * (n_w1 * n_w1 + n_h1 * n_h1)), 0.0)
     return diff, n_h1 * inv, -n_w1 * inv
 
 
@@ -106,33 +114,29 @@ def iou_closed_form(
     Written for one vectorized loop: every quotient by the same denominator multiplies by one
     reciprocal (division is the slowest vector arithmetic after ``atan``), the CIoU aspect term takes
     one ``atan`` instead of two (``atan2`` would cost three), and each ``min``/``max`` pair shares
-    one tie selector. The values agree with the formula to rounding (a reciprocal and a product
-    can differ from the quotient in the last bit).
+    one tie selector; no boolean masks outside the aspect angle (eager selects are slow on CPU).
+    Both conventions share the intersection's derivative: each side clamped at 0 counts where both
+    are positive (torchvision's mask), which is also where YOLOv5's clamp of each side has one. The
+    values agree with the formula to rounding (a reciprocal and a product can differ from the
+    quotient in the last bit).
     """
-    h_eps = eps if (convention == "yolov5" and box_format == "xyxy") else 0.0
+    pred, target, e, scale = scale_pairs(pred, target, eps)
+    h_eps = e.length if (convention == "yolov5" and box_format == "xyxy") else 0.0
     x1, y1, x2, y2, w1, h1 = _corners(pred, box_format, h_eps)
     X1, Y1, X2, Y2, w2, h2 = _corners(target, box_format, h_eps)
 
     # d max(p, q)/dp for each coordinate pair; d min(p, q)/dp = 1 - it
     s_x1, s_y1 = _sel_max(x1, X1), _sel_max(y1, Y1)
     s_x2, s_y2 = _sel_max(x2, X2), _sel_max(y2, Y2)
-    ix1, iy1 = torch.maximum(x1, X1), torch.maximum(y1, Y1)
-    ix2, iy2 = torch.minimum(x2, X2), torch.minimum(y2, Y2)
-    iw, ih = ix2 - ix1, iy2 - iy1
-    if convention == "torchvision":
-        inside = (iy2 > iy1) & (ix2 > ix1)
-        inter = torch.where(inside, iw * ih, 0.0)
-        keep_w = keep_h = inside
-    else:
-        keep_w, keep_h = iw > 0, ih > 0
-        iw, ih = torch.where(keep_w, iw, 0.0), torch.where(keep_h, ih, 0.0)
-        inter = iw * ih
-    u = w1 * h1 + w2 * h2 - inter + eps
-    inv_u = 1 / u
+    iw = (torch.minimum(x2, X2) - torch.maximum(x1, X1)).clamp_(min=0)
+    ih = (torch.minimum(y2, Y2) - torch.maximum(y1, Y1)).clamp_(min=0)
+    inter = iw * ih
+    union = w1 * h1 + w2 * h2 - inter
+    inv_u = torch.reciprocal(union + e.area)
     iou = inter * inv_u
     value = iou
-    g_inter = inv_u  # d value / d inter through the numerator
     g_union = -iou * inv_u  # d value / d (w1 h1 + w2 h2 - inter)
+    g_i = inv_u - g_union  # d value / d inter, through the numerator and the union
     g_cw: Optional[torch.Tensor] = None
     g_ch: Optional[torch.Tensor] = None
     half_g_dx: Optional[torch.Tensor] = None
@@ -144,14 +148,15 @@ def iou_closed_form(
         ch = torch.maximum(y2, Y2) - torch.minimum(y1, Y1)
     if kind == "giou":
         area = cw * ch
-        inv_a = 1 / (area + eps)
-        penalty = (area - (u - eps)) * inv_a
+        inv_a = torch.reciprocal(area + e.area)
+        penalty = (area - union) * inv_a
         value = iou - penalty
         g_union = g_union + inv_a
+        g_i = g_i - inv_a
         g_area = (penalty - 1) * inv_a
         g_cw, g_ch = g_area * ch, g_area * cw
     elif kind in ("diou", "ciou"):
-        inv_c2 = 1 / (cw * cw + ch * ch + eps)
+        inv_c2 = torch.reciprocal(cw * cw + ch * ch + e.area)
         dx = (x1 + x2) * 0.5 - (X1 + X2) * 0.5
         dy = (y1 + y2) * 0.5 - (Y1 + Y2) * 0.5
         ratio = (dx * dx + dy * dy) * inv_c2
@@ -162,38 +167,37 @@ def iou_closed_form(
         if kind == "ciou":
             diff, da1_dw, da1_dh = _aspect_angle_difference(w1, h1, w2, h2)  # a2 - a1, slopes of a1
             v = _V_SCALE * diff * diff
-            alpha = v / (1 - iou + v + eps)  # constant, as in both originals
+            alpha = v / (v - iou).add_(1 + e.unit)  # constant, as in both originals
             value = value - alpha * v
             g_a1 = 2 * _V_SCALE * alpha * diff  # d(-alpha v) / d a1
             g_w1, g_h1 = g_a1 * da1_dw, g_a1 * da1_dh
 
-    # back through the intersection and the union
-    g_i = g_inter - g_union
-    g_iw = torch.where(keep_w, g_i * ih, 0.0)
-    g_ih = torch.where(keep_h, g_i * iw, 0.0)
+    # back through the intersection (a side counts where both are positive) and the union
+    g_iw = (g_i * ih).mul_(torch.sign(iw))
+    g_ih = (g_i * iw).mul_(torch.sign(ih))
     gw1 = g_union * h1 if g_w1 is None else g_union * h1 + g_w1
     gh1 = g_union * w1 if g_h1 is None else g_union * w1 + g_h1
     gx1 = -g_iw * s_x1
     gy1 = -g_ih * s_y1
-    gx2 = g_iw * (1 - s_x2)
-    gy2 = g_ih * (1 - s_y2)
+    gx2 = g_iw * torch.rsub(s_x2, 1)
+    gy2 = g_ih * torch.rsub(s_y2, 1)
     if g_cw is not None and g_ch is not None:
-        gx1 = gx1 - g_cw * (1 - s_x1)
-        gy1 = gy1 - g_ch * (1 - s_y1)
+        gx1 = gx1 - g_cw * torch.rsub(s_x1, 1)
+        gy1 = gy1 - g_ch * torch.rsub(s_y1, 1)
         gx2 = gx2 + g_cw * s_x2
         gy2 = gy2 + g_ch * s_y2
     if half_g_dx is not None and half_g_dy is not None:  # dx moves with half of x1 and half of x2
         gx1, gx2 = gx1 + half_g_dx, gx2 + half_g_dx
         gy1, gy2 = gy1 + half_g_dy, gy2 + half_g_dy
 
-    # back to the input format; the loss is 1 - value, so every derivative changes sign
+    # back to the input format and units; the loss is 1 - value, so every derivative changes sign
     if box_format == "xyxy":
-        grad = torch.stack((gw1 - gx1, gh1 - gy1, -gx2 - gw1, -gy2 - gh1), dim=-1)
+        parts = (gw1 - gx1, gh1 - gy1, -gx2 - gw1, -gy2 - gh1)
     else:
-        grad = torch.stack(
-            (-(gx1 + gx2), -(gy1 + gy2), (gx1 - gx2) * 0.5 - gw1, (gy1 - gy2) * 0.5 - gh1), dim=-1
-        )
-    return 1 - value, grad
+        parts = (-(gx1 + gx2), -(gy1 + gy2), (gx1 - gx2) * 0.5 - gw1, (gy1 - gy2) * 0.5 - gh1)
+    if torch.compiler.is_compiling():  # scaled before the stack: one loop (after it, a second one)
+        return torch.rsub(value, 1), torch.stack([g * scale for g in parts], dim=-1)
+    return torch.rsub(value, 1), torch.stack(parts, dim=-1).mul_(scale.unsqueeze(-1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,11 +228,11 @@ def _widest_vectors_are_512_bit_with_avx2() -> bool:
         return False
 
 
-def get_iou_pass(kind: str, box_format: str, convention: str, eps: float, reduction: str) -> CompiledPass:
-    """The cached compiled pass of one IoU-loss configuration."""
+def get_iou_pass(kind: str, box_format: str, convention: str, eps: float, reduction: str) -> LossPass:
+    """The cached pass of one IoU-loss configuration."""
     return cached_pass(
-        "iou_loss", iou_closed_form, reduction, into_buffer=False, options=box_pass_options,
-        kind=kind, box_format=box_format, convention=convention, eps=float(eps),
+        "iou_loss", iou_closed_form, iou_loss_formula, reduction, into_buffer=False, options=box_pass_options,
+        event_dims=1, kind=kind, box_format=box_format, convention=convention, eps=float(eps),
     )
 
 
@@ -240,8 +244,10 @@ def fused_iou_loss(
     convention: str = "torchvision",
     reduction: str = "none",
     eps: float = 1e-7,
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """Fused :func:`detloss.functional.iou_loss` for ``kind`` in :data:`FUSED_KINDS` (validated arguments)."""
+    """:func:`detloss.functional.iou_loss` for ``kind`` in :data:`FUSED_KINDS` on validated
+    arguments; ``compiled``: the compiled pass, else the plain one."""
     if kind not in FUSED_KINDS:
         raise ValueError(f"kind: expected one of {FUSED_KINDS} for the fused IoU loss, got {kind!r}")
-    return FusedLoss.apply(get_iou_pass(kind, box_format, convention, eps, reduction), pred, target)
+    return apply_pass(get_iou_pass(kind, box_format, convention, eps, reduction), compiled, pred, target)

@@ -31,10 +31,12 @@ from typing import Tuple
 
 import torch
 
-from ._runtime import CompiledPass, FusedLoss, cached_pass
-from .dense import bce_with_logits_closed_form
+from ._runtime import LossPass, apply_pass, cached_pass
+from .dense import bce_with_logits_closed_form, bce_with_logits_formula
 
-__all__ = ["onehot_bce_closed_form", "onehot_bce_pass", "onehot_bce_into", "fused_onehot_bce_with_logits"]
+__all__ = [
+    "onehot_bce_closed_form", "onehot_bce_formula", "onehot_bce_pass", "onehot_bce_into", "fused_onehot_bce_with_logits",
+]
 
 
 def onehot_bce_closed_form(
@@ -52,9 +54,22 @@ def onehot_bce_closed_form(
     return loss, grad * scale
 
 
-def onehot_bce_pass() -> CompiledPass:
+def onehot_bce_formula(
+    x: torch.Tensor,
+    label: torch.Tensor,
+    score: torch.Tensor,
+    chan: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The same elementwise loss through PyTorch's BCE expression, differentiable by autograd
+    (``scale`` scales the closed form's gradient only and is not part of the loss)."""
+    return bce_with_logits_formula(x, torch.where(chan == label, score, 0.0), weight)
+
+
+def onehot_bce_pass() -> LossPass:
     """The cached pass ``(x, label, score, chan, weight, scale) -> (summed loss, gradient)``."""
-    return cached_pass("onehot_bce_with_logits", onehot_bce_closed_form, "sum")
+    return cached_pass("onehot_bce_with_logits", onehot_bce_closed_form, onehot_bce_formula, "sum")
 
 
 def onehot_bce_into(
@@ -77,4 +92,4 @@ def fused_onehot_bce_with_logits(
 ) -> torch.Tensor:
     """The summed loss, differentiable in ``x`` (the fused path: only the gradient is kept)."""
     one = torch.ones((), dtype=weight.dtype, device=weight.device)
-    return FusedLoss.apply(onehot_bce_pass(), x, label, score, chan, weight, one)
+    return apply_pass(onehot_bce_pass(), True, x, label, score, chan, weight, one)

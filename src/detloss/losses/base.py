@@ -37,6 +37,10 @@ Stats: the keys of :data:`STAT_KEYS` mean the same in every loss and have the sa
 :meth:`finalize_stats` turns the 0-dim tensors a loss computes into Python numbers with one
 device synchronization.
 
+Precision: ``check`` picks the compute dtype (float32 for half-precision inputs) and the steps run
+with ``torch.autocast`` turned off (:func:`detloss._checks.autocast_off`), so a loss called inside
+an autocast region computes in that dtype throughout instead of in bfloat16 / float16 matmuls.
+
 Cross-rank normalization: one option, ``reduce_across_ranks`` (default False: no collective is
 ever issued unless asked for, so a loss computed on one rank only, e.g. validation on rank 0,
 cannot deadlock). When True and ``torch.distributed`` is initialized, batch-wide normalizers go
@@ -52,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from .._checks import autocast_off
 from ..anchors import GridLevel
 from ..assign.base import Assignment
 from ..output import LossOutput
@@ -98,26 +103,49 @@ class DetectionLoss(torch.nn.Module):
 
     #: The constructor's argument that takes the network input size ``(h, w)``, if it needs one.
     image_size_argument: ClassVar[Optional[str]] = None
+    #: Class columns of the class scores that are no object class (SSD's background column 0):
+    #: for ``K`` object classes the loss is built with ``num_classes = K + background_classes``.
+    background_classes: ClassVar[int] = 0
 
     def __init__(self, gains: Mapping[str, float], *, reduce_across_ranks: bool = False) -> None:
         super().__init__()
         self.gains: Dict[str, float] = check_gains(gains, tuple(self.term_methods))
         self.reduce_across_ranks = bool(reduce_across_ranks)
 
+    def add_term(self, name: str, method: str, gain: float, *, after: Optional[str] = None) -> None:
+        """Add a term to this instance (a variant's extra term: the angle of rotated boxes, the
+        keypoints of a pose head): ``method`` computes it, ``gain`` weights it, and it comes right
+        after the term ``after`` (default: last) in ``components`` and ``terms``. Call it in
+        ``__init__`` after the parent's; the class's :attr:`term_methods` is left as it is."""
+        if name in self.term_methods:
+            raise ValueError(f"name: expected a new term, {name!r} is already one of {list(self.term_methods)}")
+        if not callable(getattr(self, method, None)):
+            raise ValueError(f"method: expected the name of a method of {type(self).__name__}, got {method!r}")
+        if after is not None and after not in self.term_methods:
+            raise ValueError(f"after: expected one of {list(self.term_methods)}, got {after!r}")
+        gain = check_gains({name: gain}, (name,))[name]
+        items = list(self.term_methods.items())
+        at = len(items) if after is None else [k for k, _ in items].index(after) + 1
+        items.insert(at, (name, method))
+        self.term_methods = dict(items)
+        self.gains = {k: (gain if k == name else self.gains[k]) for k in self.term_methods}
+
     # ------------------------------------------------------------------ the pipeline
     def forward(self, *args: Any, **kwargs: Any) -> LossOutput:
-        inputs = self.check(*args, **kwargs)
-        prepared = self.prepare(inputs)
-        assignment = self.assignment(inputs, prepared)
-        prepared = self.gather(inputs, prepared, assignment)
-        raw = self.compute_terms(inputs, prepared, assignment)
-        return self.output(inputs, prepared, assignment, raw)
+        with autocast_off():  # the steps compute in the dtype check() chose, matmuls included
+            inputs = self.check(*args, **kwargs)
+            prepared = self.prepare(inputs)
+            assignment = self.assignment(inputs, prepared)
+            prepared = self.gather(inputs, prepared, assignment)
+            raw = self.compute_terms(inputs, prepared, assignment)
+            return self.output(inputs, prepared, assignment, raw)
 
     def assign(self, *args: Any, **kwargs: Any) -> Assignment:
         """The :class:`~detloss.assign.base.Assignment` this loss uses for ``forward``'s arguments."""
-        inputs = self.check(*args, **kwargs)
-        with torch.no_grad():
-            return self.assignment(inputs, self.prepare(inputs))
+        with autocast_off():
+            inputs = self.check(*args, **kwargs)
+            with torch.no_grad():
+                return self.assignment(inputs, self.prepare(inputs))
 
     # ------------------------------------------------------------------ steps to implement
     def check(self, *args: Any, **kwargs: Any) -> Any:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._checks import as_pair, check_choice, check_floating, check_tensor, compute_dtype, upcast
+from .._checks import as_pair, check_choice, check_finite, check_floating, check_tensor, compute_dtype, upcast
 from ..assign.fcos import (
     CONVENTIONS,
     DEFAULT_STRIDES,
@@ -61,7 +61,7 @@ from ..assign.fcos import (
     make_point_grid,
     match_boxes,
 )
-from ..boxes import yolo_rows_to_targets
+from ..boxes import check_yolo_targets, yolo_rows_to_targets
 from ..anchors import GridLevel
 from .base import Decoded, DetectionLoss
 
@@ -138,8 +138,10 @@ class FCOSLoss(DetectionLoss):
     feature_sizes, targets, image_size=None)``: ``P`` is the sum of ``H * W`` over
     ``feature_sizes`` (levels concatenated, each row-major), ``targets`` a list of per-image
     ``{"boxes": [n, 4] xyxy pixels, "labels": [n] int64}`` or YOLO rows ``[N, 6]``
-    ``(image_index, class, cx, cy, w, h)`` normalized (then ``image_size=(h, w)`` is required,
-    see :func:`detloss.boxes.yolo_rows_to_targets`). With torchvision's convention a given
+    ``(image_index, class, cx, cy, w, h)`` normalized (then ``image_size=(h, w)`` is required;
+    the rows are checked by :func:`detloss.boxes.check_yolo_targets` as in the YOLO losses and
+    become pixels in float32 or wider, :func:`detloss.boxes.yolo_rows_to_targets`). Non-finite
+    head outputs are a ValueError naming the argument. With torchvision's convention a given
     ``image_size`` also sets the point spacing to ``image_size // feature_size``, as its
     AnchorGenerator does.
 
@@ -228,7 +230,7 @@ class FCOSLoss(DetectionLoss):
 
     def _targets(self, targets, batch_size: int, image_size) -> List[Tuple[Tensor, Tensor]]:
         if isinstance(targets, Tensor):
-            targets = _rows_to_targets(targets, batch_size, image_size)
+            targets = _rows_to_targets(targets, batch_size, self.num_classes, image_size)
         return check_targets(targets, batch_size, self.num_classes)  # type: ignore[return-value]
 
     def _check_heads(self, cls_logits, bbox_regression, centerness, feature_sizes):
@@ -244,6 +246,7 @@ class FCOSLoss(DetectionLoss):
             raise ValueError(f"bbox_regression: expected shape {(b, p, 4)}, got {tuple(bbox_regression.shape)}")
         if tuple(centerness.shape) not in ((b, p, 1), (b, p)):
             raise ValueError(f"centerness: expected shape {(b, p, 1)} or {(b, p)}, got {tuple(centerness.shape)}")
+        check_finite(("cls_logits", "bbox_regression", "centerness"), (cls_logits, bbox_regression, centerness))
         sizes = check_feature_sizes(feature_sizes, len(self.strides))
         total = sum(h * w for h, w in sizes)
         if total != p:
@@ -429,25 +432,13 @@ def _centerness_target(ltrb: Tensor) -> Tensor:
     return torch.sqrt(ratio)
 
 
-def _rows_to_targets(rows: Tensor, batch_size: int, image_size) -> List[Dict[str, Tensor]]:
-    """YOLO rows ``[N, 6]`` -> per-image dicts, refusing rows that name no image of the batch."""
+def _rows_to_targets(rows: Tensor, batch_size: int, num_classes: int, image_size) -> List[Dict[str, Tensor]]:
+    """YOLO rows ``[N, 6]`` -> per-image dicts of xyxy pixels (float32 or wider), the rows checked
+    as every YOLO loss checks them (:func:`detloss.boxes.check_yolo_targets`: finite, an image of
+    the batch, a class below ``num_classes``, ``cx, cy, w, h`` in [0, 1])."""
     check_tensor("targets", rows)
     if image_size is None:
         raise ValueError("image_size: required (h, w) in pixels when targets are YOLO rows [N, 6]")
     image_size = as_pair("image_size", image_size)
-    if rows.ndim != 2 or rows.shape[1] != 6:
-        raise ValueError(f"targets: expected YOLO rows of shape [N, 6] or a list of dicts, got {tuple(rows.shape)}")
-    check_floating("targets", rows)
-    idx = rows[:, 0]
-    bad = (idx != idx.round()) | (idx < 0) | (idx >= batch_size)
-    if bad.any():
-        r = int(bad.nonzero()[0])
-        raise ValueError(
-            f"targets: expected image indices (column 0) in [0, {batch_size}), row {r} is {rows[r].tolist()}"
-        )
-    bad = (rows[:, 1] != rows[:, 1].round())
-    if bad.any():
-        r = int(bad.nonzero()[0])
-        raise ValueError(f"targets: expected integer classes (column 1), row {r} is {rows[r].tolist()}")
+    rows = check_yolo_targets(rows, num_classes=num_classes, batch_size=batch_size)
     return yolo_rows_to_targets(rows.detach(), batch_size, image_size)
-

@@ -9,7 +9,12 @@ from typing import Dict, Type
 
 import torch
 
+from .detr import DETRLoss
+from .dfine import DEIMLoss, DFINELoss
 from .fcos import FCOSLoss
+from .rtdetr import RTDETRLoss
+from .retinanet import RetinaNetLoss
+from .ssd import SSDLoss
 from .yolov3 import YOLOv3Loss
 from .yolov5 import YOLOv5Loss
 from .yolov8 import YOLOv8Loss
@@ -21,4 +26,7 @@ LOSSES: Dict[str, Type[torch.nn.Module]] = {
     "yolov5": YOLOv5Loss,
     "fcos": FCOSLoss,
     "yolov8": YOLOv8Loss,
+    "detr": DETRLoss, "rtdetr": RTDETRLoss, "dfine": DFINELoss, "deim": DEIMLoss,
+    "retinanet": RetinaNetLoss,
+    "ssd": SSDLoss,
 }

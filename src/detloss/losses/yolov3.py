@@ -75,7 +75,9 @@ no-object counts (one all-reduce per call). The default issues no collective: ea
 batch of its own, as in the originals.
 
 Inputs may be float16/bfloat16: the loss is computed in float32 (float64 inputs in float64);
-the assignment decisions are always made in float32, as darknet makes them.
+the assignment decisions are always made in float32, as darknet makes them. Non-finite layer
+inputs are a ValueError naming ``inputs[i]``; a batch of 0 images gives a zero loss (darknet's
+figures None, as it would print nan).
 """
 from __future__ import annotations
 
@@ -353,8 +355,8 @@ class YOLOv3Loss(DetectionLoss):
             anchors = torch.tensor([self.anchors[m] for m in mask], dtype=dtype, device=x.device).view(1, -1, 1, 1, 2)
             xy = (p[..., 0:2].sigmoid() + cell) * stride
             wh = p[..., 2:4].clamp(max=DECODE_MAX_LOG_SCALE).exp() * anchors
-            boxes.append(cxcywh_to_xyxy(torch.cat((xy, wh), -1)).reshape(b, -1, 4))
-            scores.append((p[..., 5:].sigmoid() * p[..., 4:5].sigmoid()).reshape(b, -1, nc))
+            boxes.append(cxcywh_to_xyxy(torch.cat((xy, wh), -1)).reshape(b, len(mask) * h * w, 4))
+            scores.append((p[..., 5:].sigmoid() * p[..., 4:5].sigmoid()).reshape(b, len(mask) * h * w, nc))
         return Decoded(torch.cat(boxes, 1), torch.cat(scores, 1))
 
     # ------------------------------------------------------------------ hooks for the tools
@@ -436,7 +438,7 @@ class YOLOv3Loss(DetectionLoss):
             "avg_iou": _mean_or_none(float(iou.sum()), count),
             "class": _mean_or_none(float(p_cells[torch.arange(count), 5 + cls_of].double().sum()), count),
             "obj": _mean_or_none(float(p_cells[:, 4].double().sum()), count),
-            "no_obj": float(p_obj.double().mean()),
+            "no_obj": _mean_or_none(float(p_obj.double().sum()), p_obj.numel()),
             "recall50": _mean_or_none(float((iou > 0.5).sum()), count),
             "recall75": _mean_or_none(float((iou > 0.75).sum()), count),
             "count": count,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._checks import check_floating, check_like_first, compute_dtype, upcast
+from .._checks import check_finite, check_floating, check_like_first, compute_dtype, upcast
 from ..anchors import GridLevel, grid_points
 from ..assign.yolov5 import OFFSET_NAMES, YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy
@@ -190,7 +190,8 @@ class YOLOv5Loss(DetectionLoss):
     widths and heights are floored at :data:`PWH_FLOOR` (1e-16 grid units, size logits below
     about -19), where the original's CIoU gradient overflows in float32. Where the
     original would divide by an objectness loss of exactly 0 in autobalance (giving inf), that
-    level's weight is left unchanged.
+    level's weight is left unchanged. NaN or inf in ``preds`` is a ValueError naming ``preds[i]``
+    (the original returns a NaN loss).
     """
 
     name = "yolov5"
@@ -311,6 +312,7 @@ class YOLOv5Loss(DetectionLoss):
                     f"{name}: expected last dimension 5 + num_classes = {no}, got {p.shape[4]} (shape {tuple(p.shape)})"
                 )
             check_like_first(name, p, "preds[0]", preds[0])
+        check_finite([f"preds[{i}]" for i in range(len(preds))], preds)
         return list(preds)
 
     def _anchors_on(self, device: torch.device) -> List[Tensor]:
@@ -472,9 +474,9 @@ class YOLOv5Loss(DetectionLoss):
             cell = grid_points([(ny, nx)], [(1.0, 1.0)], offset=0.0, dtype=cd, device=p.device).view(1, 1, ny, nx, 2)
             xy = (s[..., 0:2] * 2 - 0.5 + cell) * stride
             wh = (s[..., 2:4] * 2) ** 2 * (anchors.to(cd) * stride).view(1, na, 1, 1, 2)
-            boxes.append(cxcywh_to_xyxy(torch.cat((xy, wh), -1)).reshape(bs, -1, 4))
+            boxes.append(cxcywh_to_xyxy(torch.cat((xy, wh), -1)).reshape(bs, na * ny * nx, 4))
             score = s[..., 5:] * s[..., 4:5] if self.num_classes > 1 else s[..., 4:5]
-            scores.append(score.reshape(bs, -1, self.num_classes))
+            scores.append(score.reshape(bs, na * ny * nx, self.num_classes))
         return Decoded(torch.cat(boxes, 1), torch.cat(scores, 1))
 
     def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[List[Tensor]]:

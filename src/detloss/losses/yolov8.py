@@ -36,6 +36,7 @@ assigner (``self.assigner`` or :meth:`~YOLOv8Loss.assignment`) for rotated boxes
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -44,16 +45,17 @@ from torch import Tensor
 
 from .. import functional as F
 from .. import kernels
-from .._checks import check_floating, check_tensor, compute_dtype, upcast
+from .._checks import autocast_off, check_floating, check_level_sizes, check_tensor, compute_dtype, upcast
 from .._lazy import Deferred, DeferredField
 from ..anchors import GridLevel, Level, make_anchors
 from ..assign.base import Assignment
 from ..assign.tal import TALAssignment, TaskAlignedAssigner
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
+from ..output import LossOutput
 from ._head_maps import HeadMaps, head_terms
 from .base import Decoded, DetectionLoss
 
-__all__ = ["YOLOv8Loss", "YOLOv8Inputs", "YOLOv8Decoding", "make_anchors", "decode_distances", "preprocess_targets"]
+__all__ = ["YOLOv8Loss", "YOLOv8Inputs", "YOLOv8Decoding", "PaddingRuleWarning", "make_anchors", "decode_distances", "preprocess_targets"]
 
 #: DFL targets are clamped to ``reg_max - 1 - DFL_MARGIN`` (ultralytics ``bbox2dist`` / ``DFLoss``).
 DFL_MARGIN = 0.01
@@ -129,6 +131,10 @@ def preprocess_targets(
     within an image (the order ``target_gt_idx`` refers to); they need not be sorted by image.
     A row is valid when ``x1 + y1 + x2 + y2 > 0`` (ultralytics' rule for padding)."""
     return _padded_targets(targets, batch_size, image_hw, dtype)[:3]
+
+
+class PaddingRuleWarning(UserWarning):
+    """Target rows were dropped by ultralytics' padding rule (see :class:`YOLOv8Loss`)."""
 
 
 def _check_class_weights(weights: Optional[Tensor], num_classes: int) -> Optional[Tensor]:
@@ -235,14 +241,28 @@ class YOLOv8Loss(DetectionLoss):
     first (``(box + cls + dfl) * B`` after the gains); ``components`` "box", "cls", "dfl" ("l1" for reg_max 1) = its
     detached items (after the gains, before ``* B``); ``terms`` the same times ``B``, with their
     graph (they sum to ``total``); ``stats``: ``num_pos`` (positive anchors), ``num_targets``
-    (valid boxes), ``matched_targets`` (boxes with at least one positive), ``normalizer`` and
+    (valid boxes), ``dropped_targets`` (rows the padding rule below dropped),
+    ``matched_targets`` (boxes with at least one positive), ``normalizer`` and
     ``target_scores_sum`` (both the normalizer S), ``iou_mean`` (mean IoU of the positives'
     decoded boxes with their targets; 0.0 without positives), ``ciou_mean``.
     :meth:`assign` gives the :class:`~detloss.assign.tal.TALAssignment` used (``target_index``:
     the row of ``targets``); :meth:`decode` the inference boxes and scores.
 
+    Padding rule: ultralytics pads the targets per image with zero rows and tells them from
+    boxes by ``x1 + y1 + x2 + y2 > 0`` (pixels). This loss keeps that rule for exact parity, so a
+    real box centred exactly at (0, 0) (the image's top-left corner; its pixels sum to 0) is
+    dropped as padding there and here alike: it gets no anchor and is not counted in
+    ``num_targets``. It is made visible: ``stats["dropped_targets"]`` counts such rows and the
+    call warns (:class:`PaddingRuleWarning`) when there are any.
+
+    The levels of ``feats`` must come from one image size (``H_l`` = ``ceil`` or ``floor`` of
+    ``H / strides[l]`` at every level, the same for ``W``): sizes that match no image (8 x 8 at
+    every stride, levels in the wrong order) are refused with a ValueError instead of giving a
+    loss on misplaced anchors. A batch of 0 images gives a zero loss connected to ``feats``.
+
     Differences: float16/bfloat16 inputs are computed in float32 (gradients come back in the
-    input dtype). The reference allocates its targets in torch's default dtype, so with float64
+    input dtype), under ``torch.autocast`` too: the box decoding (the softmax expectation, a
+    matmul that autocast would run in bfloat16) runs with autocast off. The reference allocates its targets in torch's default dtype, so with float64
     inputs and a float32 default it rounds to float32; here float64 inputs are computed in
     float64. Zero-alignment anchors never become positives (see
     :mod:`detloss.assign.tal`); the loss is the same.
@@ -324,13 +344,14 @@ class YOLOv8Loss(DetectionLoss):
                 raise TypeError(f"feats[{i}]: expected dtype {first.dtype} on {first.device} like feats[0], got {f.dtype} on {f.device}")
             levels.append((int(f.shape[2]), int(f.shape[3]), s))
         _check_finite(feats)
+        check_level_sizes("feats", [(h, w) for h, w, _ in levels], self.strides)
         return levels
 
     def _split(self, feats: Sequence[Tensor], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """``pred_dist [B, A, 4 * reg_max]`` (contiguous) and ``pred_logits [B, A, nc]`` (a view:
         no copy of the class logits) in ``dtype``."""
         bsz = feats[0].shape[0]
-        pred = torch.cat([upcast(f, dtype).reshape(bsz, f.shape[1], -1) for f in feats], 2)
+        pred = torch.cat([upcast(f, dtype).reshape(bsz, f.shape[1], f.shape[2] * f.shape[3]) for f in feats], 2)
         pred_dist, pred_logits = pred.split((4 * self.reg_max, self.num_classes), 1)
         return pred_dist.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1)
 
@@ -340,7 +361,7 @@ class YOLOv8Loss(DetectionLoss):
         targets = check_yolo_targets(targets, num_classes=self.num_classes, batch_size=bsz)
         dt = compute_dtype(*feats)
         dev = feats[0].device
-        head = HeadMaps([upcast(f, dt).reshape(bsz, f.shape[1], -1) for f in feats], self.reg_max, self.num_classes)
+        head = HeadMaps([upcast(f, dt).reshape(bsz, f.shape[1], f.shape[2] * f.shape[3]) for f in feats], self.reg_max, self.num_classes)
         image_hw = (levels[0][0] * self.strides[0], levels[0][1] * self.strides[0])
         gt_labels, gt_bboxes, mask_gt, gt_rows = _padded_targets(targets.to(dev), bsz, image_hw, dt)
         return YOLOv8Inputs(levels, bsz, dt, dev, image_hw, Deferred(head.concat_box_channels), Deferred(head.concat_logits),
@@ -462,6 +483,22 @@ class YOLOv8Loss(DetectionLoss):
         dfl = F.distribution_focal_loss(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), reduction="none")
         return (dfl.view(-1, 4).mean(-1) * assignment.weights).sum() / prepared.normalizer
 
+    def output(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:
+        """The base output, plus a :class:`PaddingRuleWarning` when ``stats["dropped_targets"]``
+        (rows the padding rule took for padding; read with the other stats, no extra sync) is not 0."""
+        out = super().output(inputs, prepared, assignment, raw)
+        dropped = out.stats.get("dropped_targets", 0)
+        if dropped:
+            warnings.warn(
+                f"targets: {dropped} row(s) centred at (0, 0) were dropped: ultralytics' padding rule "
+                "(x1 + y1 + x2 + y2 > 0, kept for parity with v8DetectionLoss) takes them for padding; "
+                "move such a centre off the image corner to keep the box",
+                PaddingRuleWarning,
+                stacklevel=2,
+            )
+        return out
+
+
     def l1_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """``reg_max`` 1: ``sum w_a mean_sides |d - t| * stride / (W, H, W, H)`` over the positives, over S."""
         if not assignment.num_pos:
@@ -492,6 +529,7 @@ class YOLOv8Loss(DetectionLoss):
         return {
             "num_pos": assignment.num_pos,
             "num_targets": inputs.mask_gt.sum(),
+            "dropped_targets": n_rows - inputs.mask_gt.sum(),
             "matched_targets": matched.sum(),
             "normalizer": prepared.normalizer,
             "target_scores_sum": prepared.normalizer,
@@ -508,7 +546,8 @@ class YOLOv8Loss(DetectionLoss):
         dt = compute_dtype(*feats)
         pred_dist, pred_logits = self._split(feats, dt)
         anchor_points, stride_tensor = make_anchors(levels, dt, feats[0].device)
-        boxes = self.decode_boxes(pred_dist, anchor_points) * stride_tensor
+        with autocast_off():
+            boxes = self.decode_boxes(pred_dist, anchor_points) * stride_tensor
         return Decoded(boxes, pred_logits.sigmoid())
 
     def prior_outputs(self, image_size: Tuple[int, int], batch_size: int = 1) -> Tuple[List[Tensor]]:

@@ -34,6 +34,7 @@ import torch
 from ..anchors import locate
 from ..boxes import cxcywh_to_xyxy, read_yolo_labels
 from ..losses.registry import LOSSES
+from .extras import PICTURES, MissingExtraError, require
 
 __all__ = [
     "SCHEMES",
@@ -53,12 +54,17 @@ SCHEMES = tuple(LOSSES)
 COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
 DARKNET_MASKS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
 DEFAULT_SIZE = (640, 640)
+#: The largest network input side drawn or tabulated (a canvas of this size is ~200 MB of RGB).
+MAX_SIDE = 8192
 
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
     (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128),
 )
 IGNORED_COLOUR = (128, 128, 128)
+MINED_COLOUR = (20, 20, 20)
+#: An untrained head gives every negative the same loss: which of them are mined is a tie-break.
+MINED_NOTE = "hard negative (untrained head: every negative ties)"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -87,21 +93,36 @@ def _as_rows(rows: Any) -> torch.Tensor:
     return t
 
 
-def _size(size: Any, image: Any) -> Tuple[int, int]:
+def _size(size: Any, image: Any, name: str = "size") -> Tuple[int, int]:
     if size is None:
-        if image is not None:
-            return (image.height, image.width)
-        return DEFAULT_SIZE
+        if image is None:
+            return DEFAULT_SIZE
+        if max(image.height, image.width) > MAX_SIDE:
+            raise ValueError(f"image: {image.width} x {image.height} pixels is larger than {MAX_SIDE} per side; "
+                             "give a smaller network input size (--size H W)")
+        return (image.height, image.width)
     try:
         h, w = (int(v) for v in size)
     except Exception:
-        raise ValueError(f"size: expected (h, w), got {size!r}") from None
-    if h < 8 or w < 8:
-        raise ValueError(f"size: expected at least 8 x 8 pixels, got {(h, w)}")
+        raise ValueError(f"{name}: expected (h, w), got {size!r}") from None
+    if not (8 <= h <= MAX_SIDE and 8 <= w <= MAX_SIDE):
+        raise ValueError(f"{name}: expected 8 to {MAX_SIDE} pixels per side, got {(h, w)}")
     return h, w
 
 
+def _check_threshold(name: str, value: Any) -> float:
+    """An IoU threshold: a finite number in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:  # also rejects nan
+        raise ValueError(f"{name}: expected an IoU threshold in [0, 1], got {value!r}")
+    return v
+
+
 def _open_image(image: Any):
+    require(PICTURES, "an assignment picture")
     from PIL import Image, UnidentifiedImageError
 
     if image is None or isinstance(image, Image.Image):
@@ -157,8 +178,10 @@ def _picture_loss(scheme: str, rows: torch.Tensor, size: Tuple[int, int], kw: Di
     """The loss of ``scheme`` with its defaults and ``kw``, for images of ``size``."""
     cls = LOSSES[scheme]
     kw = dict(kw)
+    if kw.get("ignore_thresh") is not None:
+        kw["ignore_thresh"] = _check_threshold("ignore_thresh", kw["ignore_thresh"])
     nc = kw.pop("num_classes", None)
-    nc = int(nc) if nc is not None else (int(rows[:, 1].max()) + 1 if len(rows) else 1)
+    nc = int(nc) if nc is not None else (int(rows[:, 1].max()) + 1 if len(rows) else 1) + cls.background_classes
     if cls.image_size_argument is not None:
         kw.setdefault(cls.image_size_argument, size)
     try:
@@ -177,6 +200,9 @@ def assign_view(scheme: str, rows: Any, size: Optional[Tuple[int, int]] = None, 
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+    if _set_prediction(scheme):
+        raise ValueError(f"scheme: {scheme} matches queries one-to-one, not cells: see "
+                         "detloss.tools.assign_detr.detr_matching")
     t = _as_rows(rows)
     size = _size(size, None)
     h, w = size
@@ -210,7 +236,11 @@ def assign_view(scheme: str, rows: Any, size: Optional[Tuple[int, int]] = None, 
         ignored = asg.ignore[0].nonzero().flatten()
         owner = asg.extras.get("ignore_target")
         gts = owner[0, ignored].tolist() if owner is not None else [-1] * len(ignored)
-        records(ignored, gts, "ignored", ["no objectness term"] * len(ignored))
+        records(ignored, gts, "ignored", ["in no background term"] * len(ignored))
+    mined = asg.extras.get("mined")
+    if mined is not None:  # SSD's hard negatives (with an untrained head every negative ties)
+        picked = mined[0].nonzero().flatten()
+        records(picked, [-1] * len(picked), "mined", [MINED_NOTE] * len(picked))
     v.notes.append((type(loss).__doc__ or scheme).strip().splitlines()[0])
     v.records.sort(key=lambda r: (r["gt"], r["level"], r["status"] != "positive", r["gy"], r["gx"],
                                   -1 if r["anchor"] is None else r["anchor"]))
@@ -246,6 +276,7 @@ def assignment_picture(scheme: str, rows: Any, image: Any = None, size: Optional
 
 def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
     """Draw an :class:`AssignmentView` (see :func:`assignment_picture`)."""
+    require(PICTURES, "an assignment picture")
     from PIL import Image, ImageDraw
 
     h, w = v.size
@@ -270,8 +301,8 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
                 d.line([(0, gy * ch), (pw, gy * ch)], fill=(0, 0, 0, 40))
         recs = [r for r in v.records if r["level"] == li]
         for r in recs:
-            c = _colour(r["gt"]) if r["status"] == "positive" else IGNORED_COLOUR
-            x0, y0 = r["gx"] * cw, r["gy"] * ch
+            c = _colour(r["gt"]) if r["status"] == "positive" else MINED_COLOUR if r["status"] == "mined" else IGNORED_COLOUR
+            x0, y0 = r["x"] * scale - cw / 2, r["y"] * scale - ch / 2  # the cell around the prediction's point
             if point_mode:
                 x, y = r["x"] * scale, r["y"] * scale
                 rad = max(2.0, min(ch, cw) * 0.3)
@@ -283,7 +314,7 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
                 d.line([(x0 + cw, y0), (x0, y0 + ch)], fill=c + (200,), width=1)
             if r["anchor_wh"] is not None and r["status"] == "positive":
                 aw, ah = r["anchor_wh"][0] * scale, r["anchor_wh"][1] * scale
-                cx, cy = x0 + cw / 2, y0 + ch / 2
+                cx, cy = r["x"] * scale, r["y"] * scale  # the anchor's centre
                 d.rectangle([cx - aw / 2, cy - ah / 2, cx + aw / 2, cy + ah / 2], outline=c + (150,), width=1)
         for i, b in enumerate(v.boxes.tolist()):
             c = _colour(i)
@@ -295,7 +326,9 @@ def draw_view(v: AssignmentView, img: Any = None, panel: int = 400):
         canvas.paste(layer, (x_off, title_h))
         n_pos = sum(r["status"] == "positive" for r in recs)
         n_ign = sum(r["status"] == "ignored" for r in recs)
-        title = f"{v.scheme} {lv.name} s{lv.stride} {lv.grid[1]}x{lv.grid[0]}: {n_pos} pos" + (f", {n_ign} ign" if n_ign else "")
+        n_mined = sum(r["status"] == "mined" for r in recs)
+        title = (f"{v.scheme} {lv.name} s{lv.stride} {lv.grid[1]}x{lv.grid[0]}: {n_pos} pos" + (f", {n_ign} ign" if n_ign else "")
+                 + (f", {n_mined} mined" if n_mined else ""))
         ImageDraw.Draw(canvas).text((x_off + 2, 2), title, fill=(0, 0, 0))
     return canvas
 
@@ -339,11 +372,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchor-t", dest="anchor_t", type=float, help="yolov5: anchor ratio threshold (4.0)")
     parser.add_argument("--ignore-thresh", dest="ignore_thresh", type=float, help="yolov3: ignore threshold (0.7)")
     parser.add_argument("--convention", choices=("torchvision", "mmdet"), help="fcos: matching convention")
+    parser.add_argument("--queries", type=int, help="set-prediction losses: grid queries of an untrained decoder (100)")
+    parser.add_argument("--predictions", help="set-prediction losses: queries file, one 'cx cy w h [logits]' line per query")
+    parser.add_argument("--focal", action="store_true", help="detr: RT-DETR's focal matching costs (2, 5, 2)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def _set_prediction(scheme: str) -> bool:
+    """The DETR family matches queries one-to-one instead of assigning cells (tools.assign_detr)."""
+    from ..losses.detr import SetCriterion
+
+    return issubclass(LOSSES[scheme], SetCriterion)
+
+
+def _check_png_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--png: expected the name of a PNG file to write, got the folder {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--png: no such folder: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--png: cannot write into the folder {folder}")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+
+    if _set_prediction(args.scheme):
+        from .assign_detr import run_detr
+
+        return run_detr(args)
+    for opt in ("queries", "predictions", "focal"):
+        if getattr(args, opt, None):
+            print(f"detloss assign: error: --{opt}: applies to the set-prediction losses (detr, rtdetr, dfine, deim) "
+                  f"only, not {args.scheme}", file=sys.stderr)
+            return 2
 
     kw: Dict[str, Any] = {}
     if args.anchor_t is not None:
@@ -356,17 +419,23 @@ def run(args: argparse.Namespace) -> int:
         for opt, schemes in (("anchor_t", ("yolov5",)), ("ignore_thresh", ("yolov3",)), ("convention", ("fcos",))):
             if opt in kw and args.scheme not in schemes:
                 raise ValueError(f"--{opt.replace('_', '-')}: applies to {', '.join(schemes)} only, not {args.scheme}")
+        if "ignore_thresh" in kw:
+            _check_threshold("--ignore-thresh", kw["ignore_thresh"])
+        if "anchor_t" in kw and not (math.isfinite(kw["anchor_t"]) and kw["anchor_t"] > 0):
+            raise ValueError(f"--anchor-t: expected a positive ratio threshold, got {kw['anchor_t']}")
+        if args.size is not None:
+            _size(args.size, None, "--size")
+        if args.png:
+            _check_png_path(args.png)
+        if args.png or args.image:
+            require(PICTURES, "detloss assign --png/--image")
         rows = read_yolo_labels(args.labels)
         img = _open_image(args.image) if args.image else None
         size = _size(args.size, img)
         v = assign_view(args.scheme, rows, size, **kw)
         if args.png:
-            folder = os.path.dirname(os.path.abspath(args.png))
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"png: no such folder: {folder}")
-            pic = draw_view(v, img)
-            pic.save(args.png, format="PNG")
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+            draw_view(v, img).save(args.png, format="PNG")
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as exc:
         print(f"detloss assign: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

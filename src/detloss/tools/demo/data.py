@@ -12,7 +12,8 @@ batch into float images in 0..1 and YOLO target rows ``[N, 6]`` (image_index, cl
   line per object, YOLO txt format); optional ``classes.txt`` for class names.
 - :class:`CocoJsonDataset`: a COCO instances json (``bbox`` = x, y, w, h in pixels) and its images.
 
-Malformed inputs raise errors that name the file and, for labels, the line.
+Malformed inputs raise errors that name the file and, for labels, the line, when the dataset is
+built: every image file is checked to exist and to be an image then, not when it is first read.
 """
 from __future__ import annotations
 
@@ -142,6 +143,18 @@ def parse_yolo_label_file(path: Path, num_classes: Optional[int] = None) -> torc
     return read_yolo_labels(path, num_classes).to(torch.float32)
 
 
+def check_image(path: Path, where: str = "") -> None:
+    """Fail now, naming the file, when ``path`` is missing or is not an image PIL can read
+    (the header and, where the format has them, the checksums are read; no pixels are decoded)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises several types for a file that is not an image
+        raise ValueError(f"{where}{path}: cannot read the image ({e})") from None
+
+
 def _load_resized(path: Path, img_size: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
@@ -165,6 +178,8 @@ class YoloTxtDataset:
             raise FileNotFoundError(f"data: expected a folder with images/ and labels/, {self.root} does not exist")
         self.img_size = int(img_size)
         self.files = _list_images(self.root / "images")
+        for f in self.files:
+            check_image(f)
         label_dir = self.root / "labels"
         if not label_dir.is_dir():
             raise FileNotFoundError(f"data: expected a labels folder at {label_dir}, found none")
@@ -219,6 +234,8 @@ class CocoJsonDataset:
             by_id = {int(c["id"]): c.get("name", str(c["id"])) for c in doc["categories"]}
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{self.json_path}: every category needs an integer 'id'") from None
+        if not cat_ids:
+            raise ValueError(f"{self.json_path}: expected at least one category under 'categories', got none")
         self.names = tuple(by_id[i] for i in cat_ids)
         cat_index = {cid: k for k, cid in enumerate(cat_ids)}
         self.images: List[Dict] = []
@@ -260,6 +277,8 @@ class CocoJsonDataset:
         self.labels = [torch.tensor(r, dtype=torch.float32).reshape(-1, 5) for r in rows]
         if not self.images:
             raise ValueError(f"{self.json_path}: no images listed")
+        for k, im in enumerate(self.images):
+            check_image(im["file"], f"{self.json_path}: images[{k}]: ")
 
     @property
     def num_classes(self) -> int:

@@ -1,4 +1,4 @@
-"""Compact CNN detectors for the demo: one backbone + FPN neck, four heads (one per loss).
+"""Compact CNN detectors for the demo: one backbone + FPN neck, one head per loss.
 
 The backbone is a small strided CNN (conv, batch norm, SiLU, residual blocks) giving feature
 maps at strides 8, 16 and 32; a top-down FPN merges them. Each head produces exactly what its
@@ -10,6 +10,10 @@ loss takes:
 - ``fcos``: ``cls_logits [B, sum HW, C]``, ``bbox_regression [B, sum HW, 4]`` (non-negative),
   ``centerness [B, sum HW, 1]`` and the feature sizes, from towers shared across levels.
 - ``yolov8``: per level ``[B, 4 * reg_max + C, H, W]`` (DFL box distributions, then classes).
+- ``retinanet``: ``cls_logits [B, A, C]``, ``bbox_regression [B, A, 4]`` (anchor codes) in
+  torchvision's layout (per level, per location, per anchor) and the anchors ``[A, 4]``:
+  3 sizes x 3 aspect ratios per level, the sizes scaled to the image as RetinaNet's 32..812 px are
+  to its 800 px inputs.
 
 Output biases start at the priors the original detectors use (objectness and class priors for
 YOLO, 0.01 foreground prior for FCOS), which matters for a short training budget.
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ...anchor_generators import AnchorGenerator
 from ...losses.registry import LOSSES as REGISTRY
 
 STRIDES = (8, 16, 32)
@@ -173,6 +178,48 @@ class YOLOv8Head(nn.Module):
         return [torch.cat((b(f), k(f)), 1) for b, k, f in zip(self.box, self.cls, feats)]
 
 
+class RetinaNetHead(nn.Module):
+    """RetinaNet head: classification and regression towers shared across levels, ``K`` anchors
+    per location, outputs laid out as torchvision's ``RetinaNetHead`` lays them out."""
+
+    def __init__(self, c: int, num_classes: int, generator: AnchorGenerator, img_size: int, prior: float = 0.01) -> None:
+        super().__init__()
+
+        def tower() -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(inplace=True))
+
+        self.k, self.nc, self.generator, self.img_size = generator.num_anchors_per_location()[0], num_classes, generator, img_size
+        self.cls_tower, self.reg_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(c, self.k * num_classes, 3, padding=1)
+        self.bbox_reg = nn.Conv2d(c, self.k * 4, 3, padding=1)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))  # RetinaNet's prior
+        nn.init.zeros_(self.bbox_reg.bias)
+
+    def _flat(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        b, _, h, w = y.shape  # [B, K * n, H, W] -> [B, H * W * K, n]
+        return y.view(b, self.k, n, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, n)
+
+    def forward(self, feats: List[torch.Tensor]):
+        cls = [self._flat(self.cls_logits(self.cls_tower(f)), self.nc) for f in feats]
+        reg = [self._flat(self.bbox_reg(self.reg_tower(f)), 4) for f in feats]
+        sizes = [tuple(f.shape[-2:]) for f in feats]
+        anchors = self.generator(sizes, (self.img_size, self.img_size), dtype=cls[0].dtype, device=cls[0].device)
+        return torch.cat(cls, 1), torch.cat(reg, 1), anchors
+
+
+def retinanet_anchor_generator(img_size: int) -> AnchorGenerator:
+    """3 sizes (x 2^(k/3)) x aspect ratios 0.5, 1, 2 on P3-P5; 12, 24, 48 px at 128 px images."""
+    s = img_size / 128.0
+    sizes = tuple(tuple(round(x * s * 2 ** (k / 3), 2) for k in range(3)) for x in (12, 24, 48))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def _retinanet_head(c: int, num_classes: int, img_size: int, reg_max: int):
+    gen = retinanet_anchor_generator(img_size)
+    shared = dict(anchor_generator=gen, strides=STRIDES, image_size=(img_size, img_size))
+    return RetinaNetHead(c, num_classes, gen, img_size), shared, {}
+
+
 def _yolov5_head(c: int, num_classes: int, img_size: int, reg_max: int):
     anchors = scaled_anchors(YOLOV5_ANCHORS_128, img_size)
     nl = len(STRIDES)
@@ -198,7 +245,13 @@ def _yolov8_head(c: int, num_classes: int, img_size: int, reg_max: int):
 #: The demo's head for each detector loss it trains (model architecture, one builder per head
 #: layout): ``(head, config the head and its loss share, further loss arguments)``. The loss
 #: itself comes from :data:`detloss.losses.registry.LOSSES`.
-HEADS = {"yolov5": _yolov5_head, "yolov3": _yolov3_head, "fcos": _fcos_head, "yolov8": _yolov8_head}
+HEADS = {
+    "yolov5": _yolov5_head,
+    "yolov3": _yolov3_head,
+    "fcos": _fcos_head,
+    "yolov8": _yolov8_head,
+    "retinanet": _retinanet_head,
+}
 #: The registered losses the demo has a head for.
 LOSSES = tuple(name for name in REGISTRY if name in HEADS)
 

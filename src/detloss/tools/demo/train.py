@@ -166,17 +166,54 @@ def _init_distributed() -> None:
         torch.distributed.init_process_group("gloo")
 
 
+MAX_IMG_SIZE = 4096
+
+
 def _check_args(args) -> None:
+    """Every argument checked before any data is read or any training starts."""
+    def finite(name: str, value: float, low: float, low_ok: bool, what: str) -> None:
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low)):
+            raise ValueError(f"{name}: expected {what}, got {value}")
+
     if args.steps < 1:
         raise ValueError(f"--steps: expected a positive number of steps, got {args.steps}")
-    if args.minutes is not None and not args.minutes > 0:
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise ValueError(f"--minutes: expected a positive number, got {args.minutes}")
     if args.img_size < 32 or args.img_size % 32:
         raise ValueError(f"--img-size: expected a multiple of 32, got {args.img_size}")
+    if args.img_size > MAX_IMG_SIZE:
+        raise ValueError(f"--img-size: expected at most {MAX_IMG_SIZE} pixels, got {args.img_size}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive number, got {args.batch_size}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema: expected a decay in [0, 1), got {args.ema}")
+    finite("--lr", args.lr, 0.0, False, "a positive finite learning rate")
+    finite("--weight-decay", args.weight_decay, 0.0, True, "a finite number >= 0")
+    finite("--width", args.width, 0.0, False, "a positive finite channel multiplier")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup: expected a number of steps >= 0, got {args.warmup}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a seed >= 0, got {args.seed}")
+    if args.val_images < 1:
+        raise ValueError(f"--val-images: expected a positive number of images, got {args.val_images}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive number of threads, got {args.threads}")
+    if args.images is not None and args.data is None:
+        raise ValueError("--images: applies to a COCO json given with --data, and no --data was given")
+    if args.val_data is not None and args.data is None:
+        raise ValueError("--val-data: applies with --data (the synthetic data has its own validation set)")
+    _check_writable_folder("--project", Path(args.project) / (args.name or args.loss))
+
+
+def _check_writable_folder(name: str, folder: Path) -> None:
+    """``folder`` exists as a folder or can be created (its nearest existing parent is a writable folder)."""
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{name}: cannot create the run folder {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK):
+        raise ValueError(f"{name}: cannot create the run folder {folder}: {probe} is not writable")
 
 
 def run(args) -> int:

@@ -27,7 +27,8 @@ How the package is laid out, and how a loss family is added:
   :mod:`.family`: ``Spec`` (what one explainable loss declares) and helpers shared by families;
   :mod:`.claims`: checking a claimed value; :mod:`.api`: :func:`explain`; :mod:`.command`: the CLI.
 - One module per loss family: :mod:`.bce`, :mod:`.cross_entropy`, :mod:`.focal`,
-  :mod:`.regression`, :mod:`.iou`, :mod:`.dfl`.
+  :mod:`.regression`, :mod:`.iou`, :mod:`.dfl`, :mod:`.hungarian` (the matching cost of the
+  set-prediction losses).
 - A new family (say the matching cost of a set-prediction loss) is a new module here that
   defines ``SPECS = {"name": Spec(function, formula, source, options, work, call, ...)}`` and
   ``ALIASES = {}``: ``work`` returns the worked steps and the element-wise loss, ``call`` makes

@@ -3,6 +3,7 @@ make (the result and autograd's gradient), runs the family's worked computation 
 gathers the variants used to diagnose a wrong claim."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Dict, List, Optional
 
@@ -18,31 +19,57 @@ TENSOR_OPTIONS = ("weight", "pos_weight", "label")
 
 
 def as_tensor(name: str, value: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
+    """``value`` (a tensor, a number, a nested list or a string for :func:`parse_numbers`) as a
+    tensor of finite numbers; ``name`` is the argument named in the errors."""
     if isinstance(value, str):
         return parse_numbers(name, value, dtype or torch.float64)
-    try:
-        return torch.tensor(value, dtype=dtype or torch.float64)
-    except Exception:
-        raise TypeError(f"{name}: expected a tensor, a number or a (nested) list of numbers, got {value!r}") from None
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.tensor(value, dtype=dtype or torch.float64)
+        except Exception:
+            raise TypeError(f"{name}: expected a tensor, a number or a (nested) list of numbers, got {value!r}") from None
+    if value.is_floating_point() or value.is_complex():
+        bad = ~torch.isfinite(value.detach())
+        if bool(bad.any()):
+            k = int(bad.reshape(-1).nonzero()[0])
+            raise ValueError(f"{name}: expected finite numbers, got {value.detach().reshape(-1)[k].item()} "
+                             f"at position {k}")
+    return value
+
+
+_SEPARATOR = re.compile(r"\s*,\s*|\s+")
 
 
 def parse_numbers(name: str, text: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``"0.7,0.2,0.1"`` -> 1-D tensor; rows separated by ``;`` or ``/`` -> 2-D (``"1,2;3,4"``)."""
+    """``"0.7,0.2,0.1"`` -> 1-D tensor; rows separated by ``;`` or ``/`` -> 2-D (``"1,2;3,4"``).
+
+    Values are separated by commas or spaces; an empty value (``"1,,2"``, a trailing comma, an
+    empty row) and a value that is not a finite number (``nan``, ``inf``, ``1e400``) are errors."""
+    expected = f"{name}: expected comma-separated finite numbers (rows separated by ';')"
     text = text.strip()
     if not text:
-        raise ValueError(f"{name}: expected comma-separated numbers (rows separated by ';'), got an empty string")
-    rows = [r for r in re.split(r"[;/]", text) if r.strip()]
+        raise ValueError(f"{expected}, got an empty string")
+    multi_row = bool(re.search(r"[;/]", text))
     parsed: List[List[float]] = []
-    for r in rows:
-        try:
-            parsed.append([float(v) for v in r.replace(" ", ",").split(",") if v.strip()])
-        except ValueError:
-            raise ValueError(
-                f"{name}: expected comma-separated numbers (rows separated by ';'), got {text!r}"
-            ) from None
-    if len(parsed) == 1 and not re.search(r"[;/]", text):
+    for r, row in enumerate(re.split(r"[;/]", text)):
+        where = f" in row {r}" if multi_row else ""
+        if not row.strip():
+            raise ValueError(f"{expected}, got an empty row {r}: {text!r}")
+        values = []
+        for k, token in enumerate(_SEPARATOR.split(row.strip())):
+            if not token:
+                raise ValueError(f"{expected}, got an empty value at position {k}{where}: {text!r}")
+            try:
+                v = float(token)
+            except ValueError:
+                raise ValueError(f"{expected}, got {token!r} at position {k}{where}: {text!r}") from None
+            if not math.isfinite(v):
+                raise ValueError(f"{expected}, got {token!r} at position {k}{where}"
+                                 + ("" if token.lower().lstrip("+-") in ("nan", "inf", "infinity") else
+                                    " (beyond the float range)"))
+            values.append(v)
+        parsed.append(values)
+    if not multi_row:
         return torch.tensor(parsed[0], dtype=dtype)
     if len({len(r) for r in parsed}) != 1:
         raise ValueError(f"{name}: every row must have the same number of values, got rows of {[len(r) for r in parsed]}")
@@ -73,6 +100,9 @@ def explain(loss_name: str, input: Any, target: Any, expect: Any = None, **optio
     for k in options:
         if k not in spec.options:
             raise ValueError(f"{k}: not an option of {name} (its options: {sorted(spec.options)})")
+    for k, v in options.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{k}: expected a finite number, got {v}")
     opts: Dict[str, Any] = {**spec.options, **preset, **{k: v for k, v in options.items() if v is not None}}
     if "reduction" in opts:
         from detloss._checks import check_reduction
@@ -89,6 +119,13 @@ def explain(loss_name: str, input: Any, target: Any, expect: Any = None, **optio
         raise ValueError(f"input: expected logits of shape [C] or [N, C] (rows separated by ';'), got {tuple(x.shape)}")
     if spec.target_kind != "index-or-soft" and not y.is_floating_point():
         y = y.to(x.dtype)
+    if spec.target_kind == "index-or-soft" and y.is_floating_point() and not (spec.soft_target and y.shape == x.shape):
+        fractional = y != y.round()
+        if bool(fractional.any()):
+            k = int(fractional.reshape(-1).nonzero()[0])
+            raise ValueError(f"target: expected class indices (whole numbers) for {name}"
+                             + (" or a distribution of the input's shape" if spec.soft_target else "")
+                             + f", got {y.reshape(-1)[k].item()} at position {k}")
     for key in TENSOR_OPTIONS:
         if opts.get(key) is not None:
             opts[key] = as_tensor(key, opts[key], x.dtype).to(x.dtype)

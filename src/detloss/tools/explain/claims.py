@@ -35,6 +35,8 @@ def _parse_claim(claimed: Any) -> Tuple[List[float], List[float], List[str]]:
             vals = [float(p) for p in parts]
         except ValueError:
             raise ValueError(f"expect: expected a number or comma-separated numbers, got {claimed!r}") from None
+        if not parts or not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"expect: expected finite numbers, got {claimed!r}")
         return vals, [_decimals(p)[0] * 1.0001 + 1e-12 for p in parts], parts
     if isinstance(claimed, torch.Tensor):
         claimed = claimed.reshape(-1).tolist()

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-from . import bce, cross_entropy, dfl, focal, iou, regression
+from . import bce, cross_entropy, dfl, focal, hungarian, iou, regression
 from .family import Spec
 
 __all__ = ["FAMILIES", "LOSSES", "ALIASES"]
 
-FAMILIES = (bce, cross_entropy, focal, regression, iou, dfl)
+FAMILIES = (bce, cross_entropy, focal, regression, iou, dfl, hungarian)
 
 LOSSES: Dict[str, Spec] = {}
 ALIASES: Dict[str, Tuple[str, Dict[str, Any]]] = {}

@@ -106,6 +106,7 @@ class Explanation:
         return d
 
     def render(self, digits: int = 4) -> str:
+        """The explanation as text, numbers with ``digits`` digits after the point (0 to 15)."""
         fmt = formatter(digits)
         out = [f"{self.loss}: {self.formula}", f"  computed by {self.function}; source: {self.source}"]
         opts = {k: v for k, v in self.options.items() if v is not None}
@@ -155,7 +156,14 @@ def to_plain(t: Any) -> Any:
     return t
 
 
+MAX_DIGITS = 15
+
+
 def formatter(digits: int) -> Callable[[float], str]:
+    """A number formatter with ``digits`` digits after the point (0 to :data:`MAX_DIGITS`)."""
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 0 <= digits <= MAX_DIGITS:
+        raise ValueError(f"digits: expected a whole number of digits after the point from 0 to {MAX_DIGITS}, "
+                         f"got {digits!r}")
     def fmt(v: float) -> str:
         if isinstance(v, bool):
             return str(v)

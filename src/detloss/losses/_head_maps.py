@@ -11,8 +11,8 @@ gives the loss what it reads, each in one pass:
   (a view), what :meth:`detloss.YOLOv8Loss.decode_boxes` decodes;
 - :meth:`HeadMaps.scores`: the class probabilities ``[B, A, nc]`` for the assigner (no gradient);
 - :func:`head_terms`: in one autograd node, the class BCE against one-hot soft targets (fused pass
-  :func:`detloss.kernels.onehot.onehot_bce_into`, whose gradient, box channels zeroed, is written
-  straight into the maps' gradient) and the box channels of the positives ``[P, 4 * reg_max]``,
+  :func:`detloss.kernels.onehot.onehot_bce_into` over the class channels, whose gradient is written
+  straight into the maps' gradient, the box channels' part zero-filled) and the box channels of the positives ``[P, 4 * reg_max]``,
   whose gradient backward adds into the same buffer: the whole gradient of the head is one
   allocation, written once;
 - :meth:`HeadMaps.concat_box_channels` / :meth:`HeadMaps.concat_logits`: the concatenated forms,
@@ -98,11 +98,8 @@ def head_terms(
         rows = _HeadTerms.apply(spec, None, *head.maps)[0]
         return rows, None
     labels, scores = class_targets
-    no = head.box_dim + head.num_classes
-    chan = torch.full((no,), -1.0, dtype=dt, device=dev)
-    chan[head.box_dim :] = torch.arange(head.num_classes, dtype=dt, device=dev)
-    weight = torch.zeros(no, dtype=dt, device=dev)
-    weight[head.box_dim :] = 1.0 if class_weights is None else class_weights.to(dt)
+    chan = torch.arange(head.num_classes, dtype=dt, device=dev)
+    weight = torch.ones(head.num_classes, dtype=dt, device=dev) if class_weights is None else class_weights.to(dt)
     cls = (labels.to(dt)[:, None], scores.to(dt)[:, None], chan[None, :, None], weight[None, :, None])
     rows, total = _HeadTerms.apply(spec, cls, *head.maps)
     return rows, total
@@ -155,7 +152,10 @@ class _HeadTerms(torch.autograd.Function):
             for lvl, m in enumerate(maps):
                 off, n = head.offsets[lvl], head.sizes[lvl]
                 out = _level_view(buffer, spec, lvl, m.shape)
-                parts.append(onehot_bce_into(out, m, labels[..., off : off + n], scores[..., off : off + n], chan, weight, one))
+                out[:, :bd].zero_()  # the box channels' gradient: 0 but at the positives (backward)
+                parts.append(onehot_bce_into(
+                    out[:, bd:], m[:, bd:], labels[..., off : off + n], scores[..., off : off + n], chan, weight, one
+                ))
             total = torch.stack(parts).sum()
             ctx.buffer = buffer
         ctx.has_cls = cls is not None

@@ -79,7 +79,10 @@ def image_slots(image_index: torch.Tensor, batch_size: int) -> Tuple[torch.Tenso
     """Rows of several images into one padded ``[batch_size, M]`` table: the slot of each row
     within its image (rows keep their order within an image; they need not be sorted by image)
     and ``M``, the most rows of one image (0 without rows). ``image_index``: int64 ``[N]``."""
-    counts = torch.bincount(image_index, minlength=batch_size)
+    # counted by an index_add (torch.bincount synchronizes on accelerators to size its output)
+    counts = torch.zeros(batch_size, dtype=torch.long, device=image_index.device).index_add_(
+        0, image_index, torch.ones_like(image_index)
+    )
     m = int(counts.max()) if image_index.numel() else 0
     order = torch.sort(image_index, stable=True).indices
     slot = torch.empty_like(image_index)
@@ -90,6 +93,20 @@ def image_slots(image_index: torch.Tensor, batch_size: int) -> Tuple[torch.Tenso
 def _bad_rows(mask: torch.Tensor, limit: int = 5) -> str:
     rows = mask.nonzero().flatten()[:limit].tolist()
     return ", ".join(str(r) for r in rows)
+
+
+def _target_flags(t: torch.Tensor, num_classes: Optional[int], batch_size: Optional[int]) -> torch.Tensor:
+    """bool ``[4]``: whether some row of ``t`` fails each check of :func:`check_yolo_targets`
+    (without synchronizing; non-finite values fail every comparison below and the first flag)."""
+    idx_cls = t[:, :2]
+    bounds = t.new_tensor([math.inf if batch_size is None else batch_size, math.inf if num_classes is None else num_classes])
+    xywh = t[:, 2:6]
+    return torch.stack((
+        ~torch.isfinite(t).all(),
+        ((idx_cls < 0) | (idx_cls != idx_cls.floor())).any(),
+        (idx_cls >= bounds).any(),
+        ((xywh < 0) | (xywh > 1)).any(),
+    ))
 
 
 def check_yolo_targets(
@@ -107,6 +124,8 @@ def check_yolo_targets(
     if t.ndim != 2 or t.shape[1] != 6:
         raise ValueError(f"{name}: expected shape [N, 6] (image, class, cx, cy, w, h), got {tuple(t.shape)}")
     if t.shape[0] == 0:
+        return t
+    if not bool(_target_flags(t, num_classes, batch_size).any()):  # one synchronization for every check
         return t
     bad = ~torch.isfinite(t).all(1)
     if bool(bad.any()):

@@ -137,9 +137,11 @@ class _HeadTerms(torch.autograd.Function):
         head = spec.head
         bd = head.box_dim
         rows = maps[0].new_zeros((spec.batch_index.shape[0], bd))
+        channel = torch.arange(bd, device=rows.device)
         for lvl, m in enumerate(maps):
-            idx = spec.local.clamp(max=m.shape[2] - 1)
-            rows = torch.where((spec.level == lvl)[:, None], m[spec.batch_index, :bd, idx], rows)
+            no, n = m.shape[1], m.shape[2]
+            first = spec.batch_index * (no * n) + spec.local.clamp(max=n - 1)  # channel 0 of the row
+            rows = torch.where((spec.level == lvl)[:, None], torch.take(m, first[:, None] + channel * n), rows)
         ctx.spec = spec
         ctx.shapes = [m.shape for m in maps]
         ctx.buffer = None
@@ -179,7 +181,8 @@ class _HeadTerms(torch.autograd.Function):
             for lvl, shape in enumerate(ctx.shapes):
                 _level_view(buffer, spec, lvl, shape)[:, bd:].mul_(grad_total)
         if grad_rows.shape[0]:
-            buffer.index_put_((spec.flat_rows().reshape(-1),), grad_rows.reshape(-1), accumulate=True)
+            # the box channels hold 0 so far and every positive's rows are its own: write, not add
+            buffer.index_put_((spec.flat_rows().reshape(-1),), grad_rows.reshape(-1))
         return (None, None) + tuple(_level_view(buffer, spec, lvl, shape) for lvl, shape in enumerate(ctx.shapes))
 
 

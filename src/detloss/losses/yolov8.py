@@ -51,6 +51,7 @@ from ..anchors import GridLevel, Level, make_anchors
 from ..assign.base import Assignment
 from ..assign.tal import TALAssignment, TaskAlignedAssigner
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
+from ..functional.dfl import dfl_in_range
 from ..output import LossOutput
 from ._head_maps import HeadMaps, head_terms
 from .base import Decoded, DetectionLoss
@@ -480,7 +481,7 @@ class YOLOv8Loss(DetectionLoss):
         reg_max = self.reg_max
         anchor, target = prepared.pos_anchor_points, prepared.pos_target_bboxes
         ltrb = torch.cat((anchor - target[:, :2], target[:, 2:] - anchor), -1).clamp(0, reg_max - 1 - DFL_MARGIN)
-        dfl = F.distribution_focal_loss(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), reduction="none")
+        dfl = dfl_in_range(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), "none")  # in range: clamped
         return (dfl.view(-1, 4).mean(-1) * assignment.weights).sum() / prepared.normalizer
 
     def output(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:

@@ -50,7 +50,7 @@ from .._lazy import Deferred, DeferredField
 from ..anchors import GridLevel, Level, make_anchors
 from ..assign.base import Assignment
 from ..assign.tal import TALAssignment, TaskAlignedAssigner
-from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
+from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_counts, image_slots, yolo_target_flags, yolo_target_rows
 from ..functional.dfl import dfl_in_range
 from ..output import LossOutput
 from ._head_maps import HeadMaps, head_terms
@@ -73,12 +73,17 @@ def decode_distances(pred_dist: Tensor, anchor_points: Tensor) -> Tensor:
     return torch.cat((anchor_points - lt, anchor_points + rb), -1)
 
 
-def _check_finite(feats: Sequence[Tensor]) -> None:
-    """NaN or inf anywhere in ``feats`` raises, naming the level and the first position; one host
-    synchronization for all levels (a sum per level, non-finite when an element is, or when it
-    overflows, which the exact check then clears)."""
+def _finite_flag(feats: Sequence[Tensor]) -> Tensor:
+    """bool 0-dim: whether ``feats`` may hold NaN or inf (a sum per level, non-finite when an
+    element is, or when it overflows, which :func:`_check_finite` then clears); no synchronization."""
     sums = torch.stack([f.detach().sum(dtype=torch.float64 if f.dtype == torch.float64 else torch.float32) for f in feats])
-    if bool(torch.isfinite(sums).all()):
+    return ~torch.isfinite(sums).all()
+
+
+def _check_finite(feats: Sequence[Tensor], exact: bool = False) -> None:
+    """NaN or inf anywhere in ``feats`` raises, naming the level and the first position; one host
+    synchronization for all levels (``exact``: the element-wise check alone)."""
+    if not exact and not bool(_finite_flag(feats)):
         return
     for i, f in enumerate(feats):
         bad = ~torch.isfinite(f.detach())
@@ -106,13 +111,13 @@ def _onehot_bce(logits: Tensor, labels: Tensor, scores: Tensor, class_weights: O
 
 
 def _padded_targets(
-    targets: Tensor, batch_size: int, image_hw: Tuple[float, float], dtype: torch.dtype
+    targets: Tensor, batch_size: int, image_hw: Tuple[float, float], dtype: torch.dtype, most: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`preprocess_targets` plus ``rows [B, M]``: the row of ``targets`` in each slot (-1
-    in padding slots)."""
+    in padding slots). ``most``: ``M`` if known (see :func:`~detloss.boxes.image_slots`)."""
     dev = targets.device
     img = targets[:, 0].long()
-    slot, m = image_slots(img, batch_size)
+    slot, m = image_slots(img, batch_size, most)
     h, w = image_hw
     xyxy = cxcywh_to_xyxy(targets[:, 2:6].to(dtype) * torch.tensor([w, h, w, h], dtype=dtype, device=dev))
     labels = torch.zeros((batch_size, m), dtype=torch.long, device=dev)
@@ -326,7 +331,7 @@ class YOLOv8Loss(DetectionLoss):
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_feats(self, feats: Sequence[Tensor]) -> List[Level]:
+    def _check_feats(self, feats: Sequence[Tensor], finite: bool = True) -> List[Level]:
         if isinstance(feats, Tensor) or not isinstance(feats, (list, tuple)):
             raise TypeError(f"feats: expected a list of {len(self.strides)} tensors (one per level), got {type(feats).__name__}")
         if len(feats) != len(self.strides):
@@ -344,7 +349,8 @@ class YOLOv8Loss(DetectionLoss):
             if f.dtype != first.dtype or f.device != first.device:
                 raise TypeError(f"feats[{i}]: expected dtype {first.dtype} on {first.device} like feats[0], got {f.dtype} on {f.device}")
             levels.append((int(f.shape[2]), int(f.shape[3]), s))
-        _check_finite(feats)
+        if finite:
+            _check_finite(feats)
         check_level_sizes("feats", [(h, w) for h, w, _ in levels], self.strides)
         return levels
 
@@ -357,14 +363,23 @@ class YOLOv8Loss(DetectionLoss):
         return pred_dist.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1)
 
     def check(self, feats: Sequence[Tensor], targets: Tensor) -> YOLOv8Inputs:
-        levels = self._check_feats(feats)
+        """The checks of ``feats`` and ``targets`` and the targets' padding ``M`` read in one host
+        synchronization; on a failure the exact checks run again and raise."""
+        levels = self._check_feats(feats, finite=False)
         bsz = feats[0].shape[0]
-        targets = check_yolo_targets(targets, num_classes=self.num_classes, batch_size=bsz)
         dt = compute_dtype(*feats)
         dev = feats[0].device
+        rows = yolo_target_rows(targets).to(dev)
+        img = rows[:, 0].nan_to_num(0.0).clamp(0, max(bsz - 1, 0)).long()  # in range; bad rows fail the flags
+        counts = image_counts(img, bsz) if bsz else img.new_zeros(1)
+        flags = torch.cat((_finite_flag(feats)[None], yolo_target_flags(rows, self.num_classes, bsz)))
+        read = torch.cat((flags.any()[None].long(), counts.max()[None])).tolist()
+        if read[0]:
+            _check_finite(feats, exact=True)
+            check_yolo_targets(targets, num_classes=self.num_classes, batch_size=bsz)
         head = HeadMaps([upcast(f, dt).reshape(bsz, f.shape[1], f.shape[2] * f.shape[3]) for f in feats], self.reg_max, self.num_classes)
         image_hw = (levels[0][0] * self.strides[0], levels[0][1] * self.strides[0])
-        gt_labels, gt_bboxes, mask_gt, gt_rows = _padded_targets(targets.to(dev), bsz, image_hw, dt)
+        gt_labels, gt_bboxes, mask_gt, gt_rows = _padded_targets(rows, bsz, image_hw, dt, most=read[1] if rows.shape[0] else 0)
         return YOLOv8Inputs(levels, bsz, dt, dev, image_hw, Deferred(head.concat_box_channels), Deferred(head.concat_logits),
                             targets, gt_labels, gt_bboxes, mask_gt, gt_rows, head=head)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+from torch import Tensor
 
 from ._runtime import LossPass, apply_pass, cached_pass
 from .dense import bce_with_logits_closed_form, bce_with_logits_formula
@@ -39,14 +40,7 @@ __all__ = [
 ]
 
 
-def onehot_bce_closed_form(
-    x: torch.Tensor,
-    label: torch.Tensor,
-    score: torch.Tensor,
-    chan: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def onehot_bce_closed_form(x: Tensor, label: Tensor, score: Tensor, chan: Tensor, weight: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     """Elementwise BCE-with-logits of ``x`` against the one-hot target of its row (module
     docstring) times ``weight``, and its derivative in ``x`` times ``scale``."""
     y = torch.where(chan == label, score, 0.0)
@@ -54,14 +48,7 @@ def onehot_bce_closed_form(
     return loss, grad * scale
 
 
-def onehot_bce_formula(
-    x: torch.Tensor,
-    label: torch.Tensor,
-    score: torch.Tensor,
-    chan: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
+def onehot_bce_formula(x: Tensor, label: Tensor, score: Tensor, chan: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """The same elementwise loss through PyTorch's BCE expression, differentiable by autograd
     (``scale`` scales the closed form's gradient only and is not part of the loss)."""
     return bce_with_logits_formula(x, torch.where(chan == label, score, 0.0), weight)
@@ -72,24 +59,15 @@ def onehot_bce_pass() -> LossPass:
     return cached_pass("onehot_bce_with_logits", onehot_bce_closed_form, onehot_bce_formula, "sum")
 
 
-def onehot_bce_into(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    label: torch.Tensor,
-    score: torch.Tensor,
-    chan: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    """The summed loss (module docstring), in the compute dtype of ``x`` and ``score``; the
-    gradient is stored into ``out`` (shaped like ``x``). ``label`` and ``chan`` hold class
-    indices (any dtype; exact below 2**24), ``scale`` is a 0-dim tensor."""
-    return onehot_bce_pass()(x, label, score, chan, weight, scale, out=out)[0]
+def onehot_bce_into(out: Tensor, *args: Tensor) -> Tensor:
+    """The summed loss (module docstring) of ``args = (x, label, score, chan, weight, scale)``, in
+    the compute dtype of ``x`` and ``score``; the gradient is stored into ``out`` (shaped like
+    ``x``). ``label`` and ``chan`` hold class indices (any dtype; exact below 2**24), ``scale`` is
+    a 0-dim tensor."""
+    return onehot_bce_pass()(*args, out=out)[0]
 
 
-def fused_onehot_bce_with_logits(
-    x: torch.Tensor, label: torch.Tensor, score: torch.Tensor, chan: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
+def fused_onehot_bce_with_logits(x: Tensor, label: Tensor, score: Tensor, chan: Tensor, weight: Tensor) -> Tensor:
     """The summed loss, differentiable in ``x`` (the fused path: only the gradient is kept)."""
     one = torch.ones((), dtype=weight.dtype, device=weight.device)
     return apply_pass(onehot_bce_pass(), True, x, label, score, chan, weight, one)

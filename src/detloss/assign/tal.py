@@ -370,7 +370,12 @@ class TaskAlignedAssigner:
     ) -> TALAssignment:
         """Assignment on checked inputs: ``gt_labels`` int64 ``[B, M]``, ``mask_gt`` bool
         ``[B, M]``, floats in one dtype; ``levels`` ``[(h, w, stride), ...]`` matching
-        ``anc_points`` selects the candidate path (unless ``dense``)."""
+        ``anc_points`` selects the candidate path (unless ``dense``).
+
+        ``pd_scores`` may also be an object that gives the probabilities on demand (``shape``
+        ``(B, A, nc)``, ``dtype``, ``device``, ``scores()``: the ``[B, A, nc]`` tensor, and
+        ``gather_scores(image, anchor, cls)``: those entries), as YOLOv8Loss passes its head maps:
+        the candidate path then reads only the candidate pairs' scores, never all ``[B, A, nc]``."""
         bsz, n_anchor, nc = pd_scores.shape
         if gt_bboxes.shape[1] == 0:  # the reference's early return
             dev = pd_scores.device
@@ -381,6 +386,8 @@ class TaskAlignedAssigner:
             empty = Assignment.empty(bsz, n_anchor, dtype=pd_scores.dtype, device=dev)
             return TALAssignment(**{**vars(empty), "extras": extras})
         if self.dense or levels is None:
+            if not isinstance(pd_scores, torch.Tensor):
+                pd_scores = pd_scores.scores()
             idx, fg, norm = self._dense(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt)
         else:
             idx, fg, norm = self._sparse(pd_scores, pd_bboxes, levels, gt_labels, gt_bboxes, mask_gt)
@@ -507,7 +514,12 @@ class TaskAlignedAssigner:
             boxes.index_select(0, box), pd_bboxes.reshape(-1, 4).index_select(0, flat), kind="ciou",
             convention="yolov5", validate=False,
         ).clamp(min=0)
-        score = _gather(pd_scores, cand_img, anchor, box_label.index_select(0, box))
+        cand_label = box_label.index_select(0, box)
+        if isinstance(pd_scores, torch.Tensor):
+            score = _gather(pd_scores, cand_img, anchor, cand_label)
+        else:
+            score = pd_scores.gather_scores(cand_img, anchor, cand_label)
+        del cand_label
         del cand_img
         metric = score.pow(self.alpha) * overlap.pow(self.beta)
         del score

@@ -9,7 +9,9 @@ gives the loss what it reads, each in one pass:
 
 - :meth:`HeadMaps.box_channels`: level ``l``'s box channels as ``[B, H_l * W_l, 4 * reg_max]``
   (a view), what :meth:`detloss.YOLOv8Loss.decode_boxes` decodes;
-- :meth:`HeadMaps.scores`: the class probabilities ``[B, A, nc]`` for the assigner (no gradient);
+- :meth:`HeadMaps.scores`: the class probabilities ``[B, A, nc]`` (no gradient), and
+  :meth:`HeadMaps.gather_scores` those of some entries only, which is what the task-aligned
+  assigner's candidate path reads;
 - :func:`head_terms`: in one autograd node, the class BCE against one-hot soft targets (fused pass
   :func:`detloss.kernels.onehot.onehot_bce_into` over the class channels, whose gradient is written
   straight into the maps' gradient, the box channels' part zero-filled) and the box channels of the positives ``[P, 4 * reg_max]``,
@@ -68,6 +70,30 @@ class HeadMaps:
             for m, off, n in zip(self.maps, self.offsets, self.sizes):
                 torch.sigmoid(m[:, self.box_dim :], out=out[:, :, off : off + n])
         return out.permute(0, 2, 1)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(B, A, nc)``: the shape of :meth:`scores`."""
+        return (self.batch_size, self.num_anchors, self.num_classes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.maps[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps[0].device
+
+    def gather_scores(self, image: Tensor, anchor: Tensor, cls: Tensor) -> Tensor:
+        """``scores()[image, anchor, cls]`` for int64 ``[n]`` indices, read from the maps at those
+        entries only (the same values: the sigmoid of each logit), without gradient."""
+        level, local = self.locate(anchor)
+        out = self.maps[0].new_zeros(anchor.shape)
+        with torch.no_grad():
+            for lvl, (m, n) in enumerate(zip(self.maps, self.sizes)):
+                flat = (image * m.shape[1] + self.box_dim + cls) * n + local.clamp(max=n - 1)
+                out = torch.where(level == lvl, torch.take(m.detach(), flat), out)
+        return out.sigmoid_()
 
     def locate(self, pred_index: Tensor) -> Tuple[Tensor, Tensor]:
         """Level and index within the level ``[P]`` of anchors ``pred_index`` (no synchronization)."""

@@ -414,8 +414,14 @@ class YOLOv8Loss(DetectionLoss):
         ``target_index`` becomes the row of ``targets``."""
         with torch.no_grad():
             stride = prepared.stride_tensor
+            # TaskAlignedAssigner reads the head maps where it needs them; another assigner gets the tensor
+            own = isinstance(self.assigner, TaskAlignedAssigner) and type(self.assigner).assign is TaskAlignedAssigner.assign
+            if inputs.head is not None:
+                scores = inputs.head if own else inputs.head.scores()
+            else:
+                scores = inputs.pred_logits.detach().sigmoid()
             asg = self.assigner.assign(
-                inputs.head.scores() if inputs.head is not None else inputs.pred_logits.detach().sigmoid(),
+                scores,
                 prepared.pred_bboxes.detach() * stride,
                 prepared.anchor_points * stride,
                 inputs.gt_labels,

@@ -76,15 +76,18 @@ def _zero_gradient(shape: torch.Size, dtype: torch.dtype, device: torch.device) 
 
 
 class _GatherHeads(torch.autograd.Function):
-    """For every level ``pi``: its objectness logits ``pi[..., 4]``; and the positives' rows
-    ``pi[b, a, gj, gi]`` of all levels in one ``[P, 5 + nc]`` tensor, level after level.
+    """What the loss reads from the head outputs ``pi [bs, na, ny, nx, 5 + nc]``: for every level
+    its objectness logits ``pi[..., 4]``; for the positives of all levels, level after level,
+    their box logits ``pi[b, a, gj, gi, 0:4]`` in one ``[P, 4]`` tensor and, per level, their
+    class logits ``pi[b, a, gj, gi, 5:]`` ``[n_i, nc]``.
 
     ``apply(counts, flat, *preds)``: ``flat`` ``[P]`` the positives' flat cell indices into
-    their level's ``[bs * na * ny * nx]`` rows, ``counts`` the positives per level. Autograd
-    through the plain indexing ops builds, per level, two zero-filled gradients of the full head
-    output and adds them; here each level's objectness gradient and its positives' rows are
-    written into a single zero-filled tensor (duplicated positives accumulate, as ``index_put``
-    with ``accumulate=True`` does).
+    their level's ``[bs * na * ny * nx]`` rows, ``counts`` the positives per level; returns
+    ``(*objectness, box, *classes)``. Autograd through plain indexing and slicing builds, per
+    level, a zero-filled gradient of the full head output for each indexing op and adds them,
+    and one more buffer per slice of the positives' rows; here each level's objectness gradient
+    and its positives' gradients are written straight into a single zero-filled tensor
+    (duplicated positives accumulate, as ``index_put`` with ``accumulate=True`` does).
     """
 
     @staticmethod
@@ -93,38 +96,40 @@ class _GatherHeads(torch.autograd.Function):
         ctx.shapes = [p.shape for p in preds]
         ctx.dtype = preds[0].dtype
         ctx.save_for_backward(flat)
-        return tuple(_gather(counts, flat, preds))
+        objs, box, classes = _gather(counts, flat, preds)
+        return (*objs, box, *classes)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         (flat,) = ctx.saved_tensors
-        g_objs, g_rows = grads[:-1], grads[-1]
+        nl = len(ctx.shapes)
+        g_objs, g_box, g_classes = grads[:nl], grads[nl], grads[nl + 1:]
+        g_boxes = [None] * nl if g_box is None else g_box.split(list(ctx.counts))
         out: List[Optional[Tensor]] = []
-        for i, (shape, g_obj, index, rows) in enumerate(zip(ctx.shapes, g_objs, flat.split(ctx.counts),
-                                                            _level_rows(g_rows, ctx.counts))):
+        for i, (shape, index) in enumerate(zip(ctx.shapes, flat.split(list(ctx.counts)))):
             if not ctx.needs_input_grad[2 + i]:
                 out.append(None)
                 continue
             grad = _zero_gradient(shape, ctx.dtype, flat.device)
-            if g_obj is not None:
-                grad[..., 4] = g_obj.to(grad.dtype)
-            if rows is not None and index.numel():
-                grad.view(-1, shape[-1]).index_add_(0, index, rows.to(grad.dtype))
+            if g_objs[i] is not None:
+                grad[..., 4] = g_objs[i].to(grad.dtype)
+            rows = grad.view(-1, shape[-1])
+            if index.numel():
+                for cols, g in ((slice(0, 4), g_boxes[i]), (slice(5, None), g_classes[i])):
+                    if g is not None:
+                        rows[:, cols].index_add_(0, index, g.to(grad.dtype))
             out.append(grad)
         return (None, None, *out)
 
 
-def _level_rows(rows: Optional[Tensor], counts: Sequence[int]) -> Sequence[Optional[Tensor]]:
-    return [None] * len(counts) if rows is None else rows.split(list(counts))
-
-
-def _gather(counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor]) -> List[Tensor]:
-    """``[pi[..., 4] contiguous for each level] + [rows [P, 5 + nc]]`` (no autograd)."""
+def _gather(counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+    """``([pi[..., 4] for each level], box [P, 4], [classes [n_i, nc] for each level])``, no autograd."""
     no = preds[0].shape[-1]
     rows = preds[0].new_empty((flat.shape[0], no))
     for pi, index, dst in zip(preds, flat.split(list(counts)), rows.split(list(counts))):
         torch.index_select(pi.reshape(-1, no), 0, index, out=dst)
-    return [pi[..., 4].contiguous() for pi in preds] + [rows]
+    objs = [pi[..., 4].contiguous() for pi in preds]
+    return objs, rows[:, :4], [r[:, 5:] for r in rows.split(list(counts))]
 
 
 def _flat_cells(pi: Tensor, asg: YOLOv5LevelAssignment) -> Tensor:
@@ -132,22 +137,19 @@ def _flat_cells(pi: Tensor, asg: YOLOv5LevelAssignment) -> Tensor:
     return ((asg.image * na + asg.anchor) * ny + asg.gy) * nx + asg.gx
 
 
-def _gather_heads(preds: Sequence[Tensor], levels: Sequence[YOLOv5LevelAssignment]) -> Tuple[List[Tensor], Tensor]:
-    """The objectness logits ``[bs, na, ny, nx]`` of every level and the positives' rows
-    ``[P, 5 + nc]`` of all levels, level after level (one backward gradient tensor per level)."""
+def _gather_heads(
+    preds: Sequence[Tensor], levels: Sequence[YOLOv5LevelAssignment]
+) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+    """The objectness logits ``[bs, na, ny, nx]`` of every level, the positives' box logits
+    ``[P, 4]`` of all levels (level after level) and their class logits ``[n_i, nc]`` per level;
+    backward writes one gradient tensor per level (:class:`_GatherHeads`)."""
     counts = tuple(a.num_pos for a in levels)
     flat = torch.cat([_flat_cells(pi, a) for pi, a in zip(preds, levels)])
     if any(p.requires_grad for p in preds) and torch.is_grad_enabled():
-        *objs, rows = _GatherHeads.apply(counts, flat, *preds)
-    else:
-        *objs, rows = _gather(counts, flat, preds)
-    return list(objs), rows
-
-
-def _gather_head(pi: torch.Tensor, asg: YOLOv5LevelAssignment):
-    """The objectness logits ``[bs, na, ny, nx]`` and the positives' rows ``[n, 5 + nc]`` of one level."""
-    (obj,), rows = _gather_heads([pi], [asg])
-    return obj, rows
+        nl = len(preds)
+        out = _GatherHeads.apply(counts, flat, *preds)
+        return list(out[:nl]), out[nl], list(out[nl + 1:])
+    return _gather(counts, flat, preds)
 
 
 @dataclass
@@ -165,14 +167,15 @@ class YOLOv5Inputs:
 @dataclass
 class YOLOv5Positives:
     """What :meth:`YOLOv5Loss.gather` takes from the head outputs: per level ``i`` the
-    objectness logits ``pobj[i] [bs, na, ny, nx]``; for the positives of all levels, level after
-    level (``counts[i]`` of level ``i``), their rows ``rows [P, 5 + nc]``, their decoded boxes
+    objectness logits ``pobj[i] [bs, na, ny, nx]`` and its positives' class logits
+    ``cls_logits[i] [n_i, nc]``; for the positives of all levels, level after level
+    (``counts[i]`` of level ``i``), their decoded boxes
     ``pbox [P, 4]`` (cx, cy, w, h, grid units, cell-relative) and ``ciou [P]`` with their targets
     (with its graph); the level weights of this call; the divisors of each level's means
     (``None``: the local means, as the original) and the batch size ``total`` is multiplied by."""
 
     pobj: List[Tensor]
-    rows: Tensor
+    cls_logits: List[Tensor]
     pbox: Tensor
     ciou: Tensor
     counts: List[int]
@@ -398,15 +401,16 @@ class YOLOv5Loss(DetectionLoss):
     def gather(self, inputs: YOLOv5Inputs, prepared: None, assignment: YOLOv5Assignment) -> YOLOv5Positives:
         """The positives of all levels at once: one gather, one decoding, one CIoU."""
         cd = inputs.dtype
-        pobj, rows = _gather_heads(inputs.preds, assignment)  # objectness logits; rows [P, 5 + nc]
+        pobj, tbox, pcls = _gather_heads(inputs.preds, assignment)  # [bs, na, ny, nx]; [P, 4]; [n_i, nc]
         pobj = [upcast(p, cd) for p in pobj]
-        ps = upcast(rows, cd)
-        pxy = ps[:, 0:2].sigmoid() * 2 - 0.5
-        pwh = ((ps[:, 2:4].sigmoid() * 2) ** 2 * assignment.extras["anchors"].to(cd)).clamp(min=PWH_FLOOR)
+        pcls = [upcast(p, cd) for p in pcls]
+        tbox = upcast(tbox, cd)
+        pxy = tbox[:, 0:2].sigmoid() * 2 - 0.5
+        pwh = ((tbox[:, 2:4].sigmoid() * 2) ** 2 * assignment.extras["anchors"].to(cd)).clamp(min=PWH_FLOOR)
         pbox = torch.cat((pxy, pwh), 1)
         ciou = F.aligned_box_iou(pbox, assignment.boxes.to(cd), kind="ciou", box_format="cxcywh", convention="yolov5")
         counts = [a.num_pos for a in assignment]
-        out = YOLOv5Positives(pobj, ps, pbox, ciou, counts, self.balance, batch_factor=inputs.batch_size)
+        out = YOLOv5Positives(pobj, pcls, pbox, ciou, counts, self.balance, batch_factor=inputs.batch_size)
         if self.reduce_across_ranks:
             # one all-reduce: every level's positive count and the batch size
             local = torch.tensor([float(a.num_pos) for a in assignment] + [float(inputs.batch_size)], dtype=cd, device=inputs.device)
@@ -478,9 +482,8 @@ class YOLOv5Loss(DetectionLoss):
         lcls = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
         if self.num_classes == 1:
             return lcls
-        for i, (asg, ps) in enumerate(zip(assignment, pos.per_level(pos.rows))):
+        for i, (asg, pcls) in enumerate(zip(assignment, pos.cls_logits)):
             if asg.num_pos:
-                pcls = ps[:, 5:]
                 t = torch.full_like(pcls, self.cn)
                 t[torch.arange(asg.num_pos, device=inputs.device), asg.classes] = self.cp
                 divisor = None if pos.pos_divisor is None else pos.pos_divisor[i] * self.num_classes

@@ -1,43 +1,59 @@
-"""RetinaNet loss benchmark: RetinaNetLoss against torchvision's RetinaNet.compute_loss, same process.
+"""Benchmark: :class:`detloss.RetinaNetLoss` against torchvision's own ``RetinaNet.compute_loss``
+(torchvision 0.29.1), in the same process on the same inputs.
 
-Default sizes: batch 8 of 640 px images, which torchvision's transform (min_size 800) brings to
-800 x 800: P3-P7 with 9 anchors per location, 120,087 anchors per image; 91 classes (torchvision's
-COCO head); 10 and 500 boxes per image. The peer is torchvision's own code (needs torchvision,
-e.g. the integrations environment): ``RetinaNet.compute_loss`` of a RetinaNet model (dense
-``box_iou`` of boxes x anchors per image, ``Matcher``, ``RetinaNetHead.compute_loss``). Both are
-checked to give the same matches and losses before anything is timed; then forward + backward
-time and peak memory, and the matching alone.
+Default sizes: batch 8 of 640 px images, which torchvision's RetinaNet (``min_size=800``) resizes
+and pads to 800 x 800: P3-P7 feature maps of 100, 50, 25, 13 and 7 cells, 9 anchors per location,
+120,087 anchors per image; 91 classes (torchvision's COCO head); 8, 10, 100 and 500 boxes per
+image (boxes of log-uniform sides from 6 px to half the image, anywhere inside it). The peer is
+torchvision's ``RetinaNet`` model with a stand-in backbone that never runs; its
+``compute_loss(targets, head_outputs, anchors)`` is called as ``RetinaNet.forward`` calls it in
+training (its matching: dense ``box_iou`` of boxes x anchors per image and ``Matcher`` with
+low-quality matches; then ``RetinaNetHead.compute_loss``), with the anchors of torchvision's own
+``AnchorGenerator`` (one equal tensor per image, computed once, as an input). Before timing, the
+totals (the sum of the two terms, what the trainer backpropagates), the terms and the gradients
+are checked equal, and so are the matches (``matched_idxs``, exactly).
+
+After the table, the matching alone (detloss's :func:`~detloss.assign.iou_matcher.assign_iou`
+against torchvision's ``box_iou`` + ``Matcher`` per image): its time and peak memory at each box
+count, and their growth from the fewest to the most boxes, against the growth of the number of
+anchor-box candidate pairs (pairs whose IoU can reach the lower threshold) and of anchors x boxes.
+
+Run: ``python benchmarks/run.py retinanet`` (``--quick`` for tiny sizes; ``--peers`` to require
+the peer, as ``make bench-peers`` does).
 """
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from detloss.anchor_generators import AnchorGenerator
-from detloss.assign.iou_matcher import assign_iou
-from detloss.losses.retinanet import RetinaNetLoss
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_growth, print_table
+from ._common import (
+    EqualityError,
+    Side,
+    add_detector_arguments,
+    alternating_medians,
+    apply_quick,
+    fmt_mb,
+    fmt_ms,
+    import_peer,
+    peak_rss,
+    print_table,
+    run_suite,
+)
 
+PEER = "torchvision RetinaNet.compute_loss"
 STRIDES = (8, 16, 32, 64, 128)
+TERMS = (("cls", "classification"), ("box", "bbox_regression"))
 
 
-def torchvision_or_exit():
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            "this benchmark runs torchvision's own loss as the peer: run it in the integrations "
-            "environment (make bench-peers INT_VENV=...)"
-        ) from None
-    import torchvision
-
-    return torchvision
+def feature_sizes(size: int) -> List[Tuple[int, int]]:
+    return [(math.ceil(size / s), math.ceil(size / s)) for s in STRIDES]
 
 
-def random_targets(batch: int, size: int, num_classes: int, boxes_per_image: int, g: torch.Generator, first_label=0):
+def random_targets(batch: int, size: int, num_classes: int, boxes_per_image: int, g: torch.Generator,
+                   first_label: int = 0) -> List[Dict[str, torch.Tensor]]:
     """Boxes of log-uniform sides from 6 px to half the image, anywhere inside it."""
     targets = []
     for _ in range(batch):
@@ -49,107 +65,151 @@ def random_targets(batch: int, size: int, num_classes: int, boxes_per_image: int
 
 
 def make_inputs(batch: int, size: int, num_classes: int, boxes_per_image: int, seed: int = 0):
+    """Anchors (one equal ``[A, 4]`` tensor per image, as torchvision's generator hands them),
+    head outputs ``cls_logits [B, A, C]``, ``bbox_regression [B, A, 4]`` and the targets."""
+    from detloss.anchor_generators import AnchorGenerator
+
     g = torch.Generator().manual_seed(seed)
-    sizes = [(math.ceil(size / s), math.ceil(size / s)) for s in STRIDES]
-    anchors = AnchorGenerator()(sizes, (size, size))
+    anchors = AnchorGenerator()(feature_sizes(size), (size, size))
     a = anchors.shape[0]
     heads = [torch.randn(batch, a, num_classes, generator=g) - 2.0, torch.randn(batch, a, 4, generator=g) * 0.2]
-    # torchvision's anchor generator hands every image its own (equal) tensor
-    return [anchors.clone() for _ in range(batch)], heads, random_targets(batch, size, num_classes, boxes_per_image, g)
+    targets = random_targets(batch, size, num_classes, boxes_per_image, g)
+    return [anchors.clone() for _ in range(batch)], heads, targets
 
 
-def torchvision_retinanet(num_classes: int):
-    """A torchvision RetinaNet whose compute_loss is the peer (its tiny backbone never runs)."""
-    tv = torchvision_or_exit()
-
-    class Stub(torch.nn.Module):
-        out_channels = 8
-
-    return tv.models.detection.retinanet.RetinaNet(Stub(), num_classes=num_classes)
+def build_peer(nc: int):
+    """torchvision's RetinaNet (a stand-in backbone that never runs), or PeerMissing."""
+    retinanet = import_peer("torchvision.models.detection.retinanet", "torchvision==0.29.1")
+    backbone = torch.nn.Module()
+    backbone.out_channels = 8
+    return retinanet.RetinaNet(backbone, num_classes=nc)
 
 
-def check_equal(ours_out, peer_losses, peer_matched, rel=1e-4) -> None:
-    for name, key in (("cls", "classification"), ("box", "bbox_regression")):
-        a, b = float(ours_out.components[name]), float(peer_losses[key])
-        if not math.isclose(a, b, rel_tol=rel, abs_tol=1e-7):
-            raise RuntimeError(f"{name}: detloss {a} and torchvision {b} disagree")
-    for i, (m, p) in enumerate(zip(ours_out.stats["matched_idxs"], peer_matched)):
+def peer_anchors(model, batch: int, size: int) -> List[torch.Tensor]:
+    """The anchors RetinaNet.forward hands compute_loss, from the model's own generator."""
+    from torchvision.models.detection.image_list import ImageList
+
+    images = ImageList(torch.zeros(batch, 3, size, size), [(size, size)] * batch)
+    return model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in feature_sizes(size)])
+
+
+def peer_matches(model, targets, anchors) -> List[torch.Tensor]:
+    """torchvision's matching as ``RetinaNet.compute_loss`` does it, image by image."""
+    from torchvision.ops import box_iou
+
+    out = []
+    for t, a in zip(targets, anchors):
+        if t["boxes"].numel() == 0:
+            out.append(torch.full((a.shape[0],), -1, dtype=torch.int64))
+        else:
+            out.append(model.proposal_matcher(box_iou(t["boxes"], a)))
+    return out
+
+
+def check_same_matches(ours: Sequence[torch.Tensor], peer: Sequence[torch.Tensor], anchors, tv_anchors) -> None:
+    """Raise :class:`EqualityError` unless both give the same anchors and ``matched_idxs``."""
+    if not all(torch.equal(x, y) for x, y in zip(anchors, tv_anchors)):
+        raise EqualityError("detloss's anchor generator and torchvision's give different anchors")
+    for i, (m, p) in enumerate(zip(ours, peer)):
         if not torch.equal(m, p):
-            raise RuntimeError(f"matched_idxs of image {i}: detloss and torchvision disagree at {int((m != p).sum())} anchors")
+            raise EqualityError(f"matched_idxs of image {i}: detloss and torchvision differ at {int((m != p).sum())} anchors")
 
 
-def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        fn().backward()
+def candidate_pairs(targets, anchors: torch.Tensor, min_iou: float) -> int:
+    """The anchor-box pairs of the batch whose IoU reaches ``min_iou`` (what the matcher must
+    visit; it also visits the pairs its search cannot rule out without computing them)."""
+    from detloss.assign.iou_matcher import overlapping_pairs
 
-    return run
+    return sum(int(overlapping_pairs(t["boxes"], anchors, min_iou=min_iou)[0].numel()) for t in targets)
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--size", type=int, default=800, help="padded square side in pixels (640 px images at min_size 800)")
-    ap.add_argument("--classes", type=int, default=91)
-    ap.add_argument("--boxes", type=int, nargs="+", default=[10, 500], help="boxes per image")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
-    ap.add_argument("--peers", action="store_true", help="accepted for `run.py all --peers`: the peer is always torchvision")
+class MatchingGrowth:
+    """The matching alone at each box count: ``rows[boxes] = (candidates, anchors x boxes,
+    detloss (time, peak), peer (time, peak))``, printed after the suite's table."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.rows: Dict[int, Tuple[int, int, Tuple[float, int], Optional[Tuple[float, int]]]] = {}
+
+    def measure(self, nb: int, candidates: int, dense: int, ours, peer, repeats: int, warmup: int) -> None:
+        fns = [ours] + ([peer] if peer is not None else [])
+        times = alternating_medians(fns, repeats, warmup)
+        sides = [(t, peak_rss(f)) for t, f in zip(times, fns)]
+        self.rows[nb] = (candidates, dense, sides[0], sides[1] if peer is not None else None)
+
+    def report(self, peer_label: str) -> None:
+        if not self.rows:
+            return
+        print(f"{self.what} alone (median time, peak resident memory; ratios {peer_label} / detloss):")
+        table = []
+        for nb, (cand, dense, (ot, om), peer) in self.rows.items():
+            pt, pm = peer if peer is not None else (None, None)
+            table.append([nb, cand, dense, fmt_ms(ot), "-" if pt is None else fmt_ms(pt),
+                          "-" if pt is None else f"{pt / ot:.2f}x", fmt_mb(om), "-" if pm is None else fmt_mb(pm)])
+        print_table(["boxes/img", "candidates", "anchors x boxes", "detloss", "peer", "speed-up", "detloss peak",
+                     "peer peak"], table)
+        lo, hi = min(self.rows), max(self.rows)
+        if lo != hi:
+            (c0, d0, o0, p0), (c1, d1, o1, p1) = self.rows[lo], self.rows[hi]
+            print(f"growth {lo} -> {hi} boxes/img: candidates x{c1 / max(c0, 1):.2f}, anchors x boxes x{d1 / d0:.2f}; "
+                  f"detloss time x{o1[0] / o0[0]:.2f}, peak x{o1[1] / max(o0[1], 1):.2f}"
+                  + ("" if p0 is None or p1 is None else
+                     f"; peer time x{p1[0] / p0[0]:.2f}, peak x{p1[1] / max(p0[1], 1):.2f}"))
+        print()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_detector_arguments(parser, batch=8, size=800, classes=91, boxes=(8, 10, 100, 500), repeats=3)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench retinanet", description=__doc__.splitlines()[0])
+    from detloss import RetinaNetLoss
+    from detloss.assign.iou_matcher import AnchorIndexCache, assign_iou
+
+    ap = argparse.ArgumentParser(prog="benchmarks/run.py retinanet", description=__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
-    if args.quick:
-        args.batch, args.size, args.classes, args.boxes, args.repeats = 2, 128, 4, [3, 20], 1
-    tv = torchvision_or_exit()
-    peer_model = torchvision_retinanet(args.classes)
-    loss_fn = RetinaNetLoss(args.classes)
-    rows: List[List[object]] = []
-    results: Dict[str, Dict[int, Tuple[float, int, float, int]]] = {"detloss": {}, "torchvision": {}}
-    num_anchors = 0
-    for nb in args.boxes:
+    apply_quick(args, size=128)
+    ours_loss = RetinaNetLoss(args.classes)
+    growth = MatchingGrowth("matching")
+
+    def case(nb: int, peer) -> Tuple[Side, Optional[Side]]:
         anchors, heads, targets = make_inputs(args.batch, args.size, args.classes, nb)
-        num_anchors = anchors[0].shape[0]
-        leaves = [h.clone().requires_grad_() for h in heads]
+        leaves = [h.requires_grad_() for h in heads]
 
-        def ours():
-            return loss_fn(leaves[0], leaves[1], anchors, targets).total
+        def ours_terms():
+            out = ours_loss(*leaves, anchors, targets)
+            return {k: float(out.components[k]) for k, _ in TERMS}
 
-        def peer():
-            out = peer_model.compute_loss(targets, {"cls_logits": leaves[0], "bbox_regression": leaves[1]}, anchors)
-            return out["classification"] + out["bbox_regression"]
+        ours = Side("detloss", lambda: ours_loss(*leaves, anchors, targets).total, leaves, ours_terms)
+        a = anchors[0].shape[0]
+        cache = AnchorIndexCache()  # the loss keeps the anchors' index between calls too
+        cand = candidate_pairs(targets, anchors[0], ours_loss.bg_iou_thresh)
+        if peer is None:
+            growth.measure(nb, cand, a * nb * args.batch, lambda: assign_iou(targets, anchors, index_cache=cache), None,
+                           args.repeats, args.warmup)
+            return ours, None
+        tv_anchors = peer_anchors(peer, args.batch, args.size)
+        outputs = dict(zip(("cls_logits", "bbox_regression"), leaves))
 
-        def peer_match():
-            return [peer_model.proposal_matcher(tv.ops.box_iou(t["boxes"], a)) for t, a in zip(targets, anchors)]
+        def peer_terms():  # called by the equality check, before anything is timed
+            check_same_matches(ours_loss(*leaves, anchors, targets).stats["matched_idxs"],
+                               peer_matches(peer, targets, tv_anchors), anchors, tv_anchors)
+            d = peer.compute_loss(targets, outputs, tv_anchors)
+            return {k: float(d[n].detach()) for k, n in TERMS}
 
-        def ours_match():
-            return assign_iou(targets, anchors)
+        theirs = Side(PEER, lambda: sum(peer.compute_loss(targets, outputs, tv_anchors).values()), leaves, peer_terms)
+        growth.measure(nb, cand, a * nb * args.batch, lambda: assign_iou(targets, anchors, index_cache=cache),
+                       lambda: peer_matches(peer, targets, tv_anchors), args.repeats, args.warmup)
+        return ours, theirs
 
-        with torch.no_grad():
-            peer_losses = peer_model.compute_loss(targets, {"cls_logits": heads[0], "bbox_regression": heads[1]}, anchors)
-            check_equal(loss_fn(heads[0], heads[1], anchors, targets), peer_losses, peer_match())
-        num_pos = ours_match().num_pos
-        for label, fn, match in (("detloss", ours, ours_match), ("torchvision", peer, peer_match)):
-            t = median_time(_fwd_bwd(fn), repeats=args.repeats, warmup=1)
-            m = peak_memory(_fwd_bwd(fn))
-            ta = median_time(match, repeats=args.repeats, warmup=0)
-            ma = peak_memory(match)
-            results[label][nb] = (t, m, ta, ma)
-        for label in results:
-            t, m, ta, ma = results[label][nb]
-            bt, bm, bta, bma = results["torchvision"][nb]
-            rows.append([nb, num_pos, label, fmt_ms(t), fmt_mb(m), f"{t / bt:.3f}x", f"{m / bm:.3f}x",
-                         fmt_ms(ta), fmt_mb(ma), f"{ta / bta:.3f}x"])
-    print(f"\nRetinaNet loss forward + backward: batch {args.batch}, {args.size}x{args.size} "
-          f"({num_anchors} anchors/image), {args.classes} classes, float32, {torch.get_num_threads()} threads; "
-          f"peer: torchvision {tv.__version__} RetinaNet.compute_loss")
-    print_table(
-        ["boxes/img", "positives", "method", "fwd+bwd", "peak mem", "time/tv", "mem/tv", "matching",
-         "match mem", "match/tv"],
-        rows,
-    )
-    print_growth(results, min(args.boxes), max(args.boxes), what="matching")
-    return 0
+    a = sum(h * w for h, w in feature_sizes(args.size)) * 9
+    title = (f"RetinaNet loss: batch {args.batch}, {args.size}x{args.size} ({a} anchors/image), {args.classes} classes, "
+             f"float32, CPU, {torch.get_num_threads()} threads, median of {args.repeats}")
+    code = run_suite("retinanet", args, title, PEER, lambda: build_peer(args.classes), case)
+    if code == 0:
+        growth.report(PEER.replace("compute_loss", "matching"))
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,7 +113,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/run.py yolo26", description=__doc__.split("\n\n")[0])
     p.add_argument("--cfg", default="yolo26n.yaml", help="ultralytics model YAML (its head decides the criterion)")
     add_detector_arguments(p)
-    p.add_argument("--peers", action="store_true", help="accepted for bench-peers; this suite always runs the peer")
     args = p.parse_args(argv)
     apply_detector_arguments(args, quick_boxes=6)
 

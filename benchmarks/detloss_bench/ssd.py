@@ -22,19 +22,18 @@ peer, as ``make bench-peers`` does).
 from __future__ import annotations
 
 import argparse
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._common import Side, add_detector_arguments, apply_quick, import_peer, run_suite
-from .retinanet import MatchingGrowth, candidate_pairs, check_same_matches, random_targets
+from ._anchors import anchor_case, peer_matches, random_targets
+from ._common import add_detector_arguments, apply_quick, import_peer, run_suite
 
 PEER = "torchvision SSD matching + SSD.compute_loss"
 SSD300_FEATURES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 SSD300_ASPECT_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
 SSD300_SCALES = [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05]
 SSD300_STEPS = [8, 16, 32, 64, 100, 300]
-TERMS = (("cls", "classification"), ("box", "bbox_regression"))
 
 
 def make_inputs(batch: int, size: int, num_classes: int, boxes_per_image: int, seed: int = 0):
@@ -66,17 +65,9 @@ def peer_anchors(model, batch: int, size: int) -> List[torch.Tensor]:
     return model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in SSD300_FEATURES])
 
 
-def peer_matches(model, targets, anchors) -> List[torch.Tensor]:
-    """The matching loop of ``SSD.forward`` in training, image by image."""
-    from torchvision.ops import box_iou
-
-    out = []
-    for t, a in zip(targets, anchors):
-        if t["boxes"].numel() == 0:
-            out.append(torch.full((a.shape[0],), -1, dtype=torch.int64, device=a.device))
-        else:
-            out.append(model.proposal_matcher(box_iou(t["boxes"], a)))
-    return out
+def peer_losses(model, targets, outputs, anchors) -> Dict[str, torch.Tensor]:
+    """What ``SSD.forward`` computes in training: its matching loop, then ``SSD.compute_loss``."""
+    return model.compute_loss(targets, outputs, anchors, peer_matches(model, targets, anchors))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,47 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from detloss import SSDLoss
-    from detloss.assign.iou_matcher import AnchorIndexCache, assign_ssd
+    from detloss.assign.iou_matcher import assign_ssd
 
     ap = argparse.ArgumentParser(prog="benchmarks/run.py ssd", description=__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
     apply_quick(args, size=300)
     ours_loss = SSDLoss(args.classes)
-    growth = MatchingGrowth("matching")
-
-    def case(nb: int, peer) -> Tuple[Side, Optional[Side]]:
-        anchors, heads, targets = make_inputs(args.batch, args.size, args.classes, nb)
-        leaves = [h.requires_grad_() for h in heads]
-
-        def ours_terms():
-            out = ours_loss(*leaves, anchors, targets)
-            return {k: float(out.components[k]) for k, _ in TERMS}
-
-        ours = Side("detloss", lambda: ours_loss(*leaves, anchors, targets).total, leaves, ours_terms)
-        a = anchors[0].shape[0]
-        cache = AnchorIndexCache()  # the loss keeps the anchors' index between calls too
-        cand = candidate_pairs(targets, anchors[0], ours_loss.iou_thresh)
-        if peer is None:
-            growth.measure(nb, cand, a * nb * args.batch, lambda: assign_ssd(targets, anchors, index_cache=cache), None,
-                           args.repeats, args.warmup)
-            return ours, None
-        tv_anchors = peer_anchors(peer, args.batch, args.size)
-        outputs = dict(zip(("cls_logits", "bbox_regression"), leaves))
-
-        def peer_losses():
-            return peer.compute_loss(targets, outputs, tv_anchors, peer_matches(peer, targets, tv_anchors))
-
-        def peer_terms():  # called by the equality check, before anything is timed
-            check_same_matches(ours_loss(*leaves, anchors, targets).stats["matched_idxs"],
-                               peer_matches(peer, targets, tv_anchors), anchors, tv_anchors)
-            d = peer_losses()
-            return {k: float(d[n].detach()) for k, n in TERMS}
-
-        theirs = Side(PEER, lambda: sum(peer_losses().values()), leaves, peer_terms)
-        growth.measure(nb, cand, a * nb * args.batch, lambda: assign_ssd(targets, anchors, index_cache=cache),
-                       lambda: peer_matches(peer, targets, tv_anchors), args.repeats, args.warmup)
-        return ours, theirs
+    match = lambda targets, anchors, cache: assign_ssd(targets, anchors, index_cache=cache)  # noqa: E731
+    case, growth = anchor_case(args, ours_loss, make_inputs, match, ours_loss.iou_thresh, PEER, peer_anchors, peer_matches,
+                               peer_losses)
 
     a = sum(h * w * k for (h, w), k in zip(SSD300_FEATURES, (4, 6, 6, 6, 4, 4)))
     title = (f"SSD loss (matching included): batch {args.batch}, SSD300 {args.size}x{args.size} ({a} default "

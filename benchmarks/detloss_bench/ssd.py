@@ -1,100 +1,100 @@
-"""SSD loss benchmark: SSDLoss against torchvision's SSD matching + SSD.compute_loss, same process.
+"""Benchmark: :class:`detloss.SSDLoss` against torchvision's own SSD matching and
+``SSD.compute_loss`` (torchvision 0.29.1), in the same process on the same inputs.
 
-Default sizes: batch 8 at 300 x 300 with SSD300's default boxes (8732 per image), 91 classes
-(torchvision's COCO head), 10 and 500 boxes per image. The peer is torchvision's own code (needs
-torchvision, e.g. the integrations environment): the matching loop of ``SSD.forward`` (dense
-``box_iou`` and ``SSDMatcher`` per image, called as SSD.forward calls them) followed by
-``SSD.compute_loss`` (cross-entropy, hard negative mining by a full sort, smooth L1). Both are
-checked to agree before timing.
+Default sizes: batch 8 at 300 x 300 with SSD300's default boxes (8,732 per image, torchvision's
+``DefaultBoxGenerator`` of ``ssd300_vgg16``), 91 classes (torchvision's COCO head, class 0 the
+background), 8, 10, 100 and 500 boxes per image (log-uniform sides from 6 px to half the image,
+labels 1..90). The peer is torchvision's ``SSD`` model with a stand-in backbone that never runs;
+its loss is what ``SSD.forward`` computes in training: the matching loop (per image ``box_iou``
+of boxes x default boxes and ``SSDMatcher``; an image without boxes all background), then
+``SSD.compute_loss(targets, head_outputs, anchors, matched_idxs)`` (cross-entropy, hard negative
+mining by a full sort, smooth L1), with the default boxes of the model's own generator (one equal
+tensor per image, computed once, as an input). Before timing, the totals, the terms, the
+gradients and the matches (``matched_idxs``, exactly) are checked equal; the classification
+gradient is compared on all rows (the random logits leave no ties at the mining cut-off).
+
+After the table, the matching alone (detloss's :func:`~detloss.assign.iou_matcher.assign_ssd`
+against the matching loop), its growth with the boxes against that of the candidate pairs.
+
+Run: ``python benchmarks/run.py ssd`` (``--quick`` for tiny sizes; ``--peers`` to require the
+peer, as ``make bench-peers`` does).
 """
 from __future__ import annotations
 
 import argparse
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from detloss.anchor_generators import DefaultBoxGenerator
-from detloss.losses.ssd import SSDLoss
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
-from .retinanet import _fwd_bwd, random_targets, torchvision_or_exit
+from ._anchors import anchor_case, peer_matches, random_targets
+from ._common import add_detector_arguments, apply_quick, import_peer, run_suite
 
+PEER = "torchvision SSD matching + SSD.compute_loss"
 SSD300_FEATURES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+SSD300_ASPECT_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+SSD300_SCALES = [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05]
+SSD300_STEPS = [8, 16, 32, 64, 100, 300]
 
 
-def torchvision_ssd(num_classes: int, generator):
-    """A torchvision SSD whose matching and compute_loss are the peer (its backbone never runs)."""
-    tv = torchvision_or_exit()
-    ssd = tv.models.detection.ssd
-    head = ssd.SSDHead([8] * 6, generator.num_anchors_per_location(), num_classes)
-    return ssd.SSD(torch.nn.Identity(), generator, (300, 300), num_classes, head=head)
+def make_inputs(batch: int, size: int, num_classes: int, boxes_per_image: int, seed: int = 0):
+    """Default boxes (one equal ``[A, 4]`` tensor per image), head outputs and targets."""
+    from detloss.anchor_generators import DefaultBoxGenerator
+
+    g = torch.Generator().manual_seed(seed)
+    anchors = DefaultBoxGenerator.ssd300()(SSD300_FEATURES, (size, size))
+    a = anchors.shape[0]
+    heads = [torch.randn(batch, a, num_classes, generator=g), torch.randn(batch, a, 4, generator=g)]
+    targets = random_targets(batch, size, num_classes, boxes_per_image, g, first_label=1)
+    return [anchors.clone() for _ in range(batch)], heads, targets
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--classes", type=int, default=91)
-    ap.add_argument("--boxes", type=int, nargs="+", default=[10, 500], help="boxes per image")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
-    ap.add_argument("--peers", action="store_true", help="accepted for `run.py all --peers`: the peer is always torchvision")
+def build_peer(nc: int, size: int):
+    """torchvision's SSD300 layout (a stand-in backbone that never runs), or PeerMissing."""
+    ssd = import_peer("torchvision.models.detection.ssd", "torchvision==0.29.1")
+    anchor_utils = import_peer("torchvision.models.detection.anchor_utils", "torchvision==0.29.1")
+    generator = anchor_utils.DefaultBoxGenerator(SSD300_ASPECT_RATIOS, scales=SSD300_SCALES, steps=SSD300_STEPS)
+    head = ssd.SSDHead([8] * len(SSD300_FEATURES), generator.num_anchors_per_location(), nc)
+    return ssd.SSD(torch.nn.Identity(), generator, (size, size), nc, head=head)
+
+
+def peer_anchors(model, batch: int, size: int) -> List[torch.Tensor]:
+    """The default boxes SSD.forward hands its matching and compute_loss, from its own generator."""
+    from torchvision.models.detection.image_list import ImageList
+
+    images = ImageList(torch.zeros(batch, 3, size, size), [(size, size)] * batch)
+    return model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in SSD300_FEATURES])
+
+
+def peer_losses(model, targets, outputs, anchors) -> Dict[str, torch.Tensor]:
+    """What ``SSD.forward`` computes in training: its matching loop, then ``SSD.compute_loss``."""
+    return model.compute_loss(targets, outputs, anchors, peer_matches(model, targets, anchors))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_detector_arguments(parser, batch=8, size=300, classes=91, boxes=(8, 10, 100, 500), repeats=3)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench ssd", description=__doc__.splitlines()[0])
+    from detloss import SSDLoss
+    from detloss.assign.iou_matcher import assign_ssd
+
+    ap = argparse.ArgumentParser(prog="benchmarks/run.py ssd", description=__doc__.splitlines()[0])
     add_arguments(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
-    if args.quick:
-        args.batch, args.classes, args.boxes, args.repeats = 2, 5, [3, 20], 1
-    tv = torchvision_or_exit()
-    tv_gen = tv.models.detection.anchor_utils.DefaultBoxGenerator(
-        [[2], [2, 3], [2, 3], [2, 3], [2], [2]], scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
-        steps=[8, 16, 32, 64, 100, 300],
-    )
-    peer_model = torchvision_ssd(args.classes, tv_gen)
-    loss_fn = SSDLoss(args.classes)
-    anchors0 = DefaultBoxGenerator.ssd300()(SSD300_FEATURES, (300, 300))
-    num_anchors = anchors0.shape[0]
-    rows: List[List[object]] = []
-    results: Dict[str, Dict[int, Tuple[float, int]]] = {"detloss": {}, "torchvision": {}}
-    for nb in args.boxes:
-        g = torch.Generator().manual_seed(0)
-        anchors = [anchors0.clone() for _ in range(args.batch)]
-        heads = [torch.randn(args.batch, num_anchors, args.classes, generator=g),
-                 torch.randn(args.batch, num_anchors, 4, generator=g)]
-        targets = random_targets(args.batch, 300, args.classes, nb, g, first_label=1)
-        leaves = [h.clone().requires_grad_() for h in heads]
+    apply_quick(args, size=300)
+    ours_loss = SSDLoss(args.classes)
+    match = lambda targets, anchors, cache: assign_ssd(targets, anchors, index_cache=cache)  # noqa: E731
+    case, growth = anchor_case(args, ours_loss, make_inputs, match, ours_loss.iou_thresh, PEER, peer_anchors, peer_matches,
+                               peer_losses)
 
-        def peer_match():
-            return [peer_model.proposal_matcher(tv.ops.box_iou(t["boxes"], a)) for t, a in zip(targets, anchors)]
-
-        def peer(cls=leaves[0], reg=leaves[1]):
-            out = peer_model.compute_loss(targets, {"cls_logits": cls, "bbox_regression": reg}, anchors, peer_match())
-            return out["classification"] + out["bbox_regression"]
-
-        def ours(cls=leaves[0], reg=leaves[1]):
-            return loss_fn(cls, reg, anchors, targets)
-
-        with torch.no_grad():
-            mine = ours(*heads)
-            want = peer(*heads)
-            if not math.isclose(float(mine.total), float(want), rel_tol=1e-4):
-                raise RuntimeError(f"SSDLoss {float(mine.total)} and torchvision {float(want)} disagree")
-            for m, p in zip(mine.stats["matched_idxs"], peer_match()):
-                if not torch.equal(m, p):
-                    raise RuntimeError("matched_idxs: detloss and torchvision disagree")
-        for label, fn in (("detloss", lambda: ours().total), ("torchvision", peer)):
-            t = median_time(_fwd_bwd(fn), repeats=args.repeats, warmup=1)
-            results[label][nb] = (t, peak_memory(_fwd_bwd(fn)))
-        for label in results:
-            t, m = results[label][nb]
-            bt, bm = results["torchvision"][nb]
-            rows.append([nb, mine.stats["num_pos"], label, fmt_ms(t), fmt_mb(m), f"{t / bt:.3f}x", f"{m / bm:.3f}x"])
-    print(f"\nSSD loss (matching included) forward + backward: batch {args.batch}, SSD300 ({num_anchors} default "
-          f"boxes/image), {args.classes} classes, float32, {torch.get_num_threads()} threads; "
-          f"peer: torchvision {tv.__version__} SSD matching + SSD.compute_loss")
-    print_table(["boxes/img", "positives", "method", "fwd+bwd", "peak mem", "time/tv", "mem/tv"], rows)
-    return 0
+    a = sum(h * w * k for (h, w), k in zip(SSD300_FEATURES, (4, 6, 6, 6, 4, 4)))
+    title = (f"SSD loss (matching included): batch {args.batch}, SSD300 {args.size}x{args.size} ({a} default "
+             f"boxes/image), {args.classes} classes, float32, CPU, {torch.get_num_threads()} threads, "
+             f"median of {args.repeats}")
+    code = run_suite("ssd", args, title, PEER, lambda: build_peer(args.classes, args.size), case)
+    if code == 0:
+        growth.report("torchvision SSD matching")
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import detloss_bench
-from detloss_bench import _common, fcos, yolov3, yolov5, yolov8
+from detloss_bench import _common, fcos, retinanet, ssd, yolov3, yolov5, yolov8
 
 QUICK = ["--quick", "--threads", "1"]
-PEER_PACKAGES = {"yolov5": "yolov5", "yolov8": "ultralytics", "fcos": "torchvision"}
-SUITES = {"yolov5": yolov5, "yolov8": yolov8, "fcos": fcos}
+PEER_PACKAGES = {"yolov5": "yolov5", "yolov8": "ultralytics", "fcos": "torchvision", "retinanet": "torchvision",
+                 "ssd": "torchvision"}
+SUITES = {"yolov5": yolov5, "yolov8": yolov8, "fcos": fcos, "retinanet": retinanet, "ssd": ssd}
 
 
 def _installed(package: str) -> bool:
@@ -116,3 +117,11 @@ def test_the_equality_check_runs_on_one_thread():
     torch.set_num_threads(2)
     _common.check_equal(_common.Side("d", loss, [x]), _common.Side("p", loss, [x]))
     assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("name", ["retinanet", "ssd"])
+def test_anchor_suites_print_the_growth_of_the_matching(name, capsys):
+    assert SUITES[name].main(QUICK) == 0
+    out = capsys.readouterr().out
+    assert "matching alone" in out and "candidates" in out and "anchors x boxes" in out
+    assert "growth 2 -> 5 boxes/img: candidates x" in out

@@ -1,10 +1,12 @@
-"""``detloss train --loss retinanet``: the demo's RetinaNet head, its decoding, a short training.
+"""``detloss train --loss retinanet``: the demo's RetinaNet head, its decoding, a short training
+(and SSD's, whose head and decoding are in test_demo_ssd.py).
 
 The head's outputs are in torchvision's layout (per level, per location, per anchor), so the
 loss and decode() read them as they read torchvision's RetinaNet."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from detloss.losses.retinanet import RetinaNetLoss
@@ -42,17 +44,19 @@ def test_decode_reads_torchvision_layout():
     assert torch.allclose(scores[0, k], torch.tensor([0.0, 1.0]), atol=1e-6)
 
 
-def test_a_few_steps_write_every_output(tmp_path):
-    assert main(["train", *TINY, "--project", str(tmp_path), "--name", "r", "--loss", "retinanet", "--steps", "3"]) == 0
+@pytest.mark.parametrize("loss", ["retinanet", "ssd"])
+def test_a_few_steps_write_every_output(tmp_path, loss):
+    assert main(["train", *TINY, "--project", str(tmp_path), "--name", "r", "--loss", loss, "--steps", "3"]) == 0
     for f in FILES:
         assert (tmp_path / "r" / f).stat().st_size > 0, f
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert m["loss"] == "retinanet" and set(m["history"]) >= {"total", "cls", "box"}
+    assert m["loss"] == loss and set(m["history"]) >= {"total", "cls", "box"}
 
 
-def test_training_decreases_the_loss(tmp_path):
+@pytest.mark.parametrize("loss", ["retinanet", "ssd"])
+def test_training_decreases_the_loss(tmp_path, loss):
     data = _fixed_dataset(tmp_path / "data")
-    code = main(["train", *TINY, "--project", str(tmp_path), "--name", "r", "--loss", "retinanet", "--data", str(data),
+    code = main(["train", *TINY, "--project", str(tmp_path), "--name", "r", "--loss", loss, "--data", str(data),
                  "--steps", "30", "--warmup", "3", "--lr", "1e-2"])
     assert code == 0
     h = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]

@@ -182,6 +182,7 @@ def test_bad_inputs(mutate, error, match):
         ({"num_classes": 3, "fg_iou_thresh": 0.3}, "bg_iou_thresh: expected a value <= fg_iou_thresh"),
         ({"num_classes": 3, "bbox_reg_weights": (1.0, 1.0, 0.0, 1.0)}, "weights: expected 4 finite positive"),
         ({"num_classes": 3, "focal_gamma": -1.0}, "focal_gamma: expected a number >= 0"),
+        ({"num_classes": 3, "focal_alpha": 1.5}, r"focal_alpha: expected a number in \[0, 1\] or -1, got 1.5"),
         ({"num_classes": 3, "gains": {"cls": 1.0}}, "gains: expected one gain per term"),
     ],
 )

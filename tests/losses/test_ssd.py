@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import detloss
 from detloss.anchor_generators import DefaultBoxGenerator
 from detloss.losses.registry import LOSSES
-from detloss.losses.ssd import SSDLoss, mine_hard_negatives
+from detloss.losses.ssd import SSDLoss, mine_hard_negatives, per_anchor_cross_entropy
 
 ANCHORS = DefaultBoxGenerator([[2], [2]], scales=[0.25, 0.5, 1.0], steps=[8, 16])([(4, 4), (2, 2)], (32, 32), dtype=torch.float64)
 A = ANCHORS.shape[0]
@@ -140,3 +140,15 @@ def test_bad_arguments():
         SSDLoss(4, neg_to_pos_ratio=-1)
     with pytest.raises(ValueError, match="num_classes: expected a positive int"):
         SSDLoss(1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blockwise_cross_entropy_equals_torch(dtype):
+    # The mining ranks anchors by these numbers: they must be torch's cross-entropy bit for bit,
+    # whatever the block size (blocks that divide the rows and blocks that do not).
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(1000, 7, generator=g, dtype=torch.float64) * 30).to(dtype)
+    t = torch.randint(0, 7, (1000,), generator=g)
+    want = torch.nn.functional.cross_entropy(x, t, reduction="none")
+    for rows in (1, 7, 250, 4096):
+        assert torch.equal(per_anchor_cross_entropy(x, t, rows=rows), want)

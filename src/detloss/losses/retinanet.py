@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .. import kernels
 from .._checks import check_choice
+from ..functional._common import check_unit_interval
 from ..assign.base import Assignment
 from ..assign.iou_matcher import AnchorIndexCache, AnchorsLike, assign_iou
 from ..anchor_generators import AnchorGenerator
@@ -126,7 +128,7 @@ class RetinaNetLoss(AnchorHeadHooks, DetectionLoss):
         self.allow_low_quality_matches = bool(allow_low_quality_matches)
         self.box_loss = check_choice("box_loss", box_loss, BOX_LOSSES)
         self.box_coder = BoxCoder(bbox_reg_weights, bbox_xform_clip)
-        self.focal_alpha = float(focal_alpha)
+        self.focal_alpha = check_unit_interval("focal_alpha", focal_alpha, sentinels=(-1.0,))
         self.focal_gamma = float(focal_gamma)
         if not self.focal_gamma >= 0:
             raise ValueError(f"focal_gamma: expected a number >= 0, got {focal_gamma!r}")
@@ -168,9 +170,11 @@ class RetinaNetLoss(AnchorHeadHooks, DetectionLoss):
         weight = self._image_weight(inputs, assignment)[:, None].expand(b, a)
         if assignment.ignore is not None:
             weight = weight * (~assignment.ignore).to(inputs.dtype)
-        loss = F.sigmoid_focal_loss(
-            inputs.cls_logits.reshape(b * a, c), target, alpha=self.focal_alpha, gamma=self.focal_gamma,
-            reduction="none",
+        # The focal loss's own kernel, without its checks of the target over all B x A x C
+        # entries (this one-hot target is valid by construction; alpha is checked once, above).
+        logits = inputs.cls_logits.reshape(b * a, c)
+        loss = kernels.fused_sigmoid_focal_loss(
+            logits, target, self.focal_alpha, self.focal_gamma, "none", compiled=kernels.use_fused(logits, target)
         )
         return (loss.sum(1) * weight.reshape(-1)).sum()
 

@@ -71,6 +71,22 @@ def mine_hard_negatives(cls_loss: Tensor, positive: Tensor, neg_to_pos_ratio: fl
     return mined
 
 
+#: Rows of logits per step of :func:`per_anchor_cross_entropy` (a few MB of log-probabilities).
+CE_ROWS = 8192
+
+
+def per_anchor_cross_entropy(logits: Tensor, target: Tensor, rows: int = CE_ROWS) -> Tensor:
+    """``[N]`` the cross-entropy of each row of ``logits [N, C]`` against ``target [N]``, without
+    gradient: ``-log_softmax(logits)[n, target[n]]``, the same numbers as torch's
+    ``cross_entropy(..., reduction="none")`` (``log_softmax`` then ``nll_loss``), computed a block
+    of rows at a time so that the ``[N, C]`` log-probabilities are never held at once."""
+    out = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    for start in range(0, logits.shape[0], rows):
+        block = torch.log_softmax(logits[start : start + rows], dim=1)
+        out[start : start + rows] = block.gather(1, target[start : start + rows, None]).squeeze(1).neg_()
+    return out
+
+
 #: SSD300's feature strides (VGG-16 conv4_3 .. the 1 x 1 extra layer; its default boxes' steps).
 SSD300_STRIDES = (8, 16, 32, 64, 100, 300)
 
@@ -159,7 +175,7 @@ class SSDLoss(AnchorHeadHooks, DetectionLoss):
         with torch.no_grad():
             target = torch.zeros(b * a, dtype=torch.int64, device=inputs.cls_logits.device)
             target[asg.flat_index] = asg.labels
-            ce = F.cross_entropy(inputs.cls_logits.detach().reshape(b * a, c), target, reduction="none")
+            ce = per_anchor_cross_entropy(inputs.cls_logits.detach().reshape(b * a, c), target)
             positive = (target > 0).view(b, a)
             asg.extras["mined"] = mine_hard_negatives(ce.view(b, a), positive, self.neg_to_pos_ratio)
             asg.extras["class_target"] = target.view(b, a)

@@ -21,12 +21,15 @@ from ...losses.registry import LOSSES
 
 def decode(loss: str, outputs, config: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
     """Raw head outputs -> ``boxes [B, P, 4]`` (xyxy pixels) and ``scores [B, P, C]`` in 0..1:
-    ``LOSSES[loss](**config["loss_kwargs"]).decode(...)``."""
+    ``LOSSES[loss](**config["loss_kwargs"]).decode(...)``, without the background column of a
+    loss that has one (``background_classes``: SSD's class 0)."""
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {tuple(LOSSES)}, got {loss!r}")
     args = outputs if isinstance(outputs, tuple) else (outputs,)
-    boxes, scores = LOSSES[loss](**config["loss_kwargs"]).decode(*args)
-    return boxes.float(), scores.float()
+    loss_fn = LOSSES[loss](**config["loss_kwargs"])
+    boxes, scores = loss_fn.decode(*args)
+    background = loss_fn.background_classes  # SSD: column 0 is the background
+    return boxes.float(), scores[..., background:].float()
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -14,6 +14,9 @@ loss takes:
   torchvision's layout (per level, per location, per anchor) and the anchors ``[A, 4]``:
   3 sizes x 3 aspect ratios per level, the sizes scaled to the image as RetinaNet's 32..812 px are
   to its 800 px inputs.
+- ``ssd``: the same layout as ``retinanet`` with ``C + 1`` class columns (column 0 the background,
+  softmax) on SSD default boxes (6 per location: 2 square, ratios 2 and 3; scales 0.1..0.6 of the
+  image), as torchvision's ``SSDHead`` lays them out.
 
 Output biases start at the priors the original detectors use (objectness and class priors for
 YOLO, 0.01 foreground prior for FCOS), which matters for a short training budget.
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ...anchor_generators import AnchorGenerator
+from ...anchor_generators import AnchorGenerator, DefaultBoxGenerator
 from ...losses.registry import LOSSES as REGISTRY
 
 STRIDES = (8, 16, 32)
@@ -182,7 +185,8 @@ class RetinaNetHead(nn.Module):
     """RetinaNet head: classification and regression towers shared across levels, ``K`` anchors
     per location, outputs laid out as torchvision's ``RetinaNetHead`` lays them out."""
 
-    def __init__(self, c: int, num_classes: int, generator: AnchorGenerator, img_size: int, prior: float = 0.01) -> None:
+    def __init__(self, c: int, num_classes: int, generator, img_size: int, prior: float = 0.01,
+                 background_column: bool = False) -> None:
         super().__init__()
 
         def tower() -> nn.Sequential:
@@ -192,7 +196,13 @@ class RetinaNetHead(nn.Module):
         self.cls_tower, self.reg_tower = tower(), tower()
         self.cls_logits = nn.Conv2d(c, self.k * num_classes, 3, padding=1)
         self.bbox_reg = nn.Conv2d(c, self.k * 4, 3, padding=1)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))  # RetinaNet's prior
+        if background_column:  # softmax over [background, classes]: the background starts at 1 - prior
+            bias = torch.zeros(self.k, num_classes)
+            bias[:, 0] = math.log((1 - prior) / prior * (num_classes - 1))
+            with torch.no_grad():
+                self.cls_logits.bias.copy_(bias.reshape(-1))
+        else:
+            nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior) / prior))  # RetinaNet's prior
         nn.init.zeros_(self.bbox_reg.bias)
 
     def _flat(self, y: torch.Tensor, n: int) -> torch.Tensor:
@@ -218,6 +228,18 @@ def _retinanet_head(c: int, num_classes: int, img_size: int, reg_max: int):
     gen = retinanet_anchor_generator(img_size)
     shared = dict(anchor_generator=gen, strides=STRIDES, image_size=(img_size, img_size))
     return RetinaNetHead(c, num_classes, gen, img_size), shared, {}
+
+
+def ssd_default_box_generator() -> DefaultBoxGenerator:
+    """6 default boxes per location on the demo's 3 levels (steps 8, 16, 32), scales 0.1..0.6."""
+    return DefaultBoxGenerator([[2, 3]] * len(STRIDES), scales=[0.1, 0.2, 0.4, 0.6], steps=list(STRIDES))
+
+
+def _ssd_head(c: int, num_classes: int, img_size: int, reg_max: int):
+    gen = ssd_default_box_generator()
+    shared = dict(default_box_generator=gen, strides=STRIDES, image_size=(img_size, img_size))
+    head = RetinaNetHead(c, num_classes + 1, gen, img_size, background_column=True)
+    return head, shared, dict(num_classes=num_classes + 1)  # SSD's classes count the background
 
 
 def _yolov5_head(c: int, num_classes: int, img_size: int, reg_max: int):
@@ -251,6 +273,7 @@ HEADS = {
     "fcos": _fcos_head,
     "yolov8": _yolov8_head,
     "retinanet": _retinanet_head,
+    "ssd": _ssd_head,
 }
 #: The registered losses the demo has a head for.
 LOSSES = tuple(name for name in REGISTRY if name in HEADS)

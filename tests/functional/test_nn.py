@@ -60,7 +60,7 @@ def test_hyperparameters_are_keyword_only():
     for name in F.__all__:
         fn = getattr(F, name)
         params = list(inspect.signature(fn).parameters.values())
-        tensors = 3 if name == "varifocal_loss" else 2
+        tensors = 3 if name in ("varifocal_loss", "prototype_mask_bce") else 2  # (input, target[, masks]) tensors
         if name == "smooth_bce":
             continue
         assert all(p.kind is p.KEYWORD_ONLY for p in params[tensors:]), name

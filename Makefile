@@ -13,6 +13,9 @@ INT_VENV ?= .venv-int
 INT_PY := $(INT_VENV)/bin/python
 INT_TORCH := torch==2.14.1 torchvision==0.29.1
 INT_PKGS := ultralytics==8.4.190 yolov5==7.0.14 "setuptools<81" scipy pytest hypothesis
+# The DETR benchmark's peer: Hugging Face transformers' ports of DETR's and RT-DETR's criteria
+# (their loss modules need none of transformers' optional dependencies).
+INT_HF := transformers==5.24.0 huggingface_hub==1.33.0 safetensors regex
 INT_ENV := PYTHONPATH=$(CURDIR)/src:$(CURDIR)/benchmarks
 
 .PHONY: demo test venv bench venv-int test-integrations bench-peers clean
@@ -38,6 +41,7 @@ $(INT_VENV)/.installed:
 	$(PYTHON) -m venv $(INT_VENV)
 	$(INT_VENV)/bin/pip install -q $(INT_TORCH)
 	$(INT_VENV)/bin/pip install -q $(INT_PKGS)
+	$(INT_VENV)/bin/pip install -q --no-deps $(INT_HF) || echo "transformers not installed: the DETR benchmark runs without that peer"
 	touch $@
 
 venv-int: $(INT_VENV)/.installed

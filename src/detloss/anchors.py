@@ -55,8 +55,9 @@ def per_point(
     values: Sequence[float], sizes: Sequence[Tuple[int, int]], *, dtype: torch.dtype, device: Optional[torch.device] = None
 ) -> Tensor:
     """``[A]``: ``values[l]`` repeated over the ``h * w`` points of level ``l`` (strides, level index)."""
-    counts = torch.tensor([h * w for h, w in sizes], device=device)
-    return torch.repeat_interleave(torch.tensor(list(values), dtype=dtype, device=device), counts)
+    counts = [h * w for h, w in sizes]
+    return torch.repeat_interleave(torch.tensor(list(values), dtype=dtype, device=device),
+                                   torch.tensor(counts, device=device), output_size=sum(counts))
 
 
 def make_anchors(levels: Sequence[Level], dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:

@@ -75,12 +75,21 @@ def targets_to_yolo_rows(targets: Sequence[Dict[str, torch.Tensor]], image_size:
     return torch.cat(rows, dim=0)
 
 
-def image_slots(image_index: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, int]:
+def image_counts(image_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """int64 ``[batch_size]``: the rows of each image (``image_index`` int64 ``[N]`` in range),
+    counted by an index_add (``torch.bincount`` synchronizes on accelerators to size its output)."""
+    return torch.zeros(batch_size, dtype=torch.long, device=image_index.device).index_add_(
+        0, image_index, torch.ones_like(image_index)
+    )
+
+
+def image_slots(image_index: torch.Tensor, batch_size: int, most: Optional[int] = None) -> Tuple[torch.Tensor, int]:
     """Rows of several images into one padded ``[batch_size, M]`` table: the slot of each row
     within its image (rows keep their order within an image; they need not be sorted by image)
-    and ``M``, the most rows of one image (0 without rows). ``image_index``: int64 ``[N]``."""
-    counts = torch.bincount(image_index, minlength=batch_size)
-    m = int(counts.max()) if image_index.numel() else 0
+    and ``M``, the most rows of one image (0 without rows). ``image_index``: int64 ``[N]``.
+    ``most``: ``M`` when the caller has read it already (else one host synchronization here)."""
+    counts = image_counts(image_index, batch_size)
+    m = most if most is not None else (int(counts.max()) if image_index.numel() else 0)
     order = torch.sort(image_index, stable=True).indices
     slot = torch.empty_like(image_index)
     slot[order] = torch.arange(image_index.numel(), device=image_index.device) - (torch.cumsum(counts, 0) - counts)[image_index[order]]
@@ -92,6 +101,32 @@ def _bad_rows(mask: torch.Tensor, limit: int = 5) -> str:
     return ", ".join(str(r) for r in rows)
 
 
+def yolo_target_rows(targets: object, name: str = "targets") -> torch.Tensor:
+    """The checks of :func:`check_yolo_targets` that need no values: a floating-point ``[N, 6]``
+    tensor, returned as it is."""
+    t = check_tensor(name, targets)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor of rows (image, class, cx, cy, w, h), got dtype {t.dtype}")
+    if t.ndim != 2 or t.shape[1] != 6:
+        raise ValueError(f"{name}: expected shape [N, 6] (image, class, cx, cy, w, h), got {tuple(t.shape)}")
+    return t
+
+
+def yolo_target_flags(t: torch.Tensor, num_classes: Optional[int], batch_size: Optional[int]) -> torch.Tensor:
+    """bool ``[4]``: whether some row of the ``[N, 6]`` rows ``t`` fails each value check of
+    :func:`check_yolo_targets`, without synchronizing (a caller may read them together with other
+    checks in one synchronization, then call :func:`check_yolo_targets` for the error)."""
+    idx_cls = t[:, :2]
+    bounds = t.new_tensor([math.inf if batch_size is None else batch_size, math.inf if num_classes is None else num_classes])
+    xywh = t[:, 2:6]
+    return torch.stack((
+        ~torch.isfinite(t).all(),
+        ((idx_cls < 0) | (idx_cls != idx_cls.floor())).any(),
+        (idx_cls >= bounds).any(),
+        ((xywh < 0) | (xywh > 1)).any(),
+    ))
+
+
 def check_yolo_targets(
     targets: object, num_classes: Optional[int] = None, batch_size: Optional[int] = None, name: str = "targets"
 ) -> torch.Tensor:
@@ -101,12 +136,10 @@ def check_yolo_targets(
     inf, negative or non-integer image index or class, class >= ``num_classes``, image index
     >= ``batch_size``, coordinates outside [0, 1].
     """
-    t = check_tensor(name, targets)
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor of rows (image, class, cx, cy, w, h), got dtype {t.dtype}")
-    if t.ndim != 2 or t.shape[1] != 6:
-        raise ValueError(f"{name}: expected shape [N, 6] (image, class, cx, cy, w, h), got {tuple(t.shape)}")
+    t = yolo_target_rows(targets, name)
     if t.shape[0] == 0:
+        return t
+    if not bool(yolo_target_flags(t, num_classes, batch_size).any()):  # one synchronization for every check
         return t
     bad = ~torch.isfinite(t).all(1)
     if bool(bad.any()):

@@ -60,9 +60,12 @@ def test_hyperparameters_are_keyword_only():
     for name in F.__all__:
         fn = getattr(F, name)
         params = list(inspect.signature(fn).parameters.values())
-        tensors = 3 if name in ("varifocal_loss", "prototype_mask_bce") else 2  # (input, target[, masks]) tensors
         if name == "smooth_bce":
             continue
+        # the data tensors lead, without defaults; every option after them is keyword-only
+        tensors = next((i for i, p in enumerate(params) if p.kind is not p.POSITIONAL_OR_KEYWORD
+                        or p.default is not p.empty), len(params))
+        assert 1 <= tensors <= 3, name
         assert all(p.kind is p.KEYWORD_ONLY for p in params[tensors:]), name
     for name in N.__all__:
         params = list(inspect.signature(getattr(N, name).__init__).parameters.values())[1:]
@@ -83,8 +86,7 @@ def test_box_iou_has_torchvision_meaning():
 
 
 #: Each loss of detloss.functional and its module; the functional's tensor arguments that the
-#: module takes in forward rather than in __init__ (and, third, the options only one side has:
-#: the functional's low-level ones, rle_loss's log_prob that is the module's flow).
+#: module takes in forward rather than in __init__.
 TWINS = {
     "binary_cross_entropy": ("BCELoss", ()),
     "bce_with_logits": ("BCEWithLogitsLoss", ()),
@@ -99,19 +101,26 @@ TWINS = {
     "mse_loss": ("MSELoss", ()),
     "iou_loss": ("IoULoss", ()),
     "distribution_focal_loss": ("DistributionFocalLoss", ("weight",)),
-    "probiou_loss": ("ProbIoULoss", ("weight",), ("validate",)),
+    "probiou_loss": ("ProbIoULoss", ("weight",)),
     "rotated_angle_loss": ("RotatedAngleLoss", ("target_wh", "weight")),
     "keypoint_loss": ("KeypointLoss", ("visible", "area")),
-    "rle_loss": ("RLELoss", ("sigma_logit", "weight"), ("log_prob", "sigma_in_float32", "flow")),
+    "rle_loss": ("RLELoss", ("sigma_logit", "weight")),
     "cropped_mask_bce": ("CroppedMaskBCELoss", ("boxes", "area")),
     "bce_dice_loss": ("BCEDiceLoss", ()),
 }
-NOT_LOSSES = {"smooth_bce", "aligned_box_iou", "box_iou", "pairwise_box_iou",
-              # the rotated, keypoint and mask pieces the task losses build on, and losses used inside others
-              "probiou", "rbox_covariance", "dist_to_rbox", "rbox_to_dist", "xywhr_to_corners", "keypoint_similarity",
-              "object_keypoint_similarity", "realnvp_log_prob", "crop_mask", "prototype_mask_bce", "dice_loss"}
-#: Modules of detloss.nn that are not a functional loss's twin.
+#: Functions that are not losses (IoU values, box and keypoint geometry, the flow's density), or
+#: losses used inside another one without a module of their own.
+NOT_LOSSES = {
+    "smooth_bce", "aligned_box_iou", "box_iou", "pairwise_box_iou", "keypoint_similarity",
+    "object_keypoint_similarity", "realnvp_log_prob", "crop_mask", "dice_loss", "prototype_mask_bce",
+    "dist_to_rbox", "probiou", "rbox_covariance", "rbox_to_dist", "xywhr_to_corners",
+}
+#: Modules that are not a loss's twin (the flow model of YOLO26's pose head).
 NOT_TWINS = {"RealNVP"}
+#: Options a function has and its module replaces: ``validate`` (internal callers skip the box
+#: check), RLE's ``log_prob`` (the module holds the flow itself) and ``sigma_in_float32`` (a
+#: reference's rounding, set by the pose loss).
+FUNCTION_ONLY = {"validate", "log_prob", "sigma_in_float32", "flow"}
 
 
 def test_every_functional_loss_has_its_module_with_the_same_options():
@@ -120,17 +129,17 @@ def test_every_functional_loss_has_its_module_with_the_same_options():
     import inspect
 
     assert set(F.__all__) == set(TWINS) | NOT_LOSSES
-    assert {t[0] for t in TWINS.values()} == set(N.__all__) - NOT_TWINS
-    for fname, (mname, in_forward, *functional_only) in TWINS.items():
-        skip = set(in_forward) | set(functional_only[0] if functional_only else ())
+    assert {m for m, _ in TWINS.values()} == set(N.__all__) - NOT_TWINS
+    for fname, (mname, in_forward) in TWINS.items():
         fparams = {p.name: p for p in inspect.signature(getattr(F, fname)).parameters.values()
-                   if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+                   if p.kind is p.KEYWORD_ONLY and p.name not in in_forward and p.name not in FUNCTION_ONLY}
         mparams = {p.name: p for p in inspect.signature(getattr(N, mname).__init__).parameters.values()
-                   if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+                   if p.kind is p.KEYWORD_ONLY and p.name not in FUNCTION_ONLY}
         assert set(fparams) == set(mparams), (fname, set(fparams) ^ set(mparams))
         for name, p in fparams.items():
-            # a required functional option may have a default in the module (KeypointLoss: COCO's sigmas)
-            assert p.default is p.empty or mparams[name].default == p.default or (p.default != p.default), (fname, name)
+            # a tensor the function requires may have the original's default in the module
+            required = p.default is inspect.Parameter.empty
+            assert required or mparams[name].default == p.default or (p.default != p.default), (fname, name)
         fwd = list(inspect.signature(getattr(N, mname).forward).parameters)[1:]
         assert all(a in fwd for a in in_forward), (mname, fwd)
 

@@ -182,24 +182,29 @@ def test_gradcheck_float64_objectness_and_class_terms():
     assert torch.autograd.gradcheck(f_cls, (preds[1][..., 5:].detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
 
 
-def test_gather_head_gradcheck():
+def test_gather_heads_gradcheck():
+    """The one backward of the gathered objectness, box and class logits of every level."""
     from detloss.assign.yolov5 import assign_yolov5
-    from detloss.losses.yolov5 import _gather_head
+    from detloss.losses.yolov5 import _gather_heads
 
     preds, _, _ = _random_case(bs=2, img=32, n=0, seed=2)
     targets = torch.tensor([[0, 1, 0.4, 0.6, 0.6, 0.8], [0, 2, 0.45, 0.55, 0.8, 0.6], [1, 0, 0.3, 0.3, 0.5, 0.5]],
                            dtype=torch.float64)  # rows 0 and 1 share cells
     loss_fn = YOLOv5Loss(3)
-    asg = assign_yolov5(targets, [p.shape[2:4] for p in preds], loss_fn.anchors_grid)[1]
-    dup = int((~asg.obj_owner).sum())
-    assert asg.num_pos > 0 and dup > 0  # repeated rows accumulate their gradients
-    w = torch.randn(asg.num_pos, 8, dtype=torch.float64)
+    asg = assign_yolov5(targets, [p.shape[2:4] for p in preds], loss_fn.anchors_grid)
+    dup = int((~asg[1].obj_owner).sum())
+    assert asg[0].num_pos > 0 and asg[1].num_pos > 0 and dup > 0  # repeated rows accumulate their gradients
+    gen = torch.Generator().manual_seed(0)
+    w_box = torch.randn(asg.num_pos, 4, generator=gen, dtype=torch.float64)
+    w_cls = [torch.randn(a.num_pos, 3, generator=gen, dtype=torch.float64) for a in asg]
 
-    def f(p):
-        obj, rows = _gather_head(p, asg)
-        return (obj * obj).sum() + (rows * w).sum()
+    def f(p0, p1):  # preds[2] needs no gradient
+        objs, box, classes = _gather_heads([p0, p1, preds[2]], asg)
+        assert [tuple(c.shape) for c in classes] == [(a.num_pos, 3) for a in asg]
+        out = (box * w_box).sum() + sum((o * o).sum() for o in objs)
+        return out + sum((c * w).sum() for c, w in zip(classes, w_cls))
 
-    assert torch.autograd.gradcheck(f, (preds[1].clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(f, (preds[0].clone().requires_grad_(True), preds[1].clone().requires_grad_(True)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -54,9 +54,13 @@ def close(actual, expected, rtol=1e-6):
     assert float((actual - expected).abs().max() / scale) <= rtol
 
 
+@pytest.mark.parametrize("path", ["plain", "fused"])
 @pytest.mark.parametrize("dense", [False, True], ids=["candidates", "dense"])
 @pytest.mark.parametrize("name", CASES)
-def test_matches_v8detectionloss(name, dense):
+def test_matches_v8detectionloss(name, dense, path, monkeypatch):
+    if path == "fused":  # the one-pass head kernel (run eagerly) that inputs above the size threshold take
+        monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "0")
+        monkeypatch.setenv("DETLOSS_COMPILE", "0")
     d, cfg = load(name)
     out, grads = run(build(cfg, dense_assigner=dense), d)
     items = torch.stack([out.components[k] for k in ("box", "cls", "dfl")])
@@ -386,3 +390,16 @@ def test_autocast_bfloat16_changes_nothing():
         assert torch.equal(a.grad, b.grad)
     ref = loss_fn.decode(feats)
     assert decoded.boxes.dtype == torch.float32 and torch.equal(decoded.boxes, ref.boxes)
+
+
+@pytest.mark.compiled
+def test_compiled_head_pass_matches_v8detectionloss(monkeypatch):
+    """The head pass compiled (what large inputs run), on one reference case, float64."""
+    monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "0")
+    monkeypatch.setenv("DETLOSS_COMPILE", "1")
+    name = next(c for c in CASES if c != "c04_no_targets.npz")
+    d, cfg = load(name)
+    out, grads = run(build(cfg), d)
+    torch.testing.assert_close(out.total, d["loss_sum"], rtol=1e-6, atol=0)
+    for i, g in enumerate(grads):
+        close(g, d[f"grad_feat{i}"])

@@ -39,11 +39,12 @@ import torch
 
 from .. import functional as fn
 from .._checks import check_floating, check_tensor, compute_dtype
+from .._lazy import Deferred, DeferredDict
 from ..anchors import Level, grid_points, window_cells
 from ..boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from .base import Assignment, rank_in_group
 
-__all__ = ["TaskAlignedAssigner", "TALAssignment", "TAL_OUTPUTS", "enlarge_small_boxes", "anchor_grid"]
+__all__ = ["TaskAlignedAssigner", "TALAssignment", "TAL_OUTPUTS", "OneHotScores", "enlarge_small_boxes", "anchor_grid"]
 
 #: The reference's five outputs, in its order (what ``TALAssignment`` unpacks to).
 TAL_OUTPUTS = ("target_labels", "target_bboxes", "target_scores", "fg_mask", "target_gt_idx")
@@ -83,6 +84,16 @@ class TALAssignment(Assignment):
 
     def foreground(self) -> torch.Tensor:
         return self.fg_mask
+
+    def sparse_target_scores(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(labels [B, A], scores [B, A])`` with ``target_scores[b, a, c] = scores[b, a]`` where
+        ``c == labels[b, a]`` and 0 elsewhere, while ``target_scores`` has not been built (read or
+        replaced): a loss can then use the one-hot form without building ``[B, A, nc]``. None
+        otherwise."""
+        raw = self.extras.raw("target_scores") if isinstance(self.extras, DeferredDict) else None
+        if isinstance(raw, OneHotScores) and not raw.computed:
+            return raw.labels, raw.scores
+        return None
 
 
 def enlarge_small_boxes(boxes: torch.Tensor, min_side: Optional[float]) -> torch.Tensor:
@@ -158,15 +169,24 @@ def _candidate_pairs(
     lvl = blk % n_lvl
     box = torch.div(blk, n_lvl, rounding_mode="floor")
     del blk
-    stride = torch.tensor([s for _, _, s in levels], dtype=dt, device=dev)[lvl]
+    stride = torch.tensor([s for _, _, s in levels], dtype=dt, device=dev).index_select(0, lvl)
     ax = (ix.to(dt) + 0.5) * stride
     ay = (iy.to(dt) + 0.5) * stride
-    inside = torch.minimum(torch.minimum(ax - x1[box], ay - y1[box]), torch.minimum(x2[box] - ax, y2[box] - ay)) > eps
-    del ax, ay, stride
+    x1, y1, x2, y2 = boxes.index_select(0, box).unbind(-1)
+    inside = torch.minimum(torch.minimum(ax - x1, ay - y1), torch.minimum(x2 - ax, y2 - ay)) > eps
+    del ax, ay, stride, x1, y1, x2, y2
     width = torch.tensor([w for _, w, _ in levels], device=dev)
     offset = torch.tensor([0] + [h * w for h, w, _ in levels], device=dev).cumsum(0)[:-1]
-    anchor = offset[lvl] + iy * width[lvl] + ix
-    return box[inside], anchor[inside]
+    keep = inside.nonzero().squeeze(1)  # one synchronization for both
+    lvl, iy, ix = lvl.index_select(0, keep), iy.index_select(0, keep), ix.index_select(0, keep)
+    return box.index_select(0, keep), offset.index_select(0, lvl) + iy * width.index_select(0, lvl) + ix
+
+
+def _gather(t: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``t[i, j, k]`` for a 3-d ``t`` of any strides (e.g. scores ``[B, A, nc]`` viewed from
+    ``[B, nc, A]``), read in place: one gather at the elements' storage offsets."""
+    flat = t.as_strided((t.untyped_storage().nbytes() // t.element_size() - t.storage_offset(),), (1,), t.storage_offset())
+    return flat.index_select(0, i * t.stride(0) + j * t.stride(1) + k * t.stride(2))
 
 
 def _result(
@@ -177,14 +197,13 @@ def _result(
     norm: torch.Tensor,
     num_classes: int,
 ) -> TALAssignment:
-    """Gather the assigned boxes and classes ([B, A]), build the soft class targets and list the
-    positives."""
+    """Gather the assigned boxes and classes ([B, A]), list the positives; the soft class targets
+    ``[B, A, nc]`` are built when first read (:meth:`TALAssignment.sparse_target_scores` gives
+    them without building them)."""
     bsz, n_anchor = fg_mask.shape
     bi = torch.arange(bsz, device=gt_bboxes.device)[:, None]
     labels = gt_labels[bi, target_gt_idx].clamp(min=0)
     boxes = gt_bboxes[bi, target_gt_idx]
-    scores = torch.zeros((*labels.shape, num_classes), dtype=norm.dtype, device=norm.device)
-    scores.scatter_(-1, labels[..., None], torch.where(fg_mask, norm, 0.0)[..., None])
     b, a = fg_mask.nonzero(as_tuple=True)
     return TALAssignment(
         batch_index=b,
@@ -195,10 +214,29 @@ def _result(
         weights=norm[b, a],
         batch_size=bsz,
         num_preds=n_anchor,
-        extras=dict(zip(TAL_OUTPUTS, (labels, boxes, scores, fg_mask, target_gt_idx))),
+        extras=_extras(labels, boxes, torch.where(fg_mask, norm, 0.0), fg_mask, target_gt_idx, num_classes),
     )
 
 
+class OneHotScores(Deferred):
+    """The dense target scores ``[B, A, nc]`` of a task-aligned assignment, built when first read
+    from what defines them: ``labels [B, A]`` and ``scores [B, A]`` (``target_scores[b, a, c] =
+    scores[b, a]`` where ``c == labels[b, a]``, else 0)."""
+
+    __slots__ = ("labels", "scores")
+
+    def __init__(self, labels: torch.Tensor, scores: torch.Tensor, num_classes: int) -> None:
+        self.labels, self.scores = labels, scores
+
+        def dense() -> torch.Tensor:
+            out = torch.zeros((*labels.shape, num_classes), dtype=scores.dtype, device=scores.device)
+            return out.scatter_(-1, labels.clamp(max=num_classes - 1)[..., None], scores[..., None])
+
+        super().__init__(dense)
+
+
+def _extras(labels, boxes, scores, fg_mask, target_gt_idx, num_classes) -> DeferredDict:
+    return DeferredDict(zip(TAL_OUTPUTS, (labels, boxes, OneHotScores(labels, scores, num_classes), fg_mask, target_gt_idx)))
 def _raise_bad_value(name: str, t: torch.Tensor, pos: Tuple[int, ...]) -> None:
     """The error for the entry ``pos`` of ``t`` that :meth:`TaskAlignedAssigner._check` refused."""
     value = float(t[pos])
@@ -332,20 +370,24 @@ class TaskAlignedAssigner:
     ) -> TALAssignment:
         """Assignment on checked inputs: ``gt_labels`` int64 ``[B, M]``, ``mask_gt`` bool
         ``[B, M]``, floats in one dtype; ``levels`` ``[(h, w, stride), ...]`` matching
-        ``anc_points`` selects the candidate path (unless ``dense``)."""
+        ``anc_points`` selects the candidate path (unless ``dense``).
+
+        ``pd_scores`` may also be an object that gives the probabilities on demand (``shape``
+        ``(B, A, nc)``, ``dtype``, ``device``, ``scores()``: the ``[B, A, nc]`` tensor, and
+        ``gather_scores(image, anchor, cls)``: those entries), as YOLOv8Loss passes its head maps:
+        the candidate path then reads only the candidate pairs' scores, never all ``[B, A, nc]``."""
         bsz, n_anchor, nc = pd_scores.shape
         if gt_bboxes.shape[1] == 0:  # the reference's early return
             dev = pd_scores.device
-            dense = (
-                torch.full((bsz, n_anchor), nc, dtype=torch.long, device=dev),
-                torch.zeros_like(pd_bboxes),
-                torch.zeros_like(pd_scores),
-                torch.zeros((bsz, n_anchor), dtype=torch.bool, device=dev),
-                torch.zeros((bsz, n_anchor), dtype=torch.long, device=dev),
-            )
+            zeros = torch.zeros((bsz, n_anchor), dtype=torch.long, device=dev)
+            extras = _extras(torch.full_like(zeros, nc), torch.zeros_like(pd_bboxes),
+                             torch.zeros((bsz, n_anchor), dtype=pd_scores.dtype, device=dev),
+                             zeros.bool(), zeros, nc)
             empty = Assignment.empty(bsz, n_anchor, dtype=pd_scores.dtype, device=dev)
-            return TALAssignment(**{**vars(empty), "extras": dict(zip(TAL_OUTPUTS, dense))})
+            return TALAssignment(**{**vars(empty), "extras": extras})
         if self.dense or levels is None:
+            if not isinstance(pd_scores, torch.Tensor):
+                pd_scores = pd_scores.scores()
             idx, fg, norm = self._dense(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt)
         else:
             idx, fg, norm = self._sparse(pd_scores, pd_bboxes, levels, gt_labels, gt_bboxes, mask_gt)
@@ -448,49 +490,66 @@ class TaskAlignedAssigner:
 
     # ------------------------------------------------------------------ over candidates only
     def _sparse(self, pd_scores, pd_bboxes, levels, gt_labels, gt_bboxes, mask_gt):
-        """Same result as :meth:`_dense`, computed over the (box, anchor) candidate pairs."""
+        """Same result as :meth:`_dense`, computed over the (box, anchor) candidate pairs.
+
+        Two host synchronizations (the number of window cells and of candidates, in
+        :func:`_candidate_pairs`): every slot of ``gt_bboxes`` is a box (the invalid ones get no
+        candidate), and the top-k, the anchors claimed by several boxes and the positives are
+        masks over the candidates, reduced by scatters, instead of subsets."""
         bsz, n_anchor, nc = pd_scores.shape
+        m = gt_bboxes.shape[1]
         dev = pd_scores.device
-        img, row = mask_gt.nonzero(as_tuple=True)  # valid boxes, image-major
-        n_box = img.numel()
-        boxes = gt_bboxes[img, row]
-        box_label = gt_labels[img, row]
-        box, anchor = _candidate_pairs(enlarge_small_boxes(boxes, self.min_side), levels, self.eps)
-        flat = img[box] * n_anchor + anchor  # anchor index over the batch
-        cand_img = img[box]
-        overlap = fn.aligned_box_iou(boxes[box], pd_bboxes[cand_img, anchor], kind="ciou", convention="yolov5", validate=False).clamp(min=0)
-        score = pd_scores[cand_img, anchor, box_label[box]]  # no copy of pd_scores, even if a strided view
+        n_box = bsz * m
+        img = torch.arange(bsz, device=dev).repeat_interleave(m)  # box slots, image-major
+        row = torch.arange(m, device=dev).repeat(bsz)
+        boxes = gt_bboxes.reshape(n_box, 4)
+        box_label = gt_labels.reshape(n_box)
+        # an invalid slot lies far outside the image: its windows are empty
+        far = -2.0 * max(max(h, w) * s for h, w, s in levels) - 1.0
+        window_boxes = torch.where(mask_gt.reshape(n_box, 1), enlarge_small_boxes(boxes, self.min_side), far)
+        box, anchor = _candidate_pairs(window_boxes, levels, self.eps)
+        cand_img = img.index_select(0, box)
+        flat = cand_img * n_anchor + anchor  # anchor index over the batch
+        overlap = fn.aligned_box_iou(
+            boxes.index_select(0, box), pd_bboxes.reshape(-1, 4).index_select(0, flat), kind="ciou",
+            convention="yolov5", validate=False,
+        ).clamp(min=0)
+        cand_label = box_label.index_select(0, box)
+        if isinstance(pd_scores, torch.Tensor):
+            score = _gather(pd_scores, cand_img, anchor, cand_label)
+        else:
+            score = pd_scores.gather_scores(cand_img, anchor, cand_label)
+        del cand_label
         del cand_img
         metric = score.pow(self.alpha) * overlap.pow(self.beta)
         del score
+        n_flat = bsz * n_anchor
 
-        # top-k per box among candidates of non-zero alignment
-        nz = (metric > 0).nonzero().squeeze(1)
-        pre = nz[rank_in_group(box[nz], metric[nz]) < self.topk]
-        claims = torch.bincount(flat[pre], minlength=bsz * n_anchor)
-        owner = torch.zeros(bsz * n_anchor, dtype=torch.long, device=dev)
-        owner[flat[pre]] = box[pre]
-        multi = claims > 1
-        if bool(multi.any()):
-            # largest overlap among all boxes containing the anchor, first box on ties (the
-            # candidates are in box order)
-            on_multi = multi[flat].nonzero().squeeze(1)
-            win = on_multi[rank_in_group(flat[on_multi], overlap[on_multi]) == 0]
-            owner[flat[win]] = box[win]
-        fg = claims > 0
-        pos = (fg[flat] & (owner[flat] == box)).nonzero().squeeze(1)
+        # top-k per box among candidates of non-zero alignment (those rank after the others)
+        pre = (rank_in_group(box, metric, num_groups=n_box) < self.topk) & (metric > 0)
+        claims = torch.zeros(n_flat, dtype=torch.long, device=dev).index_add_(0, flat, pre.long())
+        # the owner of an anchor: its one claimant, or, claimed by several, the box of largest
+        # overlap among all boxes containing it, the first box on ties (candidates are in box order)
+        none = torch.full((n_flat,), n_box, dtype=torch.long, device=dev)
+        single = none.clone().scatter_reduce_(0, flat, torch.where(pre, box, n_box), "amin")
+        best = torch.zeros(n_flat, dtype=overlap.dtype, device=dev).scatter_reduce_(0, flat, overlap, "amax")
+        first_best = none.scatter_reduce_(0, flat, torch.where(overlap == best[flat], box, n_box), "amin")
+        owner = torch.where(claims > 1, first_best, single)
+        del single, first_best, best
+        pos = (claims[flat] > 0) & (owner[flat] == box)
         if self.topk2 != self.topk:
-            keep = (rank_in_group(box[pos], metric[pos]) < self.topk2) & (metric[pos] > 0)
-            pos = pos[keep]
-            fg = torch.zeros_like(fg)
-            fg[flat[pos]] = True
+            pos &= (rank_in_group(box, torch.where(pos, metric, -1.0), num_groups=n_box) < self.topk2) & (metric > 0)
+        del claims, owner
 
-        pos_box = box[pos]
-        pos_metric = torch.zeros(n_box, dtype=metric.dtype, device=dev).scatter_reduce_(0, pos_box, metric[pos], "amax")
-        pos_overlap = torch.zeros(n_box, dtype=metric.dtype, device=dev).scatter_reduce_(0, pos_box, overlap[pos], "amax")
-        norm = torch.zeros(bsz * n_anchor, dtype=metric.dtype, device=dev)
-        norm[flat[pos]] = metric[pos] * pos_overlap[pos_box] / (pos_metric[pos_box] + self.eps)
-        target_gt_idx = torch.zeros(bsz * n_anchor, dtype=torch.long, device=dev)
-        target_gt_idx[flat[pos]] = row[pos_box]
+        zero = metric.new_zeros(())
+        pos_metric = metric.new_zeros(n_box).scatter_reduce_(0, box, torch.where(pos, metric, zero), "amax")
+        pos_overlap = metric.new_zeros(n_box).scatter_reduce_(0, box, torch.where(pos, overlap, zero), "amax")
+        value = torch.where(pos, metric * pos_overlap[box] / (pos_metric[box] + self.eps), zero)
+        # each anchor has at most one positive candidate and every value is >= 0: a max puts it there
+        norm = metric.new_zeros(n_flat).scatter_reduce_(0, flat, value, "amax")
+        fg = torch.zeros(n_flat, dtype=torch.bool, device=dev).index_put_((flat,), pos, accumulate=True)
+        target_gt_idx = torch.zeros(n_flat, dtype=torch.long, device=dev).scatter_reduce_(
+            0, flat, torch.where(pos, row[box], 0), "amax"
+        )
         shape = (bsz, n_anchor)
         return target_gt_idx.view(shape), fg.view(shape), norm.view(shape)

@@ -56,6 +56,16 @@ def distribution_focal_loss(
         check_floating("weight", weight)
         check_broadcastable_to("weight", weight, target.shape, "target")
     check_in_range("target", target.detach(), 0.0, float(bins - 1), "distances (bin units)")
+    return dfl_in_range(pred_dist, target, reduction, weight)
+
+
+def dfl_in_range(
+    pred_dist: torch.Tensor, target: torch.Tensor, reduction: str = "mean", weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`distribution_focal_loss` without its checks, for tensors valid by construction (a
+    loss's own ``[n, bins]`` logits and targets it clamped into ``[0, bins - 1]``): the range
+    check is a host synchronization."""
+    bins = pred_dist.shape[1]
     dtype = compute_dtype(pred_dist, target, weight)
     logp = torch.log_softmax(upcast(pred_dist, dtype), dim=-1)
     y = upcast(target, dtype)

@@ -66,6 +66,7 @@ from .dense import (
 )
 from .iou import FUSED_KINDS as FUSED_IOU_KINDS
 from .iou import fused_iou_loss
+from .onehot import fused_onehot_bce_with_logits
 
 __all__ = [
     "DEFAULT_MIN_NUMEL",
@@ -90,5 +91,6 @@ __all__ = [
     "fused_quality_focal_loss",
     "fused_varifocal_loss",
     "fused_iou_loss",
+    "fused_onehot_bce_with_logits",
     "FUSED_IOU_KINDS",
 ]

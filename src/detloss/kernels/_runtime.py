@@ -367,9 +367,11 @@ class LossPass:
             raise RuntimeError(f"detloss.kernels: {self.tag} has no differentiable formula")
         return self._formula(input, *tensors)
 
-    def __call__(self, *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, *args: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, grad)``; with ``out`` (a tensor shaped like the input, any strides) the gradient
+        is stored there and ``out`` is returned as ``grad``."""
         if not compile_enabled() or self.failed:
-            return self.plain(*args)  # type: ignore[arg-type]
+            return self._plain_into(out, *args)
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(
@@ -379,7 +381,8 @@ class LossPass:
                 return self._compiled(*args)
             # The compiled loop writes the gradient into a buffer allocated here (see
             # empty_gradient) instead of one Inductor allocates: same values, fewer page faults.
-            out = empty_gradient(*args)  # type: ignore[arg-type]
+            if out is None:
+                out = empty_gradient(*args)  # type: ignore[arg-type]
             return self._compiled(*args, out=out), out
         except compile_error_types() as exc:  # this pass cannot be compiled here: run it eagerly
             self.failed = True
@@ -389,7 +392,13 @@ class LossPass:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return self.plain(*args)  # type: ignore[arg-type]
+        return self._plain_into(out, *args)
+
+    def _plain_into(self, out: Optional[torch.Tensor], *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        loss, grad = self.plain(*args)  # type: ignore[arg-type]
+        if out is None:
+            return loss, grad
+        return loss, out.copy_(grad)
 
 
 class FusedLoss(torch.autograd.Function):

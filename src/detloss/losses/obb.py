@@ -167,7 +167,7 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         gt_bboxes[img, slot] = xywhr
         gt_rows[img, slot] = kept
         return OBBInputs(list(levels), bsz, dt, dev, (h, w), pred_dist, pred_logits, targets, gt_labels, gt_bboxes,
-                         gt_bboxes.sum(-1) > 0, gt_rows, pred_angle)
+                         gt_bboxes.sum(-1) > 0, gt_rows, pred_angle=pred_angle)
 
     # ------------------------------------------------------------------ the steps
     def decode_rboxes(self, pred_dist: Tensor, pred_angle: Tensor, anchor_points: Tensor) -> Tensor:

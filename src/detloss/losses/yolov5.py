@@ -29,6 +29,7 @@ from .._checks import check_finite, check_floating, check_like_first, compute_dt
 from ..anchors import GridLevel, grid_points
 from ..assign.yolov5 import OFFSET_NAMES, YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy
+from ..kernels._runtime import empty_gradient
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv5Loss", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "default_balance"]
@@ -64,42 +65,95 @@ def default_balance(num_levels: int) -> List[float]:
     )
 
 
-class _GatherHead(torch.autograd.Function):
-    """``(pi[..., 4], pi[b, a, gj, gi])`` in one op whose backward writes one gradient tensor.
+def _zero_gradient(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero-filled gradient of a head output. On the CPU the buffer comes from
+    :func:`detloss.kernels._runtime.empty_gradient` (marked for transparent huge pages): a
+    ``torch.zeros`` of a level's 100 MB costs more in 4 KiB first-touch page faults than in
+    writing the zeros."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        return empty_gradient(torch.empty((), dtype=dtype).expand(shape)).zero_()
+    return torch.zeros(shape, dtype=dtype, device=device)
 
-    Autograd through the two plain indexing ops builds two zero-filled gradients of the full
-    head output and adds them; here the objectness gradient and the positives' rows are written
-    into a single zero-filled tensor (duplicated positives accumulate, as ``index_put`` with
-    ``accumulate=True`` does).
+
+class _GatherHeads(torch.autograd.Function):
+    """What the loss reads from the head outputs ``pi [bs, na, ny, nx, 5 + nc]``: for every level
+    its objectness logits ``pi[..., 4]``; for the positives of all levels, level after level,
+    their box logits ``pi[b, a, gj, gi, 0:4]`` in one ``[P, 4]`` tensor and, per level, their
+    class logits ``pi[b, a, gj, gi, 5:]`` ``[n_i, nc]``.
+
+    ``apply(counts, flat, *preds)``: ``flat`` ``[P]`` the positives' flat cell indices into
+    their level's ``[bs * na * ny * nx]`` rows, ``counts`` the positives per level; returns
+    ``(*objectness, box, *classes)``. Autograd through plain indexing and slicing builds, per
+    level, a zero-filled gradient of the full head output for each indexing op and adds them,
+    and one more buffer per slice of the positives' rows; here each level's objectness gradient
+    and its positives' gradients are written straight into a single zero-filled tensor
+    (duplicated positives accumulate, as ``index_put`` with ``accumulate=True`` does).
     """
 
     @staticmethod
-    def forward(ctx, pi: torch.Tensor, flat_index: torch.Tensor):  # type: ignore[override]
-        no = pi.shape[-1]
-        ctx.shape, ctx.dtype = pi.shape, pi.dtype
-        ctx.save_for_backward(flat_index)
-        obj = pi[..., 4].contiguous()
-        rows = pi.reshape(-1, no).index_select(0, flat_index)
-        return obj, rows
+    def forward(ctx, counts: Tuple[int, ...], flat: torch.Tensor, *preds: torch.Tensor):  # type: ignore[override]
+        ctx.counts = counts
+        ctx.shapes = [p.shape for p in preds]
+        ctx.dtype = preds[0].dtype
+        ctx.save_for_backward(flat)
+        objs, box, classes = _gather(counts, flat, preds)
+        return (*objs, box, *classes)
 
     @staticmethod
-    def backward(ctx, g_obj, g_rows):  # type: ignore[override]
-        (flat_index,) = ctx.saved_tensors
-        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=flat_index.device)
-        if g_obj is not None:
-            grad[..., 4] = g_obj
-        if g_rows is not None and flat_index.numel():
-            grad.view(-1, ctx.shape[-1]).index_add_(0, flat_index, g_rows.to(ctx.dtype))
-        return grad, None
+    def backward(ctx, *grads):  # type: ignore[override]
+        (flat,) = ctx.saved_tensors
+        nl = len(ctx.shapes)
+        g_objs, g_box, g_classes = grads[:nl], grads[nl], grads[nl + 1:]
+        g_boxes = [None] * nl if g_box is None else g_box.split(list(ctx.counts))
+        out: List[Optional[Tensor]] = []
+        for i, (shape, index) in enumerate(zip(ctx.shapes, flat.split(list(ctx.counts)))):
+            if not ctx.needs_input_grad[2 + i]:
+                out.append(None)
+                continue
+            grad = _zero_gradient(shape, ctx.dtype, flat.device)
+            if g_objs[i] is not None:
+                grad[..., 4] = g_objs[i].to(grad.dtype)
+            if index.numel() and (g_boxes[i] is not None or g_classes[i] is not None):
+                # the positives' rows assembled first: index_add_ of whole rows is a few times
+                # faster than of strided column blocks
+                rows = grad.new_zeros((index.shape[0], shape[-1]))
+                if g_boxes[i] is not None:
+                    rows[:, :4] = g_boxes[i]
+                if g_classes[i] is not None:
+                    rows[:, 5:] = g_classes[i]
+                grad.view(-1, shape[-1]).index_add_(0, index, rows)
+            out.append(grad)
+        return (None, None, *out)
 
 
-def _gather_head(pi: torch.Tensor, asg: YOLOv5LevelAssignment):
-    """The objectness logits ``[bs, na, ny, nx]`` and the positives' rows ``[n, 5 + nc]`` of ``pi``."""
+def _gather(counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+    """``([pi[..., 4] for each level], box [P, 4], [classes [n_i, nc] for each level])``, no autograd."""
+    no = preds[0].shape[-1]
+    rows = preds[0].new_empty((flat.shape[0], no))
+    for pi, index, dst in zip(preds, flat.split(list(counts)), rows.split(list(counts))):
+        torch.index_select(pi.reshape(-1, no), 0, index, out=dst)
+    objs = [pi[..., 4].contiguous() for pi in preds]
+    return objs, rows[:, :4].contiguous(), [r[:, 5:] for r in rows.split(list(counts))]
+
+
+def _flat_cells(pi: Tensor, asg: YOLOv5LevelAssignment) -> Tensor:
     _, na, ny, nx, _ = pi.shape
-    flat = ((asg.image * na + asg.anchor) * ny + asg.gy) * nx + asg.gx
-    if pi.requires_grad:
-        return _GatherHead.apply(pi, flat)
-    return pi[..., 4], pi.reshape(-1, pi.shape[-1]).index_select(0, flat)
+    return ((asg.image * na + asg.anchor) * ny + asg.gy) * nx + asg.gx
+
+
+def _gather_heads(
+    preds: Sequence[Tensor], levels: Sequence[YOLOv5LevelAssignment]
+) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+    """The objectness logits ``[bs, na, ny, nx]`` of every level, the positives' box logits
+    ``[P, 4]`` of all levels (level after level) and their class logits ``[n_i, nc]`` per level;
+    backward writes one gradient tensor per level (:class:`_GatherHeads`)."""
+    counts = tuple(a.num_pos for a in levels)
+    flat = torch.cat([_flat_cells(pi, a) for pi, a in zip(preds, levels)])
+    if any(p.requires_grad for p in preds) and torch.is_grad_enabled():
+        nl = len(preds)
+        out = _GatherHeads.apply(counts, flat, *preds)
+        return list(out[:nl]), out[nl], list(out[nl + 1:])
+    return _gather(counts, flat, preds)
 
 
 @dataclass
@@ -116,20 +170,27 @@ class YOLOv5Inputs:
 
 @dataclass
 class YOLOv5Positives:
-    """What :meth:`YOLOv5Loss.gather` takes from the head outputs, per level ``i``: the objectness
-    logits ``pobj[i] [bs, na, ny, nx]``, the positives' rows ``rows[i] [n_i, 5 + nc]``, their
-    decoded boxes ``pbox[i]`` (cx, cy, w, h, grid units, cell-relative) and ``ciou[i]`` with their
-    targets (with its graph); the level weights of this call; the divisors of each level's means
+    """What :meth:`YOLOv5Loss.gather` takes from the head outputs: per level ``i`` the
+    objectness logits ``pobj[i] [bs, na, ny, nx]`` and its positives' class logits
+    ``cls_logits[i] [n_i, nc]``; for the positives of all levels, level after level
+    (``counts[i]`` of level ``i``), their decoded boxes
+    ``pbox [P, 4]`` (cx, cy, w, h, grid units, cell-relative) and ``ciou [P]`` with their targets
+    (with its graph); the level weights of this call; the divisors of each level's means
     (``None``: the local means, as the original) and the batch size ``total`` is multiplied by."""
 
     pobj: List[Tensor]
-    rows: List[Tensor]
-    pbox: List[Tensor]
-    ciou: List[Tensor]
+    cls_logits: List[Tensor]
+    pbox: Tensor
+    ciou: Tensor
+    counts: List[int]
     balance: List[float]
     pos_divisor: Optional[List[Tensor]] = None
     cell_divisor: Optional[List[Tensor]] = None
     batch_factor: Union[int, Tensor] = 1
+
+    def per_level(self, t: Tensor) -> Sequence[Tensor]:
+        """``t`` (one entry per positive) split into the levels' parts."""
+        return t.split(self.counts)
 
 
 class YOLOv5Loss(DetectionLoss):
@@ -342,19 +403,18 @@ class YOLOv5Loss(DetectionLoss):
         )
 
     def gather(self, inputs: YOLOv5Inputs, prepared: None, assignment: YOLOv5Assignment) -> YOLOv5Positives:
+        """The positives of all levels at once: one gather, one decoding, one CIoU."""
         cd = inputs.dtype
-        pobj, rows, pbox, ciou = [], [], [], []
-        for pi, asg in zip(inputs.preds, assignment):
-            obj_i, ps = _gather_head(pi, asg)  # objectness logits, the positives' rows [n, 5 + nc]
-            ps = upcast(ps, cd)
-            pxy = ps[:, 0:2].sigmoid() * 2 - 0.5
-            pwh = ((ps[:, 2:4].sigmoid() * 2) ** 2 * asg.anchors.to(cd)).clamp(min=PWH_FLOOR)
-            box = torch.cat((pxy, pwh), 1)
-            pobj.append(upcast(obj_i, cd))
-            rows.append(ps)
-            pbox.append(box)
-            ciou.append(F.aligned_box_iou(box, asg.boxes.to(cd), kind="ciou", box_format="cxcywh", convention="yolov5"))
-        out = YOLOv5Positives(pobj, rows, pbox, ciou, self.balance, batch_factor=inputs.batch_size)
+        pobj, tbox, pcls = _gather_heads(inputs.preds, assignment)  # [bs, na, ny, nx]; [P, 4]; [n_i, nc]
+        pobj = [upcast(p, cd) for p in pobj]
+        pcls = [upcast(p, cd) for p in pcls]
+        tbox = upcast(tbox, cd)
+        pxy = tbox[:, 0:2].sigmoid() * 2 - 0.5
+        pwh = ((tbox[:, 2:4].sigmoid() * 2) ** 2 * assignment.extras["anchors"].to(cd)).clamp(min=PWH_FLOOR)
+        pbox = torch.cat((pxy, pwh), 1)
+        ciou = F.aligned_box_iou(pbox, assignment.boxes.to(cd), kind="ciou", box_format="cxcywh", convention="yolov5")
+        counts = [a.num_pos for a in assignment]
+        out = YOLOv5Positives(pobj, pcls, pbox, ciou, counts, self.balance, batch_factor=inputs.batch_size)
         if self.reduce_across_ranks:
             # one all-reduce: every level's positive count and the batch size
             local = torch.tensor([float(a.num_pos) for a in assignment] + [float(inputs.batch_size)], dtype=cd, device=inputs.device)
@@ -383,7 +443,7 @@ class YOLOv5Loss(DetectionLoss):
     def box_term(self, inputs: YOLOv5Inputs, pos: YOLOv5Positives, assignment: YOLOv5Assignment) -> Tensor:
         """``sum_i mean_pos (1 - CIoU)``."""
         lbox = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
-        for i, (asg, ciou) in enumerate(zip(assignment, pos.ciou)):
+        for i, (asg, ciou) in enumerate(zip(assignment, pos.per_level(pos.ciou))):
             if asg.num_pos:
                 loss = 1.0 - ciou
                 lbox = lbox + (loss.mean() if pos.pos_divisor is None else loss.sum() / pos.pos_divisor[i])
@@ -394,13 +454,13 @@ class YOLOv5Loss(DetectionLoss):
         are then updated (module docstring)."""
         cd = inputs.dtype
         obj = []
-        for i, (asg, pobj, ciou) in enumerate(zip(assignment, pos.pobj, pos.ciou)):
+        # the detached CIoU; the last writer of each cell wins
+        scores = pos.ciou.detach().clamp(0)
+        if self.gr < 1:
+            scores = (1.0 - self.gr) + self.gr * scores
+        for i, (asg, pobj, score) in enumerate(zip(assignment, pos.pobj, pos.per_level(scores))):
             tobj = torch.zeros(pobj.shape, dtype=cd, device=inputs.device)
             if asg.num_pos:
-                # the detached CIoU; the last writer of each cell wins
-                score = ciou.detach().clamp(0)
-                if self.gr < 1:
-                    score = (1.0 - self.gr) + self.gr * score
                 own = asg.obj_owner
                 tobj[asg.image[own], asg.anchor[own], asg.gy[own], asg.gx[own]] = score[own]
             obj.append(self._bce(pobj, tobj, self.obj_pw, None if pos.cell_divisor is None else pos.cell_divisor[i]))
@@ -426,9 +486,8 @@ class YOLOv5Loss(DetectionLoss):
         lcls = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
         if self.num_classes == 1:
             return lcls
-        for i, (asg, ps) in enumerate(zip(assignment, pos.rows)):
+        for i, (asg, pcls) in enumerate(zip(assignment, pos.cls_logits)):
             if asg.num_pos:
-                pcls = ps[:, 5:]
                 t = torch.full_like(pcls, self.cn)
                 t[torch.arange(asg.num_pos, device=inputs.device), asg.classes] = self.cp
                 divisor = None if pos.pos_divisor is None else pos.pos_divisor[i] * self.num_classes
@@ -444,10 +503,10 @@ class YOLOv5Loss(DetectionLoss):
         iou_mean: Union[float, Tensor] = 0.0
         ciou_mean: Union[float, Tensor] = 0.0
         if assignment.num_pos:
-            pbox = torch.cat(pos.pbox).detach()
+            pbox = pos.pbox.detach()
             tbox = assignment.boxes.to(pbox.dtype)
             iou_mean = F.aligned_box_iou(pbox, tbox, box_format="cxcywh", convention="yolov5", validate=False).mean()
-            ciou_mean = torch.cat(pos.ciou).detach().mean()
+            ciou_mean = pos.ciou.detach().mean()
         normalizer = float(sum(num_pos)) if pos.pos_divisor is None else torch.stack(pos.pos_divisor).sum()
         return {
             "num_pos": sum(num_pos),

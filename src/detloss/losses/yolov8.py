@@ -44,12 +44,16 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .. import kernels
 from .._checks import autocast_off, check_floating, check_level_sizes, check_tensor, compute_dtype, upcast
+from .._lazy import Deferred, DeferredField
 from ..anchors import GridLevel, Level, make_anchors
 from ..assign.base import Assignment
-from ..assign.tal import TaskAlignedAssigner
-from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_slots
+from ..assign.tal import TALAssignment, TaskAlignedAssigner
+from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_counts, image_slots, yolo_target_flags, yolo_target_rows
+from ..functional.dfl import dfl_in_range
 from ..output import LossOutput
+from ._head_maps import HeadMaps, head_terms
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv8Loss", "YOLOv8Inputs", "YOLOv8Decoding", "PaddingRuleWarning", "make_anchors", "decode_distances", "preprocess_targets"]
@@ -69,14 +73,51 @@ def decode_distances(pred_dist: Tensor, anchor_points: Tensor) -> Tensor:
     return torch.cat((anchor_points - lt, anchor_points + rb), -1)
 
 
+def _finite_flag(feats: Sequence[Tensor]) -> Tensor:
+    """bool 0-dim: whether ``feats`` may hold NaN or inf (a sum per level, non-finite when an
+    element is, or when it overflows, which :func:`_check_finite` then clears); no synchronization."""
+    sums = torch.stack([f.detach().sum(dtype=torch.float64 if f.dtype == torch.float64 else torch.float32) for f in feats])
+    return ~torch.isfinite(sums).all()
+
+
+def _check_finite(feats: Sequence[Tensor], exact: bool = False) -> None:
+    """NaN or inf anywhere in ``feats`` raises, naming the level and the first position; one host
+    synchronization for all levels (``exact``: the element-wise check alone)."""
+    if not exact and not bool(_finite_flag(feats)):
+        return
+    for i, f in enumerate(feats):
+        bad = ~torch.isfinite(f.detach())
+        if bool(bad.any()):
+            raise ValueError(f"feats[{i}]: expected finite values, got NaN or inf at {tuple(int(j) for j in bad.nonzero()[0])}")
+
+
+def _sparse_targets(assignment: Assignment) -> Optional[Tuple[Tensor, Tensor]]:
+    return assignment.sparse_target_scores() if isinstance(assignment, TALAssignment) else None
+
+
+def _onehot_bce(logits: Tensor, labels: Tensor, scores: Tensor, class_weights: Optional[Tensor]) -> Tensor:
+    """Summed BCE of ``logits [B, A, nc]`` against the one-hot soft targets ``(labels, scores)``
+    ``[B, A]`` (:mod:`detloss.kernels.onehot`), run over the logits' memory order: ``[B, nc, A]``
+    when the logits are a view of that (a head's concatenated class maps), else ``[B, A, nc]``."""
+    dt, dev, nc = logits.dtype, logits.device, logits.shape[-1]
+    chan = torch.arange(nc, dtype=dt, device=dev)
+    weight = torch.ones(nc, dtype=dt, device=dev) if class_weights is None else class_weights.to(dt)
+    labels, scores = labels.to(dt), scores.to(dt)
+    if logits.transpose(1, 2).is_contiguous():
+        x, row, col = logits.transpose(1, 2), (slice(None), None, slice(None)), (None, slice(None), None)
+    else:
+        x, row, col = logits, (slice(None), slice(None), None), (None, None, slice(None))
+    return kernels.fused_onehot_bce_with_logits(x, labels[row], scores[row], chan[col], weight[col])
+
+
 def _padded_targets(
-    targets: Tensor, batch_size: int, image_hw: Tuple[float, float], dtype: torch.dtype
+    targets: Tensor, batch_size: int, image_hw: Tuple[float, float], dtype: torch.dtype, most: Optional[int] = None
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`preprocess_targets` plus ``rows [B, M]``: the row of ``targets`` in each slot (-1
-    in padding slots)."""
+    in padding slots). ``most``: ``M`` if known (see :func:`~detloss.boxes.image_slots`)."""
     dev = targets.device
     img = targets[:, 0].long()
-    slot, m = image_slots(img, batch_size)
+    slot, m = image_slots(img, batch_size, most)
     h, w = image_hw
     xyxy = cxcywh_to_xyxy(targets[:, 2:6].to(dtype) * torch.tensor([w, h, w, h], dtype=dtype, device=dev))
     labels = torch.zeros((batch_size, m), dtype=torch.long, device=dev)
@@ -120,7 +161,10 @@ class YOLOv8Inputs:
     ``pred_dist [B, A, 4 * reg_max]`` and ``pred_logits [B, A, nc]`` (a strided view) in the
     compute ``dtype``; the targets padded per image: ``gt_labels``, ``gt_bboxes`` (xyxy pixels),
     ``mask_gt`` (valid slots) and ``gt_rows`` (the row of ``targets`` in each slot, -1 padding),
-    each ``[B, M, ...]``.
+    each ``[B, M, ...]``. ``head``: the per-level maps (:class:`~detloss.losses._head_maps.HeadMaps`)
+    when the outputs came as maps; YOLOv8Loss's own steps then read the maps, and ``pred_dist`` /
+    ``pred_logits`` are concatenated from them only if a step reads them (a
+    :class:`~detloss._lazy.Deferred` until then).
     """
 
     levels: List[Level]
@@ -128,13 +172,14 @@ class YOLOv8Inputs:
     dtype: torch.dtype
     device: torch.device
     image_hw: Tuple[float, float]
-    pred_dist: Tensor
-    pred_logits: Tensor
+    pred_dist: Tensor = DeferredField()
+    pred_logits: Tensor = DeferredField()
     targets: Tensor
     gt_labels: Tensor
     gt_bboxes: Tensor
     mask_gt: Tensor
     gt_rows: Tensor
+    head: Optional[HeadMaps] = None
 
 
 @dataclass
@@ -143,7 +188,14 @@ class YOLOv8Decoding:
     adds: anchor points ``[A, 2]`` and strides ``[A, 1]``, predicted boxes ``[B, A, 4]`` (xyxy,
     grid units); per positive (the assignment's order) its anchor point, stride, predicted box,
     distribution logits ``[P, 4 * reg_max]`` and target box (grid units); the normalizer ``S``
-    and the batch size ``total`` is multiplied by (the global one with ``reduce_across_ranks``)."""
+    and the batch size ``total`` is multiplied by (the global one with ``reduce_across_ranks``).
+
+    ``decode_positives``: ``pred_bboxes`` carry no gradient (they are what the assigner reads),
+    and ``gather`` decodes the positives' boxes again, with gradient, from their distributions
+    (:meth:`YOLOv8Loss.decode_boxes`); False (a variant's own ``prepare``): the positives' boxes
+    are the rows of ``pred_bboxes``. ``cls_sum``: the class BCE summed over every anchor and class
+    (before ``/ S``), when ``gather`` computed it in the same pass over the head maps as the
+    positives' distributions (None: :meth:`YOLOv8Loss.cls_term` computes it)."""
 
     anchor_points: Tensor
     stride_tensor: Tensor
@@ -155,6 +207,8 @@ class YOLOv8Decoding:
     pos_target_bboxes: Optional[Tensor] = None
     normalizer: Optional[Tensor] = None
     batch_factor: Union[int, Tensor] = 1
+    decode_positives: bool = False
+    cls_sum: Optional[Tensor] = None
 
 
 class YOLOv8Loss(DetectionLoss):
@@ -277,7 +331,7 @@ class YOLOv8Loss(DetectionLoss):
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_feats(self, feats: Sequence[Tensor]) -> List[Level]:
+    def _check_feats(self, feats: Sequence[Tensor], finite: bool = True) -> List[Level]:
         if isinstance(feats, Tensor) or not isinstance(feats, (list, tuple)):
             raise TypeError(f"feats: expected a list of {len(self.strides)} tensors (one per level), got {type(feats).__name__}")
         if len(feats) != len(self.strides):
@@ -294,10 +348,9 @@ class YOLOv8Loss(DetectionLoss):
                 )
             if f.dtype != first.dtype or f.device != first.device:
                 raise TypeError(f"feats[{i}]: expected dtype {first.dtype} on {first.device} like feats[0], got {f.dtype} on {f.device}")
-            bad = ~torch.isfinite(f.detach())
-            if bool(bad.any()):
-                raise ValueError(f"feats[{i}]: expected finite values, got NaN or inf at {tuple(int(j) for j in bad.nonzero()[0])}")
             levels.append((int(f.shape[2]), int(f.shape[3]), s))
+        if finite:
+            _check_finite(feats)
         check_level_sizes("feats", [(h, w) for h, w, _ in levels], self.strides)
         return levels
 
@@ -310,16 +363,25 @@ class YOLOv8Loss(DetectionLoss):
         return pred_dist.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1)
 
     def check(self, feats: Sequence[Tensor], targets: Tensor) -> YOLOv8Inputs:
-        levels = self._check_feats(feats)
+        """The checks of ``feats`` and ``targets`` and the targets' padding ``M`` read in one host
+        synchronization; on a failure the exact checks run again and raise."""
+        levels = self._check_feats(feats, finite=False)
         bsz = feats[0].shape[0]
-        targets = check_yolo_targets(targets, num_classes=self.num_classes, batch_size=bsz)
         dt = compute_dtype(*feats)
         dev = feats[0].device
-        pred_dist, pred_logits = self._split(feats, dt)
+        rows = yolo_target_rows(targets).to(dev)
+        img = rows[:, 0].nan_to_num(0.0).clamp(0, max(bsz - 1, 0)).long()  # in range; bad rows fail the flags
+        counts = image_counts(img, bsz) if bsz else img.new_zeros(1)
+        flags = torch.cat((_finite_flag(feats)[None], yolo_target_flags(rows, self.num_classes, bsz)))
+        read = torch.cat((flags.any()[None].long(), counts.max()[None])).tolist()
+        if read[0]:
+            _check_finite(feats, exact=True)
+            check_yolo_targets(targets, num_classes=self.num_classes, batch_size=bsz)
+        head = HeadMaps([upcast(f, dt).reshape(bsz, f.shape[1], f.shape[2] * f.shape[3]) for f in feats], self.reg_max, self.num_classes)
         image_hw = (levels[0][0] * self.strides[0], levels[0][1] * self.strides[0])
-        gt_labels, gt_bboxes, mask_gt, gt_rows = _padded_targets(targets.to(dev), bsz, image_hw, dt)
-        return YOLOv8Inputs(levels, bsz, dt, dev, image_hw, pred_dist, pred_logits, targets,
-                            gt_labels, gt_bboxes, mask_gt, gt_rows)
+        gt_labels, gt_bboxes, mask_gt, gt_rows = _padded_targets(rows, bsz, image_hw, dt, most=read[1] if rows.shape[0] else 0)
+        return YOLOv8Inputs(levels, bsz, dt, dev, image_hw, Deferred(head.concat_box_channels), Deferred(head.concat_logits),
+                            targets, gt_labels, gt_bboxes, mask_gt, gt_rows, head=head)
 
     # ------------------------------------------------------------------ the steps
     def decode_boxes(self, pred_dist: Tensor, anchor_points: Tensor) -> Tensor:
@@ -332,16 +394,34 @@ class YOLOv8Loss(DetectionLoss):
         return decode_distances(pred_dist, anchor_points)
 
     def prepare(self, inputs: YOLOv8Inputs) -> YOLOv8Decoding:
+        """Anchor points and the decoded boxes of every anchor, without gradient (the assigner's
+        input; :meth:`gather` decodes the positives' boxes again with gradient), level by level
+        from the head maps when there are maps."""
         anchor_points, stride_tensor = make_anchors(inputs.levels, inputs.dtype, inputs.device)
-        return YOLOv8Decoding(anchor_points, stride_tensor, self.decode_boxes(inputs.pred_dist, anchor_points))
+        head = inputs.head
+        with torch.no_grad():
+            if head is not None:
+                pred_bboxes = torch.cat([
+                    self.decode_boxes(head.box_channels(i), anchor_points[off : off + n])
+                    for i, (off, n) in enumerate(zip(head.offsets, head.sizes))
+                ], 1)
+            else:
+                pred_bboxes = self.decode_boxes(inputs.pred_dist, anchor_points)
+        return YOLOv8Decoding(anchor_points, stride_tensor, pred_bboxes, decode_positives=True)
 
     def assignment(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Assignment:
         """The task-aligned assignment (``self.assigner``) on the detached predictions, in pixels;
         ``target_index`` becomes the row of ``targets``."""
         with torch.no_grad():
             stride = prepared.stride_tensor
+            # TaskAlignedAssigner reads the head maps where it needs them; another assigner gets the tensor
+            own = isinstance(self.assigner, TaskAlignedAssigner) and type(self.assigner).assign is TaskAlignedAssigner.assign
+            if inputs.head is not None:
+                scores = inputs.head if own else inputs.head.scores()
+            else:
+                scores = inputs.pred_logits.detach().sigmoid()
             asg = self.assigner.assign(
-                inputs.pred_logits.detach().sigmoid(),
+                scores,
                 prepared.pred_bboxes.detach() * stride,
                 prepared.anchor_points * stride,
                 inputs.gt_labels,
@@ -352,9 +432,16 @@ class YOLOv8Loss(DetectionLoss):
             return replace(asg, target_index=inputs.gt_rows[asg.batch_index, asg.target_index])
 
     def gather(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> YOLOv8Decoding:
+        """The positives' rows and the normalizer. With head maps on the fused path
+        (:func:`detloss.kernels.use_fused`), one pass over the maps gives the positives'
+        distribution logits and, for this class's :meth:`cls_term` and one-hot targets, the class
+        BCE sum (``cls_sum``), with the head's whole gradient in one buffer
+        (:func:`~detloss.losses._head_maps.head_terms`)."""
         b, a = assignment.batch_index, assignment.pred_index
         pos_strides = prepared.stride_tensor[a]
-        score_sum = assignment.extras["target_scores"].sum()
+        pos_anchor_points = prepared.anchor_points[a]
+        sparse = _sparse_targets(assignment)
+        score_sum = sparse[1].sum() if sparse is not None else assignment.extras["target_scores"].sum()
         if self.reduce_across_ranks:
             # one all-reduce for both: the mean target-score sum and the global batch size
             local = torch.stack((score_sum.detach(), score_sum.new_tensor(float(inputs.batch_size))))
@@ -362,23 +449,42 @@ class YOLOv8Loss(DetectionLoss):
             batch_factor: Union[int, Tensor] = mean_batch * self.world_size()
         else:
             batch_factor = inputs.batch_size
+        cls_sum = None
+        if inputs.head is not None and kernels.use_fused(inputs.head.maps[0]):
+            fuse_cls = sparse is not None and type(self).cls_term is YOLOv8Loss.cls_term
+            pos_pred_dist, cls_sum = head_terms(inputs.head, b, a, sparse if fuse_cls else None, self.class_weights)
+        else:
+            pos_pred_dist = inputs.pred_dist[b, a]
+        if prepared.decode_positives:
+            pos_pred_bboxes = self.decode_boxes(pos_pred_dist, pos_anchor_points)
+        else:
+            pos_pred_bboxes = prepared.pred_bboxes[b, a]
         return replace(
             prepared,
-            pos_anchor_points=prepared.anchor_points[a],
+            pos_anchor_points=pos_anchor_points,
             pos_strides=pos_strides,
-            pos_pred_bboxes=prepared.pred_bboxes[b, a],
-            pos_pred_dist=inputs.pred_dist[b, a],
+            pos_pred_bboxes=pos_pred_bboxes,
+            pos_pred_dist=pos_pred_dist,
             pos_target_bboxes=assignment.boxes / pos_strides,
             normalizer=score_sum.clamp(min=1),
             batch_factor=batch_factor,
+            cls_sum=cls_sum,
         )
 
     # ------------------------------------------------------------------ the terms
     def cls_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
-        """BCE of every class logit against the soft target scores, over S."""
+        """BCE of every class logit against the soft target scores, over S (``cls_sum`` when
+        :meth:`gather` computed it; one-hot targets go through the fused one-hot pass without
+        building ``[B, A, nc]`` targets)."""
+        if prepared.cls_sum is not None:
+            return prepared.cls_sum / prepared.normalizer
+        logits = inputs.pred_logits
+        cw = None if self.class_weights is None else self.class_weights.to(logits)
+        sparse = _sparse_targets(assignment)
+        if sparse is not None and kernels.use_fused(logits):
+            return _onehot_bce(logits, *sparse, cw) / prepared.normalizer
         target_scores = assignment.extras["target_scores"]
-        cw = None if self.class_weights is None else self.class_weights.to(inputs.pred_logits)
-        return F.bce_with_logits(inputs.pred_logits, target_scores, weight=cw, reduction="sum") / prepared.normalizer
+        return F.bce_with_logits(logits, target_scores, weight=cw, reduction="sum") / prepared.normalizer
 
     def box_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """``sum w_a (1 - CIoU)`` over the positives, over S."""
@@ -396,7 +502,7 @@ class YOLOv8Loss(DetectionLoss):
         reg_max = self.reg_max
         anchor, target = prepared.pos_anchor_points, prepared.pos_target_bboxes
         ltrb = torch.cat((anchor - target[:, :2], target[:, 2:] - anchor), -1).clamp(0, reg_max - 1 - DFL_MARGIN)
-        dfl = F.distribution_focal_loss(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), reduction="none")
+        dfl = dfl_in_range(prepared.pos_pred_dist.reshape(-1, reg_max), ltrb.reshape(-1), "none")  # in range: clamped
         return (dfl.view(-1, 4).mean(-1) * assignment.weights).sum() / prepared.normalizer
 
     def output(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment, raw: Dict[str, Tensor]) -> LossOutput:

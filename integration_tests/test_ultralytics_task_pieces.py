@@ -131,9 +131,10 @@ def _scene(task, seed, bs=2, size=128, n=6):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from detloss_bench.ultralytics_tasks import _model, synthetic
+    from detloss_bench._ultralytics import real_model, synthetic
+    from detloss_bench.ultralytics_tasks import YAML
 
-    model = _model(task, "yolov8", nc=3)
+    model = real_model(YAML[task].format(f="yolov8"), task, nc=1 if task == "pose" else 3)
     model.double()
     preds, batch = synthetic(model, task, bs, size, n, seed=seed)
 

@@ -182,3 +182,24 @@ def test_bad_input():
         loss(feats, angles, cls)
     with pytest.raises(ValueError, match="angle: expected a finite non-negative gain"):
         YOLOv8OBBLoss(3, angle=-1.0)
+
+
+# ---------------------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("reg_max", [1, 4])
+def test_gradcheck_for_a_fixed_assignment(reg_max):
+    """The whole loss (ProbIoU box term, DFL or L1 along the box axes, classification, angle term)
+    is differentiated exactly w.r.t. the box channels, the logits and the angles once the
+    assignment is fixed (it is made under no_grad, as ultralytics makes it)."""
+    ar = None if reg_max == 1 else HEAD_ANGLE_RANGE
+    feats, angles, targets = synthetic(bsz=1, reg_max=reg_max, n=3, seed=2, levels=((4, 4), (2, 2), (1, 1)), angle_range=ar)
+    if reg_max == 1:  # ltrb distances in grid units, positive
+        with torch.no_grad():
+            for f in feats:
+                f[:, :4] = f[:, :4].abs() + 0.5
+    loss = YOLOv8OBBLoss(3, reg_max=reg_max, angle_range=ar)
+    fixed = loss.assign(feats, angles, targets)
+    assert fixed.num_pos > 0
+    loss.assignment = lambda inputs, prepared: fixed
+    n = len(feats)
+    assert torch.autograd.gradcheck(lambda *x: loss(list(x[:n]), list(x[n:]), targets).total, tuple(feats + angles),
+                                    fast_mode=True)

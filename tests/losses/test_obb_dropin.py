@@ -55,9 +55,27 @@ def test_bad_input():
             crit({**preds, "boxes": preds["boxes"][:, :60]}, batch)
         with pytest.raises(ValueError, match=r"batch\['bboxes'\]: expected shape \(10, 5\), got \(10, 4\)"):
             crit(preds, {**batch, "bboxes": batch["bboxes"][:, :4]})
+        with pytest.raises(ValueError, match=r"preds\['angle'\]: expected the head's angles in \[-0.785398, 2.35619\] \(angle_range\), got 5.28906"):
+            crit({**preds, "angle": preds["angle"].detach() + 3.0}, batch)  # an OBB head's angles are (sigmoid - 1/4) pi
         deg = batch["bboxes"].clone()
         deg[0, 4] = 90.0
         with pytest.raises(ValueError, match=r"targets: expected an angle in radians in \[-pi, pi\]"):
             crit(preds, {**batch, "bboxes": deg})
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_obb26_head_angles_are_raw():
+    """OBB26 heads emit raw angles: no range (ultralytics does not activate them); the box and
+    angle terms follow the shifted angles."""
+    arrays, cfg = load_case(FOLDER, "obb02_y26_E2ELoss_rm1.npz")
+    torch.set_default_dtype(torch.float64)
+    try:
+        crit = du.OBBLoss(minimal_model(cfg["model"], "obb"))
+        preds, _ = task_preds(arrays, cfg)
+        shifted = {k: {**v, "angle": v["angle"].detach() + 3.0} for k, v in preds.items()}
+        loss, items = crit(shifted, task_batch(arrays))
+        assert torch.isfinite(loss).all() and list(items) == cfg["item_names"]
+        assert not torch.equal(loss, crit(preds, task_batch(arrays))[0])
     finally:
         torch.set_default_dtype(torch.float32)

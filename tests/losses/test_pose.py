@@ -217,3 +217,39 @@ def test_bad_input():
         flow_loss(feats, kpts, [sig[0], sig[1], sig[2][:, :4]], rows, kp)
     with pytest.raises(TypeError, match="flow_model: expected a module with log_prob"):
         YOLO26PoseLoss(1, flow_model=torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("yolo26", [False, True], ids=["v8", "yolo26_rle"])
+def test_gradcheck_for_a_fixed_assignment(yolo26):
+    """OKS keypoint term, keypoint-visibility BCE, classification, DFL and (YOLO26) the RLE term
+    through the flow are differentiated exactly w.r.t. the head outputs and the flow's parameters
+    for a fixed assignment (box gain 0: the CIoU's aspect weight is held constant as in ultralytics,
+    checked against the reference above)."""
+    feats, kpts, sig, rows, kp = synthetic(bsz=1, reg_max=4, k=3, n=3, seed=1, levels=((4, 4), (2, 2), (1, 1)))
+    n = len(feats)
+    if not yolo26:
+        loss = YOLOv8PoseLoss(1, reg_max=4, kpt_shape=(3, 3), box=0.0)
+        fixed = loss.assign(feats, kpts, rows, kp)
+        assert fixed.num_pos > 0
+        loss.assignment = lambda inputs, prepared: fixed
+        assert float(loss(feats, kpts, rows, kp).components["pose"]) > 0
+        assert torch.autograd.gradcheck(lambda *x: loss(list(x[:n]), list(x[n:]), rows, kp).total, tuple(feats + kpts),
+                                        fast_mode=True)
+        return
+    loss = YOLO26PoseLoss(1, reg_max=4, kpt_shape=(3, 3), box=0.0, flow_model=dnn.RealNVP().double())
+    fixed = loss.assign(feats, kpts, sig, rows, kp)
+    assert fixed.num_pos > 0
+    loss.assignment = lambda inputs, prepared: fixed
+    names = [k for k, _ in loss.named_parameters()]
+    assert names and all(k.startswith("flow_model.") for k in names)
+    params = [p.detach().clone().requires_grad_(True) for _, p in loss.named_parameters()]
+
+    def total(*x):
+        state = dict(zip(names, x[3 * n:]))
+        heads = (list(x[:n]), list(x[n:2 * n]), list(x[2 * n:3 * n]), rows, kp)
+        return torch.func.functional_call(loss, state, heads).total
+
+    out = total(*feats, *kpts, *sig, *params)
+    assert float(out.detach()) > 0 and float(loss(feats, kpts, sig, rows, kp).components["rle"]) != 0
+    assert torch.autograd.gradcheck(total, tuple(feats + kpts + sig + params), fast_mode=True)

@@ -108,5 +108,34 @@ def test_bad_input():
             crit(preds, {**batch, "keypoints": batch["keypoints"][:, :5]})
         with pytest.raises(ValueError, match=r"batch: expected a 'keypoints' entry"):
             crit(preds, {k: v for k, v in batch.items() if k != "keypoints"})
+        with pytest.raises(ValueError, match=r"keypoints: expected shape \[5, 17, 2 or 3\].*got \(4, 17, 3\)"):
+            crit(preds, {**batch, "keypoints": batch["keypoints"][:4]})
+        with pytest.raises(ValueError, match=r"preds\['scores'\]: expected shape \[B, 1 \(nc 1\), A\], got \(2, 2, 189\)"):
+            crit({**preds, "scores": preds["scores"].repeat(1, 2, 1)}, batch)
+        with pytest.raises(ValueError, match=r"preds\['boxes'\]: expected shape \[B, 64 \(4 \* reg_max 16\), A\], got \(2, 4, 189\)"):
+            crit({**preds, "boxes": preds["boxes"][:, :4]}, batch)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_bad_input_pose26_with_flow():
+    """The one-to-one branch's outputs are checked like the one-to-many's; kpts_sigma is read (and
+    checked) because the head has a flow model."""
+    name = "pose03_y26_E2ELoss_rle_17kpt.npz"
+    arrays, cfg = load_case(FOLDER, name)
+    torch.set_default_dtype(torch.float64)
+    try:
+        crit = du.PoseLoss(minimal_model(cfg["model"], "pose", extra_head={"flow_model": flow_for(name)}))
+        preds, _ = task_preds(arrays, cfg)
+        batch = task_batch(arrays)
+        o2o = preds["one2one"]
+        with pytest.raises(ValueError, match=r"preds\['kpts_sigma'\]: expected shape \[B, 34 \(2 \* K = 2 \* 17\), A\], got \(2, 32, 189\)"):
+            crit({**preds, "one2one": {**o2o, "kpts_sigma": o2o["kpts_sigma"][:, :32]}}, batch)
+        with pytest.raises(ValueError, match=r"preds\['kpts'\]: expected shape \[B, 51 \(K \* D = 17 \* 3\), A\], got \(2, 48, 189\)"):
+            crit({**preds, "one2one": {**o2o, "kpts": o2o["kpts"][:, :48]}}, batch)
+        with pytest.raises(ValueError, match=r"preds\['boxes'\]: expected shape \[B, 4 \(4 \* reg_max 1\), A\], got \(2, 64, 189\)"):
+            crit({**preds, "one2one": {**o2o, "boxes": o2o["boxes"].repeat(1, 16, 1)}}, batch)
+        with pytest.raises(ValueError, match=r"keypoints: expected shape \[5, 17, 2 or 3\].*got \(5, 4, 3\)"):
+            crit(preds, {**batch, "keypoints": batch["keypoints"][:, :4]})
     finally:
         torch.set_default_dtype(torch.float32)

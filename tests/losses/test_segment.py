@@ -204,3 +204,32 @@ def test_bad_input():
         seg26(feats, coef, proto, semantic, rows, masks, sem + 5)
     with pytest.raises(ValueError, match=r"semantic: expected shape \[2, 2, h, w\], got \(2, 3, 8, 8\)"):
         seg26(feats, coef, proto, torch.zeros(2, 3, 8, 8, dtype=torch.float64), rows, masks, sem)
+
+
+# ---------------------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("yolo26, overlap", [(False, True), (False, False), (True, True)])
+def test_gradcheck_for_a_fixed_assignment(yolo26, overlap):
+    """The mask term (decoded from coefficients and prototypes, again in backward), classification,
+    DFL and (YOLO26) the semantic BCE + Dice term are differentiated exactly w.r.t. every head
+    output for a fixed assignment (box gain 0: the CIoU's aspect weight is held constant as in
+    ultralytics, checked against the reference above)."""
+    feats, coef, proto, semantic, rows, masks, sem = synthetic(bsz=1, reg_max=4, nm=3, n=3, seed=4, overlap=overlap,
+                                                               levels=((4, 4), (2, 2), (1, 1)), mask_hw=(8, 8))
+    proto = proto[:, :, :8, :8].detach().requires_grad_(True)
+    semantic = semantic[:, :, :4, :4].detach().requires_grad_(True)
+    n = len(feats)
+    if yolo26:
+        loss = YOLO26SegmentLoss(2, reg_max=4, overlap_masks=overlap, num_masks=3, box=0.0)
+        call = lambda x: loss(list(x[:n]), list(x[n:2 * n]), x[2 * n], x[2 * n + 1], rows, masks, sem)
+        leaves = tuple(feats + coef + [proto, semantic])
+        fixed = loss.assign(feats, coef, proto, semantic, rows, masks, sem)
+    else:
+        loss = YOLOv8SegmentLoss(2, reg_max=4, overlap_masks=overlap, num_masks=3, box=0.0)
+        call = lambda x: loss(list(x[:n]), list(x[n:2 * n]), x[2 * n], rows, masks)
+        leaves = tuple(feats + coef + [proto])
+        fixed = loss.assign(feats, coef, proto, rows, masks)
+    assert fixed.num_pos > 0
+    loss.assignment = lambda inputs, prepared: fixed
+    out = call(leaves)
+    assert all(float(out.components[k]) > 0 for k in (("seg", "sem") if yolo26 else ("seg",)))
+    assert torch.autograd.gradcheck(lambda *x: call(x).total, leaves, fast_mode=True)

@@ -56,5 +56,32 @@ def test_bad_input():
             crit({**preds, "proto": (preds["proto"], torch.zeros(1, 3, 16, 16))}, batch)
         with pytest.raises(ValueError, match=r"preds: expected a 'proto' entry"):
             crit({k: v for k, v in preds.items() if k != "proto"}, batch)
+        with pytest.raises(ValueError, match=r"preds\['scores'\]: expected shape \[B, 3 \(nc 3\), A\], got \(1, 2, 336\)"):
+            crit({**preds, "scores": preds["scores"][:, :2]}, batch)
+        with pytest.raises(ValueError, match=r"preds\['boxes'\]: expected shape \[B, 64 \(4 \* reg_max 16\), A\], got \(1, 4, 336\)"):
+            crit({**preds, "boxes": preds["boxes"][:, :4]}, batch)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_bad_input_segment26():
+    """Segment26 (end to end, float32 as ultralytics runs it): the semantic logits' classes, the
+    prototypes' form, the semantic and instance masks' sizes."""
+    arrays, cfg = load_case(FOLDER, "seg03_y26_E2ELoss_overlap.npz")
+    crit = du.SegmentationLoss(minimal_model(cfg["model"], "segment"))
+    preds, _ = task_preds(arrays, cfg)
+    batch = task_batch(arrays)
+    m = preds["one2many"]
+    proto, semantic = m["proto"]
+    with pytest.raises(ValueError, match=r"semantic: expected shape \[2, 3, h, w\], got \(2, 2, 8, 8\)"):
+        crit({**preds, "one2many": {**m, "proto": (proto, semantic[:, :2])}}, batch)
+    with pytest.raises(ValueError, match=r"preds\['proto'\]: expected \(prototypes, semantic logits\) from a Segment26 head, got a tensor"):
+        crit({**preds, "one2many": {**m, "proto": proto}}, batch)
+    with pytest.raises(ValueError, match=r"sem_masks: expected shape \(2, 16, 16\) \(one class map per image, the size of masks\), got \(2, 14, 16\)"):
+        crit(preds, {**batch, "sem_masks": batch["sem_masks"][:, :14]})
+    with pytest.raises(ValueError, match=r"masks: expected the image's aspect ratio 64:64 \(Hm \* W == Wm \* H\), got size \(14, 16\)"):
+        crit(preds, {**batch, "masks": batch["masks"][:, :14]})
+    with pytest.raises(ValueError, match=r"masks: expected shape \[2, Hm, Wm\] \(one instance-index map per image \(overlap_masks\)\), got \(1, 16, 16\)"):
+        crit(preds, {**batch, "masks": batch["masks"][:1]})
+    with pytest.raises(ValueError, match=r"preds\['mask_coefficient'\]: expected shape \[B, 32 \(the prototypes' nm\), A\]"):
+        crit({**preds, "one2one": {**preds["one2one"], "mask_coefficient": preds["one2one"]["mask_coefficient"][:, :8]}}, batch)

@@ -121,18 +121,24 @@ class YOLOv8OBBLoss(YOLOv8Loss):
     # ------------------------------------------------------------------ checks
     def _check_angles(self, angles: Sequence[Tensor], inputs_like: Tensor, levels, dtype) -> Tensor:
         flat = flatten_level_maps("angles", angles, levels, 1, inputs_like, dtype, " (one angle channel)")
-        if self.angle_range is not None and flat.numel():
-            lo, hi = self.angle_range
-            slack = 4 * torch.finfo(angles[0].dtype).eps * max(abs(lo), abs(hi))  # the head's own rounding
-            lo, hi = lo - slack, hi + slack
-            amin, amax = torch.aminmax(flat.detach())
-            if bool((amin < lo) | (amax > hi)):
-                bad = float(amin) if float(amin) < lo else float(amax)
-                raise ValueError(
-                    f"angles: expected the head's angles in [{lo:.6g}, {hi:.6g}] (angle_range), got {bad:.6g}; "
-                    "pass angle_range=None for a head emitting raw angles (YOLO26)"
-                )
+        self.check_angle_range(flat, angles[0].dtype)
         return flat
+
+    def check_angle_range(self, angles: Tensor, input_dtype: torch.dtype, name: str = "angles") -> None:
+        """A ValueError naming ``name`` when an angle lies outside ``angle_range`` by more than the
+        head's own rounding in ``input_dtype`` (nothing to check when ``angle_range`` is None)."""
+        if self.angle_range is None or not angles.numel():
+            return
+        lo, hi = self.angle_range
+        slack = 4 * torch.finfo(input_dtype).eps * max(abs(lo), abs(hi))  # the head's own rounding
+        lo, hi = lo - slack, hi + slack
+        amin, amax = torch.aminmax(angles.detach())
+        if bool((amin < lo) | (amax > hi)):
+            bad = float(amin) if float(amin) < lo else float(amax)
+            raise ValueError(
+                f"{name}: expected the head's angles in [{lo:.6g}, {hi:.6g}] (angle_range), got {bad:.6g}; "
+                "pass angle_range=None for a head emitting raw angles (YOLO26)"
+            )
 
     def check(self, feats: Sequence[Tensor], angles: Sequence[Tensor], targets: Tensor) -> OBBInputs:
         levels = self._check_feats(feats)

@@ -39,6 +39,7 @@ class UltralyticsOBBBranch(UltralyticsDetectBranch, YOLOv8OBBLoss):
             if (t.shape[0], t.shape[2]) != want or t.device != heads[0].device:
                 raise ValueError(f"preds[{key!r}]: expected [{want[0]}, {t.shape[1]}, {want[1]}] on {heads[0].device} "
                                  f"(A = the feats' points), got {tuple(t.shape)} on {t.device}")
+        self.check_angle_range(heads[2], heads[2].dtype, "preds['angle']")  # OBB heads: (sigmoid - 1/4) pi
         dt = compute_dtype(*heads)
         boxes, scores, angle = (upcast(t, dt).permute(0, 2, 1) for t in heads)
         return self.obb_inputs(levels, boxes.contiguous(), scores, angle, batch_rows(batch, self.target_device, box_dim=5))

@@ -107,13 +107,17 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         )
 
 
+def broadcasts_to(shape: Sequence[int], to: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``to`` without changing ``to``, in plain Python
+    (``torch.broadcast_shapes`` imports sympy on its first call, a stall of seconds)."""
+    if len(shape) > len(to):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(tuple(shape)), reversed(tuple(to))))
+
+
 def check_broadcastable_to(name: str, value: torch.Tensor, shape: torch.Size, to_name: str) -> None:
     """``value`` must broadcast to ``shape`` without changing ``shape`` (no silent growth)."""
-    try:
-        out = torch.broadcast_shapes(value.shape, shape)
-    except RuntimeError:
-        out = None
-    if out != shape:
+    if not broadcasts_to(value.shape, shape):
         raise ValueError(
             f"{name}: expected a shape broadcastable to {to_name} {tuple(shape)}, got {tuple(value.shape)}"
         )

@@ -206,3 +206,35 @@ def test_other_alphas_in_unit_interval(alpha):
         F.quality_focal_loss(X, score, alpha=alpha)
     with raises(ValueError, "alpha", "[0, 1]"):
         F.softmax_focal_loss(X, torch.tensor([0, 1]), alpha=alpha)
+
+
+@pytest.mark.parametrize(
+    "shape, to, ok",
+    [((4,), (3, 4), True), ((3, 1), (3, 4), True), ((), (3, 4), True), ((1, 1, 4), (3, 4), False),
+     ((3, 4), (1, 4), False), ((2,), (3, 4), False), ((0,), (3, 0), True), ((0,), (3, 1), False)],
+)
+def test_broadcast_rule_equals_torch(shape, to, ok):
+    """detloss's plain-Python broadcast rule agrees with torch.broadcast_shapes."""
+    from detloss._checks import broadcasts_to
+
+    try:
+        torch_ok = torch.broadcast_shapes(shape, to) == torch.Size(to)
+    except RuntimeError:
+        torch_ok = False
+    assert broadcasts_to(shape, to) is ok is torch_ok
+
+
+def test_broadcast_check_does_not_import_sympy():
+    """torch.broadcast_shapes imports sympy on its first call (a stall of seconds); the weight
+    check of a loss must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, detloss.functional as F\n"
+        "F.bce_with_logits(torch.randn(3, 4), torch.rand(3, 4), weight=torch.ones(4))\n"
+        "F.sigmoid_focal_loss(torch.randn(3, 4), torch.rand(3, 4), pos_weight=torch.ones(4))\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -128,8 +128,15 @@ def test_regression(data, dtype, shape, reduction, name, beta):
 @SETTINGS
 @given(data=st.data(), dtype=dtypes, n=st.integers(0, 6), reduction=reductions,
        kind=st.sampled_from(["iou", "giou", "diou", "ciou", "eiou", "siou"]),
-       convention=st.sampled_from(["torchvision", "yolov5"]), fmt=st.sampled_from(["xyxy", "cxcywh"]))
-def test_iou_loss(data, dtype, n, reduction, kind, convention, fmt):
+       convention=st.sampled_from(["torchvision", "yolov5"]), fmt=st.sampled_from(["xyxy", "cxcywh"]),
+       boxes=st.none())
+# found by hypothesis: a target 1 wide and 2.7e-28 high, whose CIoU gradient in its height is
+# -w / (w^2 + h^2) = -1, was NaN (atan(w / h) squared 3.7e27 to inf and h to 0: 0 * inf)
+@example(data=None, dtype=torch.float32, n=1, reduction="none", kind="ciou", convention="torchvision",
+         fmt="xyxy", boxes=([[0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 2.71293088e-28]]))
+@example(data=None, dtype=torch.bfloat16, n=1, reduction="none", kind="ciou", convention="torchvision",
+         fmt="xyxy", boxes=([[0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 2.71293088e-28]]))
+def test_iou_loss(data, dtype, n, reduction, kind, convention, fmt, boxes):
     def draw_boxes():
         xy = arr(data, (n, 2), 0.0, 1000.0, (0.0, 1000.0))
         # no subnormal float32 sides: CIoU's true gradient ~1 / side is beyond the float32 range there
@@ -141,7 +148,10 @@ def test_iou_loss(data, dtype, n, reduction, kind, convention, fmt):
             b = torch.cat([b[:, :2], torch.maximum(b[:, 2:], b[:, :2])], 1)
         return b.detach().requires_grad_(True)
 
-    b1, b2 = draw_boxes(), draw_boxes()
+    if boxes is None:
+        b1, b2 = draw_boxes(), draw_boxes()
+    else:
+        b1, b2 = (tensor(np.array(b), dtype).detach().requires_grad_(True) for b in boxes)
     run_and_check(lambda a, b: F.iou_loss(a, b, kind=kind, box_format=fmt, convention=convention,
                                           reduction=reduction), dtype, b1, b2)
     m = F.pairwise_box_iou(b1.detach(), b2.detach(), kind=kind, box_format=fmt, convention=convention)

@@ -88,9 +88,17 @@ def scale_pairs(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float):
 
 
 def atan_ratio(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """atan(w / h) for h > 0; its limit (pi/2, or 0 for a point) where h == 0, without NaN."""
+    """atan(w / h) for h > 0; its limit (pi/2, or 0 for a point) where h <= 0, without NaN.
+
+    Computed as ``atan2(w / m, h / m)`` with ``m = max(|w|, h)`` held constant (the angle does not
+    depend on it): autograd's derivatives ``h / (w^2 + h^2)`` and ``-w / (w^2 + h^2)`` then see
+    a vector of length 1 to sqrt(2) times ``1 / m``, so they are finite wherever the true
+    derivative is. ``atan(w / h)`` itself would square ``w / h`` and ``h`` (w = 1, h = 3e-28:
+    ``0 * inf`` = NaN)."""
     ok = h > 0
-    r = torch.atan(w / torch.where(ok, h, torch.ones_like(h)))
+    h_ok = torch.where(ok, h, torch.ones_like(h))
+    m = torch.maximum(w.abs(), h_ok).detach()
+    r = torch.atan2(w / m, h_ok / m)
     # pi/2 in the computing dtype (a float32 constant would be off by 4e-8 in float64)
     return torch.where(ok, r, (w > 0).to(r.dtype) * (math.pi / 2))
 

@@ -422,8 +422,10 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
     report(title, peer_label, rows, missing, transcription)
     load = None if load_before is None else (load_before, os.getloadavg()[0])
     if load is not None:
+        busy = max(load) > torch.get_num_threads() + 0.5  # the suite's own threads count in the load
         print(f"machine load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end "
-              f"({os.cpu_count()} cores): above the thread count, other processes shared the CPU\n")
+              f"({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+              + (": above the thread count, other processes shared the CPU" if busy else "") + "\n")
     write_json(args.json, suite, args, peer_label, rows, missing, transcription, load)
     return 0
 

@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 
 from detloss import distributed as ddist
 from detloss.losses.fcos import FCOSLoss
+from detloss.losses.retinanet import RetinaNetLoss
+from detloss.losses.ssd import SSDLoss
 from detloss.losses.yolov3 import YOLOv3Loss
 from detloss.losses.yolov5 import YOLOv5Loss
 from detloss.losses.yolov8 import YOLOv8Loss
@@ -201,6 +203,54 @@ class FCOSCase:
         return loss_fn(*model(x), self.sizes, targets)
 
 
+class _AnchorHead(torch.nn.Module):
+    """Per-anchor linear head: features [B, A, F] -> (cls [B, A, C], box codes [B, A, 4])."""
+
+    def __init__(self, nc):
+        super().__init__()
+        self.nc = nc
+        self.lin = torch.nn.Linear(FEATURES, nc + 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y[..., : self.nc], y[..., self.nc :]
+
+
+class AnchorCase(FCOSCase):
+    """RetinaNet / SSD on 64 x 64 images: anchors of two sizes centred on an 8 x 8 grid, the
+    targets of :class:`FCOSCase` (SSD's labels shifted by one: its class 0 is the background).
+
+    RetinaNet normalizes each image by its own positives, so the default already gives the whole
+    batch's gradient (``default_is_whole_batch``); SSD's default divides by each rank's positives."""
+
+    def __init__(self, loss_cls, default_is_whole_batch, **kwargs):
+        super().__init__(1e-9, **kwargs)
+        self.loss_cls, self.default_is_whole_batch = loss_cls, default_is_whole_batch
+        self.nc = 4 if loss_cls is SSDLoss else 3
+        c = (torch.arange(8, dtype=torch.float64) + 0.5) * 8
+        cy, cx = torch.meshgrid(c, c, indexing="ij")
+        centres = torch.stack((cx.reshape(-1), cy.reshape(-1)), -1)
+        self.anchors = torch.cat([torch.cat((centres - s / 2, centres + s / 2), -1) for s in (12.0, 28.0)])
+
+    def model(self):
+        return _AnchorHead(self.nc)
+
+    def batch(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, self.anchors.shape[0], FEATURES, generator=g, dtype=torch.float64)
+        _, targets = super().batch()
+        if self.loss_cls is SSDLoss:
+            targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        return x, targets
+
+    def loss(self, reduce):
+        return self.loss_cls(self.nc, reduce_across_ranks=reduce, **self.kwargs)
+
+    def call(self, loss_fn, model, part):
+        x, targets = part
+        return loss_fn(*model(x), self.anchors, targets)
+
+
 CASES = {
     "yolov8": YOLOv8Case(),
     "yolov5": YOLOv5Case(),
@@ -211,6 +261,9 @@ CASES = {
     # mmdet's normalizers equal the whole batch's up to its eps (module docstring of FCOSLoss)
     "fcos_mmdet": FCOSCase(1e-6, convention="mmdet", center_sampling=True, box_loss="giou"),
     "fcos_mmdet_defaults": FCOSCase(1e-6, convention="mmdet"),
+    "retinanet": AnchorCase(RetinaNetLoss, True),
+    "retinanet_giou": AnchorCase(RetinaNetLoss, True, box_loss="giou"),
+    "ssd": AnchorCase(SSDLoss, False),
 }
 SETTINGS = (False, True)
 
@@ -303,8 +356,12 @@ def test_default_normalizes_each_rank_by_its_own_half(each):
     for r, res in enumerate(results):
         _assert_grads_close(res[(name, False)]["grads"], mean, 1e-9, f"{name} default")
         torch.testing.assert_close(res[(name, False)]["total"], per_half[r][1].total.detach(), rtol=1e-12, atol=0)
-    # ... which is not the whole batch's gradient (the option above is what makes it so)
     whole, _ = _step(case, state, case.batch(), False)
+    if getattr(case, "default_is_whole_batch", False):
+        # a loss normalized image by image (RetinaNet): the average of the halves is the whole batch
+        _assert_grads_close(mean, whole, 1e-9, f"{name} default, per-image normalization")
+        return
+    # ... which is not the whole batch's gradient (the option above is what makes it so)
     assert max(float((mean[k] - g).abs().max() / g.abs().max()) for k, g in whole.items()) > 1e-3
 
 

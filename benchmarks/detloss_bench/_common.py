@@ -41,21 +41,6 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median wall time of each function, their runs interleaved (one warm-up each, then
-    ``repeats`` rounds of one run of each), so that a change of machine load between two
-    functions' runs does not show up as a ratio."""
-    for f in fns.values():
-        f()
-    times: Dict[str, List[float]] = {w: [] for w in fns}
-    for _ in range(repeats):
-        for w, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[w].append(time.perf_counter() - t0)
-    return {w: statistics.median(v) for w, v in times.items()}
-
-
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by torch on the CPU during ``fn()`` beyond what was live before it.
 
@@ -428,23 +413,6 @@ def run_suite(suite: str, args: argparse.Namespace, title: str, peer_label: str,
               + (": above the thread count, other processes shared the CPU" if busy else "") + "\n")
     write_json(args.json, suite, args, peer_label, rows, missing, transcription, load)
     return 0
-
-
-def print_growth(results, lo: int, hi: int, width: int = 12, what: str = "assignment") -> None:
-    """How each method's ``(fwd+bwd time, peak mem, assignment time, its peak mem)`` grows from
-    ``lo`` to ``hi`` boxes per image (``results[method][boxes]``)."""
-    if lo == hi:
-        return
-    print(f"\ngrowth {lo} -> {hi} boxes per image:")
-    for label, r in results.items():
-        (t0, m0, ta0, ma0), (t1, m1, ta1, ma1) = r[lo], r[hi]
-        print(f"  {label:{width}s} fwd+bwd time x{t1 / t0:.2f}, peak mem x{m1 / m0:.2f}; "
-              f"{what} time x{ta1 / ta0:.2f}, peak mem x{ma1 / max(ma0, 1):.2f}")
-
-
-def apply_detector_arguments(args: argparse.Namespace, quick_boxes: int) -> None:
-    """:func:`apply_quick` with ``quick_boxes`` boxes per image under ``--quick``."""
-    apply_quick(args, boxes=(quick_boxes,))
 
 
 def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:

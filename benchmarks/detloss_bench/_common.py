@@ -419,3 +419,12 @@ def interleaved_median_times(fns: Dict[str, Callable[[], object]], repeats: int)
     """:func:`alternating_medians` over named functions (one warm-up run each)."""
     names = list(fns)
     return dict(zip(names, alternating_medians([fns[n] for n in names], repeats, warmup=1)))
+
+
+def torchvision_anchors(model, batch: int, size: int, feature_sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+    """The per-image anchors a torchvision detection model's own ``anchor_generator`` hands its
+    ``compute_loss`` for ``batch`` square images of side ``size`` and these feature map sizes."""
+    from torchvision.models.detection.image_list import ImageList
+
+    images = ImageList(torch.zeros(batch, 3, size, size), [(size, size)] * batch)
+    return model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in feature_sizes])

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._common import Side, add_detector_arguments, apply_quick, import_peer, run_suite
+from ._common import Side, add_detector_arguments, apply_quick, import_peer, run_suite, torchvision_anchors
 
 PEER = "torchvision FCOS.compute_loss"
 STRIDES = (8, 16, 32, 64, 128)
@@ -61,12 +61,8 @@ def build_peer(nc: int):
 
 def peer_anchors(model, batch: int, size: int):
     """The anchors and per-level counts FCOS.forward hands compute_loss, from its own generator."""
-    from torchvision.models.detection.image_list import ImageList
-
     sizes = feature_sizes(size)
-    images = ImageList(torch.zeros(batch, 3, size, size), [(size, size)] * batch)
-    anchors = model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in sizes])
-    return anchors, [h * w for h, w in sizes]
+    return torchvision_anchors(model, batch, size, sizes), [h * w for h, w in sizes]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._anchors import anchor_case, peer_matches, random_targets
-from ._common import add_detector_arguments, apply_quick, import_peer, run_suite
+from ._common import add_detector_arguments, apply_quick, import_peer, run_suite, torchvision_anchors
 
 PEER = "torchvision RetinaNet.compute_loss"
 STRIDES = (8, 16, 32, 64, 128)
@@ -63,10 +63,7 @@ def build_peer(nc: int):
 
 def peer_anchors(model, batch: int, size: int) -> List[torch.Tensor]:
     """The anchors RetinaNet.forward hands compute_loss, from the model's own generator."""
-    from torchvision.models.detection.image_list import ImageList
-
-    images = ImageList(torch.zeros(batch, 3, size, size), [(size, size)] * batch)
-    return model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in feature_sizes(size)])
+    return torchvision_anchors(model, batch, size, feature_sizes(size))
 
 
 def peer_losses(model, targets, outputs, anchors) -> Dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ._anchors import anchor_case, peer_matches, random_targets
-from ._common import add_detector_arguments, apply_quick, import_peer, run_suite
+from ._common import add_detector_arguments, apply_quick, import_peer, run_suite, torchvision_anchors
 
 PEER = "torchvision SSD matching + SSD.compute_loss"
 SSD300_FEATURES = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
@@ -59,10 +59,7 @@ def build_peer(nc: int, size: int):
 
 def peer_anchors(model, batch: int, size: int) -> List[torch.Tensor]:
     """The default boxes SSD.forward hands its matching and compute_loss, from its own generator."""
-    from torchvision.models.detection.image_list import ImageList
-
-    images = ImageList(torch.zeros(batch, 3, size, size), [(size, size)] * batch)
-    return model.anchor_generator(images, [torch.zeros(batch, 1, h, w) for h, w in SSD300_FEATURES])
+    return torchvision_anchors(model, batch, size, SSD300_FEATURES)
 
 
 def peer_losses(model, targets, outputs, anchors) -> Dict[str, torch.Tensor]:

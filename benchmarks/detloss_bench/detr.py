@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -215,6 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--peers", action="store_true", help="require the peers: a missing one is an error")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.queries, args.classes, args.layers, args.boxes, args.repeats = 2, 12, 5, 2, [3], 1
@@ -223,11 +226,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hf_detr = _optional("transformers.loss.loss_for_object_detection")
     hf_rtdetr = _optional("transformers.loss.loss_rt_detr")
     ul = _optional("ultralytics.models.utils.loss")
-    for name, mod in (("transformers", hf_detr), ("ultralytics", ul)):
+    for name, mod in (("transformers", hf_detr), ("transformers", hf_rtdetr), ("ultralytics", ul)):
         if isinstance(mod, Exception):
+            if args.peers:
+                print(f"detr: error: {name} is not importable here ({type(mod).__name__}: {mod})", file=sys.stderr)
+                return 2
             print(f"note: {name} is not importable here ({type(mod).__name__}: {mod}); its rows are skipped")
     print(f"DETR family, batch {args.batch_size}, {args.queries} queries, {args.classes} classes, {args.layers} decoder "
           f"layers, float32, {torch.get_num_threads()} threads; ratio = peer / detloss (> 1: detloss is faster / smaller)")
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows: List[List[object]] = []
     for nb in args.boxes:
         data = synthetic(args.batch_size, args.queries, args.classes, args.layers, nb)
@@ -257,6 +264,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append(row)
     print_table(["boxes/img", "loss", "what", "time detloss", "peak detloss", "peer", "time peer", "peak peer",
                  "time ratio", "peak ratio"], rows)
+    if load_before is not None:
+        print(f"machine load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+              f"({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     return 0
 
 

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_floating, check_tensor, compute_dtype, upcast
 from ..boxes import cxcywh_to_xyxy
-from ..functional import pairwise_box_iou
 from .base import Assignment
 
 __all__ = [
@@ -204,6 +205,61 @@ def _check_weight(name: str, value: object) -> float:
     return float(value)
 
 
+
+def _focal_cost(p: Tensor, alpha: float, gamma: float) -> Tensor:
+    """The focal class cost of probabilities ``p`` (every original's expression, term by term):
+    ``alpha (1 - p)^gamma (-log(p + 1e-8)) - (1 - alpha) p^gamma (-log(1 - p + 1e-8))``."""
+    q = torch.rsub(p, 1)
+    neg = p.pow(gamma).mul_(1 - alpha).mul_(torch.add(q, FOCAL_COST_EPS).log_().neg_())
+    pos = q.pow_(gamma).mul_(alpha).mul_(p.add_(FOCAL_COST_EPS).log_().neg_())
+    return pos.sub_(neg)
+
+
+def _planes(boxes: Tensor, dim: int) -> Tuple[Tensor, ...]:
+    """The coordinates of ``boxes [..., K, 4]`` as ``[..., K, 1]`` (``dim=-1``) or ``[..., 1, K]``
+    (``dim=-2``) planes, to broadcast into ``[..., Q, N]`` matrices."""
+    return tuple(c.unsqueeze(dim) for c in boxes.unbind(-1))
+
+
+def _pairwise_giou_xyxy(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """torchvision's ``generalized_box_iou`` of xyxy ``[..., Q, 4]`` x ``[..., N, 4]`` -> ``[..., Q, N]``
+    (the numbers of :func:`detloss.functional.pairwise_box_iou` with kind "giou": no eps, a zero
+    union or enclosing area giving 0), written on coordinate planes with in-place steps."""
+    x1, y1, x2, y2 = _planes(boxes1, -1)
+    u1, v1, u2, v2 = _planes(boxes2, -2)
+    area = (x2 - x1) * (y2 - y1) + (u2 - u1) * (v2 - v1)
+    inter = torch.minimum(x2, u2).sub_(torch.maximum(x1, u1)).clamp_(min=0)
+    inter.mul_(torch.minimum(y2, v2).sub_(torch.maximum(y1, v1)).clamp_(min=0))
+    union = area.sub_(inter)
+    iou = inter.div_(union).masked_fill_(union <= 0, 0)
+    enclose = torch.maximum(x2, u2).sub_(torch.minimum(x1, u1))
+    enclose.mul_(torch.maximum(y2, v2).sub_(torch.minimum(y1, v1)))
+    penalty = torch.sub(enclose, union).div_(enclose).masked_fill_(enclose <= 0, 0)
+    return iou.sub_(penalty)
+
+
+def _pairwise_giou_cxcywh(boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
+    """ultralytics' ``bbox_iou(..., xywh=True, GIoU=True)`` of every pair of cxcywh
+    ``[..., Q, 4]`` x ``[..., N, 4]`` -> ``[..., Q, N]``, as :func:`detloss.functional.pairwise_box_iou`
+    computes it (``convention="yolov5"``: ``IoU = inter / (union + eps)``, ``GIoU = IoU - (C -
+    union) / (C + eps)``), written on coordinate planes with in-place steps."""
+    def corners(b: Tensor, dim: int):
+        cx, cy, w, h = _planes(b, dim)
+        w_, h_ = w / 2, h / 2
+        return cx - w_, cy - h_, cx + w_, cy + h_, w * h
+
+    x1, y1, x2, y2, a1 = corners(boxes1, -1)
+    u1, v1, u2, v2, a2 = corners(boxes2, -2)
+    inter = torch.minimum(x2, u2).sub_(torch.maximum(x1, u1)).clamp_(min=0)
+    inter.mul_(torch.minimum(y2, v2).sub_(torch.maximum(y1, v1)).clamp_(min=0))
+    union = (a1 + a2).sub_(inter)
+    iou = inter.div_(union + eps)
+    enclose = torch.maximum(x2, u2).sub_(torch.minimum(x1, u1))
+    enclose.mul_(torch.maximum(y2, v2).sub_(torch.minimum(y1, v1)))
+    penalty = torch.sub(enclose, union).div_(enclose.add_(eps))
+    return iou.sub_(penalty)
+
+
 class HungarianMatcher(torch.nn.Module):
     """One-to-one matching of queries to target boxes by least total cost (formula and sources
     in the module docstring).
@@ -306,63 +362,78 @@ class HungarianMatcher(torch.nn.Module):
                     "indices": empty, "cost": [torch.zeros((lg.shape[1], 0)) for _ in counts]})
                 for lg, _ in layers
             ]
-        costs = []
-        for logits, boxes in layers:
-            dt = compute_dtype(logits, boxes)
-            costs.append(self._combine(self._terms(upcast(logits.detach(), dt), upcast(boxes.detach(), dt), targets)))
-        wide = torch.float64 if any(c.dtype == torch.float64 for c in costs) else torch.float32
-        flat = torch.cat([c.reshape(-1).to(wide) for c in costs])
-        flat = flat.cpu()  # the one device-to-host copy (a view on CPU)
+        # every layer's [B, Q, N] cost into one buffer (a layer at a time, so that the
+        # temporaries stay in cache), one device-to-host copy, then one solver call per image
+        dts = [compute_dtype(lg, bx) for lg, bx in layers]
+        wide = torch.float64 if torch.float64 in dts else torch.float32
+        bsz, n_max = len(counts), targets.boxes_pad.shape[1]
+        shapes = [(bsz, lg.shape[1], n_max) for lg, _ in layers]
+        buf = torch.empty(sum(math.prod(sh) for sh in shapes), dtype=wide, device=layers[0][0].device)
+        views, start = [], 0
+        for (logits, boxes), dt, sh in zip(layers, dts, shapes):
+            view = buf[start:start + math.prod(sh)].view(sh)
+            start += view.numel()
+            self._combine(self._terms(upcast(logits.detach(), dt), upcast(boxes.detach(), dt), targets), out=view)
+            views.append(view)
+        if self.convention == "ultralytics":  # its original's repair of non-finite costs
+            torch.nan_to_num_(buf, nan=0.0, posinf=0.0, neginf=0.0)
+        flat = buf.cpu()  # the one device-to-host copy (a view on CPU)
+        finite = self.convention == "ultralytics" or bool(torch.isfinite(flat).all())
         out, start = [], 0
-        for (logits, _), c in zip(layers, costs):
-            host = flat[start:start + c.numel()].view(c.shape)
-            start += c.numel()
+        for (logits, _), view in zip(layers, views):
+            host = flat[start:start + view.numel()].view(view.shape)
+            start += view.numel()
             pairs, mats = [], []
             for b, n in enumerate(counts):
                 m = host[b, :, :n]
                 arr = m.numpy()
-                if not np.isfinite(arr).all():
-                    arr = self._non_finite(arr, b)
-                    m = torch.from_numpy(arr)
+                if not finite and not np.isfinite(arr).all():
+                    self._non_finite(arr, b)
                 i, j = linear_sum_assignment(arr)
-                pairs.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+                pairs.append((torch.from_numpy(np.asarray(i, dtype=np.int64)), torch.from_numpy(np.asarray(j, dtype=np.int64))))
                 mats.append(m)
             out.append(pairs_to_assignment(pairs, targets, logits.shape[1], extras={"indices": pairs, "cost": mats}))
         return out
 
     # ------------------------------------------------------------------ the costs
     def _terms(self, logits: Tensor, boxes: Tensor, targets: SetTargets) -> Dict[str, Tensor]:
-        """Unweighted costs ``[B, Q, N]`` (padded targets) in the compute dtype."""
-        bsz, nq = logits.shape[:2]
+        """Unweighted costs ``[B, Q, N]`` (padded targets) in the compute dtype.
+
+        The focal class cost is elementwise in the probability, so it is computed on the
+        ``[B, Q, N]`` target-class columns of the logits (gathered first) or, when there are more
+        targets than classes, on the ``[B, Q, C]`` logits and gathered after; the same numbers."""
+        bsz, nq, nc = logits.shape
         tb = targets.boxes_pad.to(boxes.dtype)
         idx = targets.labels_pad[:, None, :].expand(bsz, nq, -1)
         if self.use_focal:
-            p = torch.sigmoid(logits).gather(2, idx)
-            a, g = self.alpha, self.gamma
-            neg = (1 - a) * (p ** g) * (-(1 - p + FOCAL_COST_EPS).log())
-            pos = a * ((1 - p) ** g) * (-(p + FOCAL_COST_EPS).log())
-            cls = pos - neg
+            first = idx.shape[-1] < nc
+            cls = _focal_cost(torch.sigmoid(logits.gather(2, idx) if first else logits), self.alpha, self.gamma)
+            if not first:
+                cls = cls.gather(2, idx)
         else:
-            cls = -logits.softmax(-1).gather(2, idx)
+            cls = logits.softmax(-1).gather(2, idx).neg_()
         l1 = torch.cdist(boxes, tb, p=1)
         if self.convention == "ultralytics":
-            giou = 1.0 - pairwise_box_iou(boxes, tb, kind="giou", box_format="cxcywh", convention="yolov5",
-                                          eps=ULTRALYTICS_IOU_EPS, validate=False)
+            giou = _pairwise_giou_cxcywh(boxes, tb, ULTRALYTICS_IOU_EPS).neg_().add_(1.0)
         else:
             pb = torch.cat((boxes[..., :2], boxes[..., 2:].clamp(min=0)), -1) if self.clamp_sizes else boxes
-            giou = -pairwise_box_iou(cxcywh_to_xyxy(pb), cxcywh_to_xyxy(tb), kind="giou", validate=False)
+            giou = _pairwise_giou_xyxy(cxcywh_to_xyxy(pb), cxcywh_to_xyxy(tb)).neg_()
         return {"class": cls, "bbox": l1, "giou": giou}
 
-    def _combine(self, t: Dict[str, Tensor]) -> Tensor:
-        if self.convention == "ultralytics":
-            return self.cost_class * t["class"] + self.cost_bbox * t["bbox"] + self.cost_giou * t["giou"]
-        return self.cost_bbox * t["bbox"] + self.cost_class * t["class"] + self.cost_giou * t["giou"]
+    def _combine(self, t: Dict[str, Tensor], out: Optional[Tensor] = None) -> Tensor:
+        """The weighted sum of the terms (the originals' order); with ``out``, written there and
+        the terms overwritten."""
+        if out is None:
+            if self.convention == "ultralytics":
+                return self.cost_class * t["class"] + self.cost_bbox * t["bbox"] + self.cost_giou * t["giou"]
+            return self.cost_bbox * t["bbox"] + self.cost_class * t["class"] + self.cost_giou * t["giou"]
+        first, second = ("class", "bbox") if self.convention == "ultralytics" else ("bbox", "class")
+        w = {"class": self.cost_class, "bbox": self.cost_bbox, "giou": self.cost_giou}
+        head = t[first].mul_(w[first]).add_(t[second].mul_(w[second]))
+        return torch.add(head, t["giou"].mul_(w["giou"]), out=out)
 
-    def _non_finite(self, arr: np.ndarray, image: int) -> np.ndarray:
-        if self.convention == "ultralytics":  # its original's repair
-            arr = arr.copy()
-            arr[~np.isfinite(arr)] = 0.0
-            return arr
+    @staticmethod
+    def _non_finite(arr: np.ndarray, image: int) -> None:
         q, t = (int(v[0]) for v in np.nonzero(~np.isfinite(arr)))
         raise ValueError(
             f"matching costs: expected finite costs, got {arr[q, t]} for image {image}, query {q}, target {t} "

@@ -5,6 +5,8 @@
   DETR, RT-DETR, D-FINE and DEIM compute, without computing the matrix.
 - :func:`set_varifocal_loss`: the varifocal loss of RT-DETR / D-FINE (weight from the detached
   probability) and of ultralytics' RT-DETR (weight with its gradient).
+- :func:`onehot_class_loss`: the summed varifocal / focal / BCE class loss of a set prediction
+  against the one-hot targets of its matched queries, without building the ``[B, Q, C]`` targets.
 - :func:`matchability_aware_loss`: DEIM's MAL.
 - :func:`fgl_targets`, :func:`fine_grained_localization_loss`: D-FINE's fine-grained
   localization (FGL) loss on its non-uniform distance bins.
@@ -24,7 +26,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import check_floating, check_reduction, check_same_shape, check_tensor, compute_dtype, upcast
+from .. import kernels
+from .._checks import check_choice, check_floating, check_reduction, check_same_shape, check_tensor, compute_dtype, upcast
 from ._common import reduce
 from .bce import bce_with_logits
 from .cross_entropy import cross_entropy
@@ -33,6 +36,7 @@ from .iou import pairwise_box_iou
 __all__ = [
     "paired_box_iou",
     "set_varifocal_loss",
+    "onehot_class_loss",
     "matchability_aware_loss",
     "fgl_bin_values",
     "fgl_targets",
@@ -110,6 +114,93 @@ def set_varifocal_loss(
     if detach_weight:
         return bce_with_logits(x, q, weight=weight.detach(), reduction=reduction)
     return reduce(bce_with_logits(x, q, reduction="none") * weight, reduction)
+
+
+def fused_for_layers(inputs) -> bool:
+    """Whether the dense passes over several layers' logits run compiled: as
+    :func:`detloss.kernels.use_fused` decides for one of them, with the size threshold
+    (``DETLOSS_FUSED_MIN_NUMEL``) applied to their total size (a decoder's layers are one loss)."""
+    inputs = list(inputs)
+    if not inputs or any(kernels.use_fused(x) for x in inputs):
+        return bool(inputs)
+    if sum(x.numel() for x in inputs) < kernels.min_numel() or not kernels.fused_enabled():
+        return False
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and all(
+        x.requires_grad and not kernels.is_functorch_wrapped(x) for x in inputs)
+
+
+ONEHOT_CLASS_KINDS = ("varifocal", "focal", "bce")
+
+
+def onehot_class_loss(
+    input: torch.Tensor,
+    batch_index: torch.Tensor,
+    query_index: torch.Tensor,
+    labels: torch.Tensor,
+    score: Optional[torch.Tensor] = None,
+    *,
+    kind: str = "varifocal",
+    alpha: float = 0.25,
+    gamma: float = 1.5,
+    compiled: Optional[bool] = None,
+) -> torch.Tensor:
+    r"""The class loss of set-prediction logits ``input [B, Q, C]`` summed over every entry, against
+    the one-hot targets of the matched queries: entry ``(batch_index[k], query_index[k],
+    labels[k])`` has label 1 and score ``score[k]`` (``[P]``, e.g. the matched IoU; detached),
+    every other entry label and score 0. ``kind``:
+
+    - ``"varifocal"``: :func:`set_varifocal_loss` with ``detach_weight=False`` (ultralytics'
+      ``VarifocalLoss``, ``BCE(x, s) (alpha sigma(x)^gamma (1 - l) + s l)``);
+    - ``"focal"``: :func:`~detloss.functional.sigmoid_focal_loss` against the labels;
+    - ``"bce"``: BCE-with-logits against the scores.
+
+    The same sum as the dense loss over the one-hot tensors, computed without them: the loss of
+    target 0 on every entry (one fused pass of :mod:`detloss.kernels`; for the varifocal loss
+    that is ``alpha sigma(x)^gamma BCE(x, 0)``, the sigmoid focal loss of target 0 with
+    ``1 - alpha``) plus, at the ``P`` matched entries, their loss minus that target-0 term.
+    Indices are unique (one label per matched query). ``compiled``: run the dense pass compiled
+    (None: :func:`detloss.kernels.use_fused` decides; see :func:`fused_for_layers`). Returns a
+    0-dim tensor (compute dtype).
+    """
+    kind = check_choice("kind", kind, ONEHOT_CLASS_KINDS)
+    check_floating("input", input)
+    if input.ndim != 3:
+        raise ValueError(f"input: expected logits [B, Q, C], got {tuple(input.shape)}")
+    if kind != "focal" and score is None:
+        raise ValueError(f"score: expected the matched entries' scores [P] for kind={kind!r}, got None")
+    alpha, gamma = float(alpha), float(gamma)
+    if kind == "varifocal" and not 0.0 <= alpha <= 1.0:  # outside [0, 1] the focal form has no alpha_t
+        lab = torch.zeros_like(input)
+        lab[batch_index, query_index, labels] = 1
+        tgt = torch.zeros_like(input)
+        tgt[batch_index, query_index, labels] = score.detach().to(input.dtype)
+        return set_varifocal_loss(input, tgt, lab, alpha=alpha, gamma=gamma, detach_weight=False, reduction="sum")
+    zero = input.new_zeros((1, 1, 1))
+    compiled = kernels.use_fused(input, zero) if compiled is None else bool(compiled) and input.requires_grad
+    if kind == "bce":
+        dense = kernels.fused_bce_with_logits(input, zero, reduction="sum", compiled=compiled)
+    else:
+        a0 = 1.0 - alpha if kind == "varifocal" else alpha
+        dense = kernels.fused_sigmoid_focal_loss(input, zero, a0, gamma, "sum", compiled=compiled)
+    if batch_index.numel() == 0:
+        return dense
+    x = input[batch_index, query_index, labels]
+    dt = compute_dtype(x, score)
+    x = upcast(x, dt)
+    zeros = torch.zeros_like(x)
+    if kind == "focal":
+        ones = torch.ones_like(x)
+        pos = kernels.fused_sigmoid_focal_loss(x, ones, alpha, gamma, "sum", compiled=False)
+        neg = kernels.fused_sigmoid_focal_loss(x, zeros, alpha, gamma, "sum", compiled=False)
+        return dense + (pos - neg)
+    s = upcast(score.detach(), dt)
+    if kind == "bce":
+        pos = bce_with_logits(x, s, reduction="sum")
+        neg = bce_with_logits(x, zeros, reduction="sum")
+        return dense + (pos - neg)
+    pos = (bce_with_logits(x, s, reduction="none") * s).sum()
+    neg = kernels.fused_sigmoid_focal_loss(x, zeros, 1.0 - alpha, gamma, "sum", compiled=False)
+    return dense + (pos - neg)
 
 
 def matchability_aware_loss(

@@ -283,30 +283,33 @@ class RTDETRLoss(SetCriterion):
             if prefix is None:  # the last decoder layer is "main", listed first
                 tags = tags[1:] + tags[:1]
             *earlier, last = tags
-            raw.update(dict(zip(names, self.loss_layer(inputs.layers[last], layers[last], norm))))
+            fused = T.fused_for_layers(inputs.layers[t].logits for t in tags)
+            raw.update(dict(zip(names, self.loss_layer(inputs.layers[last], layers[last], norm, fused))))
             sums = [zero, zero, zero]
             for t in earlier:
-                sums = [s + v for s, v in zip(sums, self.loss_layer(inputs.layers[t], layers[t], norm))]
+                sums = [s + v for s, v in zip(sums, self.loss_layer(inputs.layers[t], layers[t], norm, fused))]
             raw.update(dict(zip(aux_names, sums)))
         return raw
 
-    def loss_layer(self, layer: Layer, asg: Assignment, num_matched: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """ultralytics ``DETRLoss._get_loss``: (class, bbox, giou) of one layer, gains applied."""
+    def loss_layer(self, layer: Layer, asg: Assignment, num_matched: float,
+                   fused: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """ultralytics ``DETRLoss._get_loss``: (class, bbox, giou) of one layer, gains applied
+        (``fused``: the class loss's dense pass compiled, see ``detr_terms.fused_for_layers``)."""
         g = self.weight_dict
         src, tgt = matched_boxes(layer, asg)
         logits, nq = layer.logits, layer.num_queries
         with torch.no_grad():
             iou = F.aligned_box_iou(src.detach(), tgt, kind="iou", box_format="cxcywh", convention="yolov5",
                                     validate=False)
-        label, score = class_targets(logits, asg, iou)
+        # the one-hot targets [B, Q, C] are never built (detr_terms.onehot_class_loss)
         if self.use_fl:
-            if asg.num_pos and self.use_vfl:
-                cls = T.set_varifocal_loss(logits, score, label, alpha=self.alpha, gamma=self.gamma, detach_weight=False)
-            else:
-                cls = F.sigmoid_focal_loss(logits, label, alpha=self.alpha, gamma=self.gamma)
-            cls = cls.mean(1).sum() / (max(num_matched, 1.0) / nq)
+            kind = "varifocal" if asg.num_pos and self.use_vfl else "focal"
+            cls = T.onehot_class_loss(logits, asg.batch_index, asg.pred_index, asg.labels, iou, kind=kind,
+                                      alpha=self.alpha, gamma=self.gamma, compiled=fused)
+            cls = cls / nq / (max(num_matched, 1.0) / nq)
         else:
-            cls = F.bce_with_logits(logits, score, reduction="none").mean(1).sum()
+            cls = T.onehot_class_loss(logits, asg.batch_index, asg.pred_index, asg.labels, iou, kind="bce",
+                                      compiled=fused) / nq
         if not asg.num_pos:
             empty = layer.boxes[..., :0].sum()
             return cls * g["loss_class"], empty, empty

@@ -63,6 +63,8 @@ AnchorsLike = Union[Tensor, Sequence[Tensor]]
 #: nothing; ground-truth boxes come in any size, and are indexed with coarse classes.
 _CLASSES_PER_OCTAVE = 8
 _BOX_CLASSES_PER_OCTAVE = 0.5
+#: Largest lookup table of an :class:`AnchorIndex` (entries; 8 bytes each).
+_MAX_TABLE = 1 << 22
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -142,6 +144,25 @@ class AnchorIndex:
     row_keys: Tensor  # [R] class * Ny + row rank, ascending
     anchor_keys: Tensor  # [N] row * Nx + x rank, ascending
     order: Tensor  # [N] anchor of each sorted key
+    # Lookup tables of the two large searches (None where they would be too large): entry
+    # [c * (Ny + 1) + y] is the first row of class c at row rank >= y, entry [r * (Nx + 1) + x]
+    # the first sorted anchor of row r at x rank >= x (searchsorted of every possible query).
+    row_table: Optional[Tensor] = None
+    anchor_table: Optional[Tensor] = None
+
+    def first_row(self, klass: Tensor, y: Tensor) -> Tensor:
+        """Position in ``row_keys`` of the first row of class ``klass`` at row rank >= ``y``
+        (``0 <= y <= Ny``)."""
+        if self.row_table is not None:
+            return self.row_table.index_select(0, klass * (self.uy.shape[0] + 1) + y)
+        return torch.searchsorted(self.row_keys, klass * self.uy.shape[0] + y, side="left")
+
+    def first_anchor(self, row: Tensor, x: Tensor) -> Tensor:
+        """Position in ``anchor_keys`` of the first anchor of row ``row`` at x rank >= ``x``
+        (``0 <= x <= Nx``)."""
+        if self.anchor_table is not None:
+            return self.anchor_table.index_select(0, row * (self.ux.shape[0] + 1) + x)
+        return torch.searchsorted(self.anchor_keys, row * self.ux.shape[0] + x, side="left")
 
     @classmethod
     def build(
@@ -151,10 +172,12 @@ class AnchorIndex:
         *,
         classes_per_octave: float = _CLASSES_PER_OCTAVE,
         row_bins: bool = False,
+        tables: bool = True,
     ) -> "AnchorIndex":
         """Index of ``anchors`` ``[N, 4]`` (xyxy, positive sizes) in groups ``group`` ``[N]``
         (default: one group); ``classes_per_octave`` size classes per octave of width and of
-        height (more: tighter windows, more classes to visit)."""
+        height (more: tighter windows, more classes to visit); ``tables``: also build the lookup
+        tables of the row and anchor searches (for an index kept between calls)."""
         flat = anchors.detach().to(torch.float64)
         dev = flat.device
         if group is None:
@@ -180,9 +203,16 @@ class AnchorIndex:
         ux, rx = torch.unique(cx, return_inverse=True)
         row_keys, row = torch.unique(klass * uy.shape[0] + ry, return_inverse=True)
         anchor_keys, order = torch.sort(row * ux.shape[0] + rx, stable=True)
+        ny, nx, r = uy.shape[0], ux.shape[0], row_keys.shape[0]
+        row_table = anchor_table = None
+        if tables and s * (ny + 1) <= _MAX_TABLE and r * (nx + 1) <= _MAX_TABLE:
+            q = torch.arange(ny + 1, device=dev)
+            row_table = torch.searchsorted(row_keys, (torch.arange(s, device=dev)[:, None] * ny + q).reshape(-1))
+            q = torch.arange(nx + 1, device=dev)
+            anchor_table = torch.searchsorted(anchor_keys, (torch.arange(r, device=dev)[:, None] * nx + q).reshape(-1))
         return cls(
             keys // (nw * nh), bound(w, "amax"), h_max, bound(w * h, "amin"), bound(w * h, "amax"), row_bin,
-            uy, ux, row_keys, anchor_keys, order,
+            uy, ux, row_keys, anchor_keys, order, row_table, anchor_table,
         )
 
 
@@ -268,7 +298,7 @@ def overlapping_pairs(
     empty = torch.zeros(0, dtype=torch.int64, device=dev)
     if boxes.shape[0] == 0 or anchors.shape[0] == 0:
         return empty, empty.clone(), torch.zeros(0, dtype=dtype, device=dev)
-    ix = AnchorIndex.build(anchors, anchor_group) if index is None else index
+    ix = AnchorIndex.build(anchors, anchor_group, tables=False) if index is None else index
     if box_group is None:
         box_group = torch.zeros(boxes.shape[0], dtype=torch.int64, device=dev)
     b64 = boxes.detach().to(torch.float64)
@@ -308,14 +338,13 @@ def overlapping_pairs(
     x0 = torch.searchsorted(ix.ux, gcx - half_x - tol_x, side="left")
     x1 = torch.searchsorted(ix.ux, gcx + half_x + tol_x, side="right")
     # ... x the rows of that class within the y window ...
-    ny, nx = ix.uy.shape[0], ix.ux.shape[0]
-    r0 = torch.searchsorted(ix.row_keys, pc * ny + y0, side="left")
-    r1 = torch.searchsorted(ix.row_keys, pc * ny + y1, side="left")
+    r0 = ix.first_row(pc, y0)
+    r1 = ix.first_row(pc, y1)
     pr, k = _expand(r1 - r0)
     row = r0.index_select(0, pr) + k
     # ... x the anchors of that row within the x window.
-    a0 = torch.searchsorted(ix.anchor_keys, row * nx + x0.index_select(0, pr), side="left")
-    a1 = torch.searchsorted(ix.anchor_keys, row * nx + x1.index_select(0, pr), side="left")
+    a0 = ix.first_anchor(row, x0.index_select(0, pr))
+    a1 = ix.first_anchor(row, x1.index_select(0, pr))
     pa, k = _expand(a1 - a0)
     anchor_index = ix.order.index_select(0, a0.index_select(0, pa) + k)
     box_index = pb.index_select(0, pr.index_select(0, pa))
@@ -397,7 +426,9 @@ class _Overlaps:
         image = slot // a
         anchors = self.anchors.reshape(-1, 4).index_select(0, self._group(image) * a + slot % a)
         boxes, box_image = self.boxes.index_select(0, real), self.image.index_select(0, real)
-        index = AnchorIndex.build(boxes, box_image, classes_per_octave=_BOX_CLASSES_PER_OCTAVE, row_bins=True)
+        index = AnchorIndex.build(
+            boxes, box_image, classes_per_octave=_BOX_CLASSES_PER_OCTAVE, row_bins=True, tables=False
+        )
         pa, pb, iou = overlapping_pairs(anchors, boxes, box_group=image, min_iou=lower, index=index)
         return _first_best(slot.shape[0], pa, iou, self.local.index_select(0, real.index_select(0, pb)))[1]
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..kernels._runtime import empty_gradient
 from ..assign.base import Assignment
 from ..assign.iou_matcher import AnchorIndexCache, AnchorsLike, assign_ssd
 from ..anchor_generators import DefaultBoxGenerator
@@ -85,6 +86,39 @@ def per_anchor_cross_entropy(logits: Tensor, target: Tensor, rows: int = CE_ROWS
         block = torch.log_softmax(logits[start : start + rows], dim=1)
         out[start : start + rows] = block.gather(1, target[start : start + rows, None]).squeeze(1).neg_()
     return out
+
+
+class MinedCrossEntropy(torch.autograd.Function):
+    r"""``sum_r w_r CE_r`` over the rows ``rows`` of ``logits [R, C]`` (targets ``target``, integer
+    weights ``count``), its value from the rows' cross-entropy ``ce`` computed beforehand (the same
+    numbers the mining ranked, :func:`per_anchor_cross_entropy`).
+
+    Backward writes the dense ``[R, C]`` gradient once: zeros, and on the counted rows torch's
+    log-softmax backward of ``-w_r`` at the target, ``w_r (softmax(x_r) - onehot(t_r))``, computed
+    with torch's own kernel on those rows only, so the numbers are those of autograd through
+    ``cross_entropy`` over every row. The gradient buffer comes from
+    :func:`~detloss.kernels._runtime.empty_gradient` (huge pages where the system allows). With
+    ``create_graph=True`` the same operations run out of place, differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, target: Tensor, count: Tensor, ce: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits, rows, target, count)
+        return (ce * count.to(ce.dtype)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        logits, rows, target, count = ctx.saved_tensors
+        higher = torch.is_grad_enabled()
+        logp = torch.log_softmax(logits.index_select(0, rows), dim=1)
+        weight = count.to(logp.dtype) * grad_output
+        seed = torch.zeros_like(logp)
+        seed = seed.scatter(1, target[:, None], -weight[:, None]) if higher else seed.scatter_(1, target[:, None], -weight[:, None])
+        rows_grad = torch._log_softmax_backward_data(seed, logp, 1, logp.dtype)
+        if higher:
+            return torch.zeros_like(logits).index_copy(0, rows, rows_grad), None, None, None, None
+        grad = empty_gradient(logits)
+        grad.zero_()
+        return grad.index_copy_(0, rows, rows_grad), None, None, None, None
 
 
 #: SSD300's feature strides (VGG-16 conv4_3 .. the 1 x 1 extra layer; its default boxes' steps).
@@ -179,6 +213,7 @@ class SSDLoss(AnchorHeadHooks, DetectionLoss):
             positive = (target > 0).view(b, a)
             asg.extras["mined"] = mine_hard_negatives(ce.view(b, a), positive, self.neg_to_pos_ratio)
             asg.extras["class_target"] = target.view(b, a)
+            asg.extras["cross_entropy"] = ce.view(b, a)
         return asg
 
     def gather(self, inputs: AnchorHeadInputs, prepared: Any, assignment: Assignment) -> Tensor:
@@ -191,10 +226,9 @@ class SSDLoss(AnchorHeadHooks, DetectionLoss):
         target = assignment.extras["class_target"].reshape(-1)
         count = (target > 0).to(torch.int64) + assignment.extras["mined"].reshape(-1).to(torch.int64)
         rows = count.nonzero().squeeze(1)
-        ce = F.cross_entropy(
-            inputs.cls_logits.reshape(b * a, c).index_select(0, rows), target.index_select(0, rows), reduction="none"
-        )
-        return (ce * count.index_select(0, rows).to(ce.dtype)).sum() / normalizer
+        ce = assignment.extras["cross_entropy"].reshape(-1).index_select(0, rows)
+        logits = inputs.cls_logits.reshape(b * a, c)
+        return MinedCrossEntropy.apply(logits, rows, target.index_select(0, rows), count.index_select(0, rows), ce) / normalizer
 
     def box_term(self, inputs: AnchorHeadInputs, normalizer: Tensor, assignment: Assignment) -> Tensor:
         target = self.box_coder.encode(assignment.boxes.to(inputs.dtype), inputs.anchors_of(assignment))

@@ -208,11 +208,13 @@ class AlignedAssigner:
         levels: Sequence[Level],
         **extra: Any,
     ) -> TALAssignment:
+        lazy = not isinstance(pd_scores, Tensor)  # an object giving the scores where asked (gather_scores)
         for name, t in (("pd_scores", pd_scores), ("pd_bboxes", pd_bboxes), ("gt_bboxes", gt_bboxes)):
-            check_floating(name, t)
+            if not (lazy and name == "pd_scores"):
+                check_floating(name, t)
         check_tensor("gt_labels", gt_labels)
         check_tensor("mask_gt", mask_gt)
-        if pd_scores.ndim != 3 or pd_scores.shape[-1] != self.num_classes:
+        if len(pd_scores.shape) != 3 or pd_scores.shape[-1] != self.num_classes:
             raise ValueError(f"pd_scores: expected shape [B, A, {self.num_classes}], got {tuple(pd_scores.shape)}")
         bsz, n_anchor, _ = pd_scores.shape
         k = self.box_dim
@@ -235,17 +237,21 @@ class AlignedAssigner:
         boxes, labels = gt_bboxes[img, row], gt_labels[img, row]
         box, anchor = self.candidates(boxes, img, levels, **extra)
         pairs = CandidatePairs(box, anchor, img[box], row[box], boxes, levels)
-        score = pd_scores[pairs.img, anchor, labels[box]]
+        if lazy:
+            score = pd_scores.gather_scores(pairs.img, anchor, labels[box])
+        else:
+            score = pd_scores[pairs.img, anchor, labels[box]]
         overlap = self.overlaps(pairs, pd_scores=pd_scores, pd_bboxes=pd_bboxes, score=score, **extra)
         metric = score.pow(self.alpha) * overlap.pow(self.beta)
         flat = pairs.img * n_anchor + anchor
         pos, norm = select_aligned(box, flat, metric, overlap, img.numel(), n_anchor, bsz * n_anchor, self.topk, self.topk2,
                                    self.eps, self.zero_ties)
-        fg = torch.zeros(bsz * n_anchor, dtype=torch.bool, device=pd_scores.device)
+        dev = pd_bboxes.device
+        fg = torch.zeros(bsz * n_anchor, dtype=torch.bool, device=dev)
         fg[flat[pos]] = True
-        dense_norm = torch.zeros(bsz * n_anchor, dtype=metric.dtype, device=pd_scores.device)
+        dense_norm = torch.zeros(bsz * n_anchor, dtype=metric.dtype, device=dev)
         dense_norm[flat[pos]] = norm
-        target_gt_idx = torch.zeros(bsz * n_anchor, dtype=torch.long, device=pd_scores.device)
+        target_gt_idx = torch.zeros(bsz * n_anchor, dtype=torch.long, device=dev)
         target_gt_idx[flat[pos]] = pairs.row[pos]
         shape = (bsz, n_anchor)
         return _result(gt_labels, gt_bboxes, target_gt_idx.view(shape), fg.view(shape), dense_norm.view(shape),

@@ -11,8 +11,9 @@ YOLOv8-seg uses the plain :class:`~detloss.assign.tal.TaskAlignedAssigner`). Box
   prototype grid, :func:`detloss.functional.crop_mask`) and compared with the target's binary
   mask at the prototype resolution, ``|P & G| / max(|P| + |G| - |P & G|, 1)``.
 
-Each anchor's mask is decoded once (however many boxes it is a candidate of), in chunks of at
-most :data:`MASK_CHUNK_PIXELS` mask pixels; nothing of size boxes x anchors x pixels is built.
+Each anchor's mask is decoded once (however many boxes it is a candidate of), and only inside its
+predicted box (the crop leaves nothing elsewhere), in chunks of at most :data:`MASK_CHUNK_PIXELS`
+prototype values; nothing of size boxes x anchors x pixels is built.
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import functional as fn
+from ..functional.masks import box_windows, window_groups, window_pixels
 from .aligned import BoxTaskAlignedAssigner, CandidatePairs, topk_ties
 from .base import rank_in_group
 
 __all__ = ["SegTaskAlignedAssigner", "MASK_CHUNK_PIXELS", "MASK_IOU_CANDIDATES"]
 
-#: Predicted masks are decoded in chunks of at most this many pixels.
-MASK_CHUNK_PIXELS = 1 << 24
+#: Predicted masks are decoded in chunks of at most this many prototype values (anchors x window
+#: pixels x prototypes).
+MASK_CHUNK_PIXELS = 1 << 23
 #: Each box's mask IoU is computed for its ``MASK_IOU_CANDIDATES * topk`` best box-aligned candidates.
 MASK_IOU_CANDIDATES = 3
 
@@ -86,32 +88,48 @@ def _mask_iou(
 ) -> Tensor:
     """IoU ``[n]`` of predicted mask ``which[j]`` with the target mask ``gt_masks[gt_img[j], gt_row[j]]``.
 
-    The predicted masks are those of distinct anchors sorted by image: ``coef [u, nm]`` their
-    coefficients, ``boxes [u, 4]`` their boxes in prototype pixels, ``image [u]`` (non-decreasing)
-    their image; ``proto [B, nm, h, w]``, ``gt_masks [B, M, h, w]`` bool. Each mask is decoded
-    once, in chunks of anchors of one image holding at most :data:`MASK_CHUNK_PIXELS` pixels.
+    The predicted masks are those of distinct anchors: ``coef [u, nm]`` their coefficients,
+    ``boxes [u, 4]`` their boxes in prototype pixels, ``image [u]`` their image; ``proto [B, nm, h,
+    w]``, ``gt_masks [B, M, h, w]`` bool. A predicted mask is cropped to its box, so it is decoded
+    there only (:func:`detloss.functional.masks.box_windows`); masks of similar window size are
+    decoded together (:func:`~detloss.functional.masks.window_groups`), in chunks of at most
+    :data:`MASK_CHUNK_PIXELS` prototype values, and each pair counts its intersection over its
+    anchor's window: ``|P & G| / max(|P| + |G| - |P & G|, 1)``.
     """
-    bsz, _, h, w = proto.shape
-    px = h * w
-    rows = max(1, MASK_CHUNK_PIXELS // max(px, 1))
-    counts = torch.bincount(image, minlength=bsz).tolist()
-    chunks, offset = [], 0
-    for b, c in enumerate(counts):  # a loop over images and memory chunks, not over boxes
-        chunks += [(b, offset + i, offset + min(i + rows, c)) for i in range(0, c, rows)]
-        offset += c
-    order = torch.argsort(which, stable=True)
-    edges = torch.tensor([u for _, u, _ in chunks] + [offset], device=which.device)
-    pair_edges = torch.searchsorted(which[order], edges).tolist()
-    out = torch.zeros(which.shape[0], dtype=torch.float32, device=coef.device)
-    flat = proto.flatten(2)
-    for (b, u0, u1), p0, p1 in zip(chunks, pair_edges[:-1], pair_edges[1:]):
-        if p0 == p1:
+    bsz, nm, h, w = proto.shape
+    m = gt_masks.shape[1]
+    dev = coef.device
+    out = torch.zeros(which.shape[0], dtype=torch.float32, device=dev)
+    win = box_windows(boxes, h, w, boxes.dtype)
+    groups = window_groups(win[:, 2:4], h, w, lambda gw, gh: MASK_CHUNK_PIXELS // max(gw * gh * nm, 1))
+    if not groups:  # every predicted box is empty: no predicted pixel, IoU 0
+        return out
+    gt_sum = gt_masks.flatten(2).sum(-1, dtype=torch.float32)[gt_img, gt_row]
+    # the pairs, chunk by chunk of their anchor
+    chunk_of = torch.full((coef.shape[0],), len(groups), dtype=torch.long, device=dev)
+    local = torch.zeros(coef.shape[0], dtype=torch.long, device=dev)
+    for c, (items, _, _) in enumerate(groups):
+        chunk_of[items] = c
+        local[items] = torch.arange(items.shape[0], device=dev)
+    pair_chunk = chunk_of[which]
+    order = torch.argsort(pair_chunk, stable=True)
+    ends = torch.bincount(pair_chunk, minlength=len(groups) + 1).cumsum(0).tolist()
+    protos = proto.reshape(-1, h * w)
+    chan = torch.arange(nm, device=dev)
+    masks = gt_masks.reshape(-1)
+    start = 0
+    for c, (items, qw, qh) in enumerate(groups):
+        idx = order[start : ends[c]]
+        start = ends[c]
+        if not idx.numel():
             continue
-        pm = fn.crop_mask((coef[u0:u1] @ flat[b] > 0).view(-1, h, w), boxes[u0:u1]).flatten(1)
-        idx = order[p0:p1]
-        mine = pm[which[idx] - u0]
-        gm = gt_masks[gt_img[idx], gt_row[idx]].flatten(1)
-        inter = (mine & gm).sum(-1, dtype=torch.float32)
-        union = mine.sum(-1, dtype=torch.float32) + gm.sum(-1, dtype=torch.float32) - inter
+        pix, valid = window_pixels(win[items], qw, qh, h, w)
+        wv = protos[(image[items] * nm)[:, None, None] + chan[:, None], pix[:, None, :]]  # [u, nm, P]
+        pm = (torch.bmm(coef[items][:, None, :], wv)[:, 0] > 0) & valid  # cropped to the box
+        mine = local[which[idx]]
+        gm = masks[((gt_img[idx] * m + gt_row[idx]) * (h * w))[:, None] + pix[mine]]
+        pmi = pm[mine]
+        inter = (pmi & gm).sum(-1, dtype=torch.float32)
+        union = pmi.sum(-1, dtype=torch.float32) + gt_sum[idx] - inter
         out[idx] = inter / union.clamp(min=1)
     return out

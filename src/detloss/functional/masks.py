@@ -11,7 +11,7 @@ References:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -142,44 +142,125 @@ def bce_dice_loss(
 #: :func:`prototype_mask_bce` decodes at most this many mask pixels at a time.
 PROTO_CHUNK_PIXELS = 1 << 22
 
+#: Window sides are padded up to the next of these (then to the grid's side): windows of similar
+#: size share one batched product, at most 1.5x larger than they need on a side.
+WINDOW_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
-def _proto_chunks(image: torch.Tensor, rows: int):
-    """``(image, indices)`` chunks of the instances of each image, at most ``rows`` long."""
-    order = torch.argsort(image, stable=True)
-    counts = torch.bincount(image).tolist() if image.numel() else []
-    start = 0
-    for b, c in enumerate(counts):  # a loop over images and memory chunks, not over instances
-        for i in range(0, c, rows):
-            yield b, order[start + i : start + min(i + rows, c)]
+
+def box_windows(boxes: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """int64 ``[N, 4]`` ``(x0, y0, width, height)``: the pixel index ranges ``x0 <= j < x0 + width``,
+    ``y0 <= i < y0 + height`` of the pixels :func:`crop_mask` keeps for the xyxy ``boxes`` (its test
+    ``x1 <= j < x2`` in ``dtype``, on integer ``j``: ``ceil(x1) <= j < ceil(x2)``), clipped to the
+    ``h x w`` grid; an empty box has width or height 0."""
+    b = boxes.detach().to(dtype).ceil()
+    x0, y0, x1, y1 = b.unbind(-1)
+    x0, x1 = x0.clamp(0, w), x1.clamp(0, w)
+    y0, y1 = y0.clamp(0, h), y1.clamp(0, h)
+    out = torch.stack((x0, y0, torch.maximum(x1 - x0, torch.zeros_like(x0)), torch.maximum(y1 - y0, torch.zeros_like(y0))), -1)
+    return out.long()
+
+
+def window_groups(sizes: torch.Tensor, h: int, w: int, rows_of: "Callable[[int, int], int]"):
+    """Items of window sizes ``sizes [N, 2]`` (width, height) grouped by padded size
+    (:data:`WINDOW_LADDER`, at most the grid's ``w``, ``h``): a list of ``(items, qw, qh)``, ``items``
+    int64 indices, each group cut into chunks of at most ``rows_of(qw, qh)`` items. Empty windows
+    are left out. One host synchronization."""
+    if not sizes.shape[0]:
+        return []
+    ladder = torch.tensor(WINDOW_LADDER, device=sizes.device)
+    qw = torch.minimum(ladder[torch.searchsorted(ladder, sizes[:, 0].contiguous()).clamp(max=len(WINDOW_LADDER) - 1)], sizes.new_tensor(w))
+    qh = torch.minimum(ladder[torch.searchsorted(ladder, sizes[:, 1].contiguous()).clamp(max=len(WINDOW_LADDER) - 1)], sizes.new_tensor(h))
+    qw = torch.maximum(qw, sizes[:, 0])  # beyond the ladder: the size itself
+    qh = torch.maximum(qh, sizes[:, 1])
+    key = torch.where((sizes > 0).all(-1), qh * (w + 1) + qw, -1)
+    order = torch.argsort(key, stable=True)
+    uniq, counts = torch.unique_consecutive(key[order], return_counts=True)
+    out, start = [], 0
+    for k, c in zip(uniq.tolist(), counts.tolist()):
+        if k >= 0:
+            gh, gw = divmod(k, w + 1)
+            rows = max(1, rows_of(gw, gh))
+            for i in range(0, c, rows):
+                out.append((order[start + i : start + min(i + rows, c)], gw, gh))
         start += c
+    return out
 
 
-def _chunk_targets(masks, mask_index, mask_value, b, idx, dtype):
-    """Targets ``[c, H*W]`` of the chunk ``idx`` (instances of image ``b``)."""
-    t = masks[b][None] if mask_index is None else masks[mask_index[idx]]  # one map per image: no copy per instance
+def window_pixels(win: torch.Tensor, qw: int, qh: int, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For windows ``win [n, 4]`` (:func:`box_windows`) padded to ``qh x qw``: the pixel index
+    ``i * w + j`` ``[n, qh * qw]`` of each padded position (clamped to the grid) and whether it lies
+    in the window (bool, same shape)."""
+    dev = win.device
+    dx = torch.arange(qw, device=dev)
+    dy = torch.arange(qh, device=dev)
+    x0, y0, ww, hh = win[:, 0, None], win[:, 1, None], win[:, 2, None], win[:, 3, None]
+    cols = (x0 + dx).clamp(max=w - 1)
+    rows = (y0 + dy).clamp(max=h - 1)
+    valid = ((dy < hh)[:, :, None] & (dx < ww)[:, None, :]).view(win.shape[0], -1)
+    return (rows[:, :, None] * w + cols[:, None, :]).view(win.shape[0], -1), valid
+
+
+def _bce_groups(coef, image, masks, mask_index, mask_value, boxes, h, w):
+    """The instances grouped by what their loss reads: the window (:func:`box_windows`), the image
+    and the target mask. Returns ``(groups, slots, key_image, key_window, key_target)``: per unique
+    key its image, window and target selector (the mask index, or the image and ``mask_value``), and
+    ``slots [U, kmax]`` its instances (-1: none), with ``groups`` :func:`window_groups` of the keys."""
+    n = coef.shape[0]
+    win = box_windows(boxes, h, w, coef.dtype)
+    sel = mask_index if mask_index is not None else image
+    cols = [image[:, None], sel[:, None].to(torch.int64), win]
     if mask_value is not None:
-        t = t == mask_value[idx][:, None, None]  # mask_value has the masks' dtype (see prototype_mask_bce)
-    return t.flatten(1).to(dtype)
+        cols.append(mask_value[:, None].to(torch.int64))
+    keys, inv = torch.unique(torch.cat(cols, 1), dim=0, return_inverse=True)
+    order = torch.argsort(inv, stable=True)
+    counts = torch.bincount(inv, minlength=keys.shape[0])
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n, device=coef.device) - first[inv[order]]
+    kmax = int(counts.max()) if n else 1
+    slots = torch.full((keys.shape[0], kmax), -1, dtype=torch.long, device=coef.device)
+    slots[inv[order], rank] = order
+    key_win = keys[:, 2:6]
+    budget = PROTO_CHUNK_PIXELS
+    groups = window_groups(key_win[:, 2:4], h, w, lambda gw, gh: budget // max(gw * gh * kmax, 1))
+    return groups, slots, keys[:, 0], keys[:, 1], key_win, (keys[:, 6] if mask_value is not None else None)
+
+
+def _group_targets(masks, flat_pix, sel, value, dtype):
+    """Targets ``[n, P]`` at the window pixels ``flat_pix [n, P]`` of masks ``masks[sel]`` (== value)."""
+    hw = masks.shape[1] * masks.shape[2]
+    t = masks.reshape(-1)[sel[:, None] * hw + flat_pix]
+    if value is not None:
+        t = t == value.to(masks.dtype)[:, None]
+    return t.to(dtype)
 
 
 class _PrototypeMaskBCE(torch.autograd.Function):
-    """:func:`prototype_mask_bce`'s value and gradient, chunk by chunk: the logits are decoded
-    again in backward instead of being kept, so nothing of size instances x pixels outlives a chunk."""
+    """:func:`prototype_mask_bce`'s value and gradient over the box windows only.
+
+    The loss of an instance reads only the pixels inside its box, and the instances of one target
+    (same image, box and target mask) share those pixels: per distinct target, its window of the
+    prototypes ``[px, nm]`` (channels last) times its instances' coefficients gives their logits;
+    targets of similar window size share one batched product (:func:`window_groups`). The logits
+    are decoded again in backward instead of being kept."""
 
     @staticmethod
     def forward(ctx, coef, proto, area, image, masks, mask_index, mask_value, boxes):  # type: ignore[override]
         n, (nm, h, w) = coef.shape[0], proto.shape[1:]
-        rows = max(1, PROTO_CHUNK_PIXELS // max(h * w, 1))
-        flat = proto.flatten(2)
+        protos = proto.reshape(-1, h * w)  # [B * nm, h * w]
+        chan = torch.arange(nm, device=coef.device)
         sums = coef.new_zeros(n)
-        cols_all, rows_all = _box_window(boxes, h, w, coef.dtype)
-        for b, idx in _proto_chunks(image, rows):
-            x = coef[idx] @ flat[b]
-            y = _chunk_targets(masks, mask_index, mask_value, b, idx, x.dtype)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
-            # sum over the box: rows^T (bce) cols, without an instances x pixels product
-            inner = torch.bmm(bce.view(-1, h, w), cols_all[idx].to(x.dtype).transpose(1, 2))  # [c, h, 1]
-            sums[idx] = (inner[:, :, 0] * rows_all[idx][:, :, 0].to(x.dtype)).sum(1)
+        groups, slots, kimg, ksel, kwin, kval = _bce_groups(coef, image, masks, mask_index, mask_value, boxes, h, w)
+        for items, qw, qh in groups:
+            pix, valid = window_pixels(kwin[items], qw, qh, h, w)
+            win = protos[(kimg[items] * nm)[:, None, None] + chan[:, None], pix[:, None, :]]  # [u, nm, P]
+            inst = slots[items]
+            c = coef[inst.clamp(min=0)]  # [u, k, nm]
+            x = torch.bmm(c, win)  # [u, k, P]
+            y = _group_targets(masks, pix, ksel[items], None if kval is None else kval[items], x.dtype)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y[:, None].expand_as(x), reduction="none")
+            s = (bce * valid[:, None].to(x.dtype)).sum(-1)  # [u, k]
+            keep = inst >= 0
+            sums[inst[keep]] = s[keep]
         mean = sums / (h * w)
         pos = area > 0
         safe = torch.where(pos, area, torch.ones_like(area))
@@ -193,26 +274,37 @@ class _PrototypeMaskBCE(torch.autograd.Function):
         coef, proto, area, image, masks, mask_index, mask_value, boxes, per = ctx.saved_tensors
         mask_value = mask_value if ctx.has_value else None
         mask_index = mask_index if ctx.has_index else None
-        h, w = proto.shape[-2:]
+        nm, h, w = proto.shape[1:]
         pos = area > 0
         safe = torch.where(pos, area, torch.ones_like(area))
         scale = torch.where(pos, grad_per / (safe * (h * w)), torch.zeros_like(grad_per))
-        grad_coef = torch.zeros_like(coef) if ctx.needs_input_grad[0] else None
-        grad_proto = torch.zeros_like(proto) if ctx.needs_input_grad[1] else None
-        if grad_coef is not None or grad_proto is not None:
-            rows = max(1, PROTO_CHUNK_PIXELS // max(h * w, 1))
-            flat = proto.flatten(2)
-            cols_all, rows_all = _box_window(boxes, h, w, coef.dtype)
-            for b, idx in _proto_chunks(image, rows):
-                x = coef[idx] @ flat[b]
-                y = _chunk_targets(masks, mask_index, mask_value, b, idx, x.dtype)
-                g = torch.sigmoid(x).sub_(y).view(-1, h, w)
-                g.mul_(rows_all[idx].to(x.dtype) * scale[idx, None, None]).mul_(cols_all[idx].to(x.dtype))  # 0 outside the box
-                g = g.view(-1, h * w)
+        need_coef, need_proto = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_coef = torch.zeros_like(coef) if need_coef else None
+        grad_proto = None
+        if need_coef or need_proto:
+            protos = proto.reshape(-1, h * w)
+            chan = torch.arange(nm, device=coef.device)
+            grad_protos = torch.zeros_like(protos) if need_proto else None
+            groups, slots, kimg, ksel, kwin, kval = _bce_groups(coef, image, masks, mask_index, mask_value, boxes, h, w)
+            for items, qw, qh in groups:
+                pix, valid = window_pixels(kwin[items], qw, qh, h, w)
+                where = ((kimg[items] * nm)[:, None, None] + chan[:, None], pix[:, None, :])
+                win = protos[where]  # [u, nm, P]
+                inst = slots[items]
+                keep = inst >= 0
+                safe_inst = inst.clamp(min=0)
+                c = coef[safe_inst]
+                x = torch.bmm(c, win)
+                y = _group_targets(masks, pix, ksel[items], None if kval is None else kval[items], x.dtype)
+                g = torch.sigmoid(x).sub_(y[:, None])
+                g.mul_(valid[:, None].to(x.dtype)).mul_((scale[safe_inst] * keep)[:, :, None])  # 0 outside the box
                 if grad_coef is not None:
-                    grad_coef[idx] = g @ flat[b].transpose(0, 1)
-                if grad_proto is not None:
-                    grad_proto[b] += (coef[idx].transpose(0, 1) @ g).view(-1, h, w)
+                    gc = torch.bmm(g, win.transpose(1, 2))  # [u, k, nm]
+                    grad_coef[inst[keep]] = gc[keep]
+                if grad_protos is not None:  # padding positions add 0 (g is 0 there)
+                    grad_protos.index_put_(where, torch.bmm(c.transpose(1, 2), g), accumulate=True)
+            if grad_protos is not None:
+                grad_proto = grad_protos.view(proto.shape)
         grad_area = None
         if ctx.needs_input_grad[2]:
             grad_area = torch.where(pos, -grad_per * per / safe, torch.zeros_like(per))

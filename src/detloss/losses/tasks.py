@@ -12,7 +12,7 @@ from .._checks import check_choice, check_floating, upcast
 from ..anchors import Level
 from .e2e import LEGACY_ONE2ONE_TOPK, ONE2MANY_TOPK, ONE2ONE_TOPK, WEIGHTINGS, EndToEndLoss
 
-__all__ = ["flatten_level_maps", "expected_distances", "PackedOutputs", "end_to_end", "aligned_assignment", "box_assigner"]
+__all__ = ["flatten_level_maps", "expected_distances", "PackedOutputs", "end_to_end", "aligned_assignment", "box_assigner", "CandidateScores"]
 
 
 def flatten_level_maps(
@@ -90,13 +90,33 @@ def end_to_end(loss_cls: Callable[..., torch.nn.Module], *args: Any, epochs: Opt
     return EndToEndLoss(*branches, epochs=epochs, weighting=weighting)
 
 
+class CandidateScores:
+    """The class probabilities ``sigmoid(logits)`` of ``logits [B, A, nc]`` (any strided view) read
+    only where the assigner asks (``gather_scores(image, anchor, cls)``), never all ``B * A * nc``;
+    ``scores()`` gives them all. ``shape``, ``dtype`` and ``device`` are the logits'."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits.detach()
+        self.shape, self.dtype, self.device = tuple(logits.shape), logits.dtype, logits.device
+
+    def scores(self) -> Tensor:
+        return self.logits.sigmoid()
+
+    def gather_scores(self, image: Tensor, anchor: Tensor, cls: Tensor) -> Tensor:
+        from ..assign.tal import _gather
+
+        return _gather(self.logits, image, anchor, cls).sigmoid_()
+
+
 def aligned_assignment(loss: Any, inputs: Any, pd_bboxes: Tensor, **extra: Any) -> Any:
     """Run a task loss's :class:`~detloss.assign.aligned.AlignedAssigner` (``loss.assigner``) on
     its checked inputs (``pred_logits``, ``gt_*``, ``levels``) and the predicted boxes in pixels,
     without gradient; ``target_index`` becomes the row of ``targets``."""
     with torch.no_grad():
-        asg = loss.assigner.assign(inputs.pred_logits.detach().sigmoid(), pd_bboxes.detach(), inputs.gt_labels,
-                                   inputs.gt_bboxes, inputs.mask_gt, inputs.levels, **extra)
+        head = getattr(inputs, "head", None)
+        scores = head if head is not None else CandidateScores(inputs.pred_logits)
+        asg = loss.assigner.assign(scores, pd_bboxes.detach(), inputs.gt_labels, inputs.gt_bboxes, inputs.mask_gt,
+                                   inputs.levels, **extra)
         return replace(asg, target_index=inputs.gt_rows[asg.batch_index, asg.target_index])
 
 

@@ -133,10 +133,32 @@ def _alpha_t(y: torch.Tensor, alpha: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The BCE and its derivative in few eager CPU kernels, with the same branches.
+
+    ``log_sigmoid_forward(|x|)`` gives :math:`-\ell_{sp}` and :math:`e^{-|x|}` in one kernel;
+    ``log_sigmoid_backward(-1, x, e)`` is :math:`-\sigma(-x)` from that ``e``. ``lerp`` (which
+    evaluates from the nearer end, ``w < 1/2`` or not) mixes the two non-negative ends
+    :math:`\max(x, 0)`, :math:`\max(-x, 0)` and the two ends :math:`p`, :math:`-q`: the value at
+    ``y = 0`` or ``1`` is that end itself, so nothing cancels (``x = 60, y = 1``: gradient
+    :math:`-\sigma(-60)`).
+    """
+    nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
+    relu_x = x.clamp(min=0)
+    loss = torch.lerp(relu_x, relu_x - x, y).sub_(nlsp)
+    minus_one = torch.full((), -1.0, dtype=x.dtype).expand(x.shape)
+    grad = torch.lerp(torch.sigmoid(x), torch.ops.aten.log_sigmoid_backward(minus_one, x, e), y)
+    return loss, grad
+
+
 def bce_with_logits_closed_form(
     x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], pos_weight: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise BCE-with-logits (``weight``, ``pos_weight``) and its derivative in ``x``."""
+    if (pos_weight is None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and y.shape == x.shape):
+        loss, grad = _bce_eager_cpu(x, y)
+        return (loss, grad) if weight is None else (loss.mul_(weight), grad.mul_(weight))
     parts = bce_parts(x, y, pos_weight)
     if weight is None:
         return parts.loss, parts.grad

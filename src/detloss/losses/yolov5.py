@@ -18,7 +18,6 @@ The terms, per pyramid level ``i`` with ``n_i`` positives (assignment: :mod:`det
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,10 +29,7 @@ from .._checks import check_finite, check_floating, check_like_first, compute_dt
 from ..anchors import GridLevel, grid_points
 from ..assign.yolov5 import OFFSET_NAMES, YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy
-from ..kernels._runtime import (
-    _fresh_code, cached_pass, compile_enabled, compile_error_types, empty_gradient, fused_enabled,
-    is_functorch_wrapped, min_numel,
-)
+from ..kernels._runtime import empty_gradient
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv5Loss", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "default_balance"]
@@ -79,114 +75,14 @@ def _zero_gradient(shape: torch.Size, dtype: torch.dtype, device: torch.device) 
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-# ------------------------------------------------------------------ the two passes over a level
-# A level's head output ``[bs, na, ny, nx, no]`` is tens of megabytes, of which the loss reads one
-# channel (the objectness) and a few rows (the positives). Two passes touch all of it: the
-# finiteness check (a read) and the gradient (a write). Each is one compiled loop over the level
-# viewed as rows ``[R, no]`` (R = bs * na * ny * nx):
-#
-# * the scan (forward): the sum of every row (the finiteness test, see check_finite) and the
-#   objectness column copied out, in the same read of each row;
-# * the write (backward): ``grad[r, c] = g_obj[r]`` for ``c == 4``, else 0, straight into the
-#   gradient buffer: no zero-fill followed by a strided write of the objectness column.
-#
-# Small levels, DETLOSS_FUSED=0 or DETLOSS_COMPILE=0, and a pass that cannot be compiled here
-# take the eager ops (one sum, one strided copy; zero-fill then the column), same values.
-
-
-def _scan_rows(x: Tensor, obj: int) -> Tuple[Tensor, Tensor]:
-    """``(sum of every entry of x [R, no], x[:, obj] contiguous)``; the sum is in float32 (or
-    float64 for float64 rows), as :func:`detloss._checks.check_finite` sums."""
-    return x.sum(1, dtype=compute_dtype(x)).sum(), x[:, obj].contiguous()
-
-
-def _write_closed_form(x: Tensor, g: Tensor, *, obj: int) -> Tuple[Tensor, Tensor]:
-    """The gradient of a level ``[R, no]`` whose only dense part is the objectness column:
-    ``g [R, 1]`` there, 0 elsewhere (``x`` gives the shape alone). The "loss" is ``g``'s sum
-    (unused)."""
-    col = torch.arange(x.shape[-1], device=x.device)
-    return g, torch.where(col == obj, g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-
-class _CompiledScan:
-    """:func:`_scan_rows` compiled once (``torch.compile(dynamic=True)``); after a compile
-    failure (no C++ compiler, ...) it warns once and runs eagerly, as the kernels' passes do."""
-
-    def __init__(self) -> None:
-        self._fn: Optional[Any] = None
-        self.failed = False
-
-    def __call__(self, x: Tensor, obj: int) -> Tuple[Tensor, Tensor]:
-        if self.failed or not compile_enabled():
-            return _scan_rows(x, obj)
-        try:
-            if self._fn is None:
-                self._fn = torch.compile(_fresh_code(_scan_rows, "yolov5_scan"), dynamic=True)
-            return self._fn(x, obj)
-        except compile_error_types() as exc:
-            self.failed = True
-            warnings.warn(f"detloss: torch.compile failed for the YOLOv5 level scan ({type(exc).__name__}: {exc}); "
-                          f"running it eagerly", RuntimeWarning, stacklevel=3)
-        return _scan_rows(x, obj)
-
-
-_SCAN = _CompiledScan()
-
-
-def _big_level(p: Tensor) -> bool:
-    """Whether a level's passes run compiled: on the fused path and at least
-    :func:`~detloss.kernels._runtime.min_numel` elements; not under an outer ``torch.compile``
-    or a ``torch.func`` transform."""
-    return (fused_enabled() and p.numel() >= min_numel() and p.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and not is_functorch_wrapped(p))
-
-
-def scan_levels(names: Sequence[str], preds: Sequence[Tensor]) -> List[Tensor]:
-    """The objectness logits ``pi[..., 4]`` of every level (contiguous), after checking that
-    every level holds finite values only (the error names ``names[i]`` and the index, as
-    :func:`detloss._checks.check_finite`): one read of each level."""
-    sums, objs = [], []
-    for p in preds:
-        x = p.detach()
-        if _big_level(x) and x.is_contiguous():
-            s, o = _SCAN(x.view(-1, x.shape[-1]), 4)
-            objs.append(o.view(x.shape[:-1]))
-        else:
-            s = x.sum(dtype=compute_dtype(x))
-            objs.append(x[..., 4].contiguous())
-        sums.append(s)
-    if not bool(torch.isfinite(torch.stack(sums)).all()):
-        check_finite(list(names), preds)  # raises naming the tensor and index (or finds an overflow only)
-    return objs
-
-
-def _write_gradient(shape: torch.Size, dtype: torch.dtype, device: torch.device, g_obj: Optional[Tensor]) -> Tensor:
-    """A level's gradient: ``g_obj`` in the objectness channel, zeros elsewhere (one compiled
-    write on large levels)."""
-    if g_obj is not None and device.type == "cpu" and fused_enabled() and compile_enabled() \
-            and math.prod(shape) >= min_numel() and dtype in (torch.float32, torch.float64) \
-            and not torch.compiler.is_compiling():
-        no = shape[-1]
-        pass_ = cached_pass("yolov5_level_gradient", _write_closed_form, None, "sum", obj=4)
-        rows = torch.empty((), dtype=dtype, device=device).expand(math.prod(shape[:-1]), no)
-        out = empty_gradient(rows)
-        _, grad = pass_(rows, g_obj.reshape(-1, 1).to(dtype), out=out)
-        return grad.view(shape)
-    grad = _zero_gradient(shape, dtype, device)
-    if g_obj is not None:
-        grad[..., 4] = g_obj.to(dtype)
-    return grad
-
-
 class _GatherHeads(torch.autograd.Function):
     """What the loss reads from the head outputs ``pi [bs, na, ny, nx, 5 + nc]``: for every level
     its objectness logits ``pi[..., 4]``; for the positives of all levels, level after level,
     their box logits ``pi[b, a, gj, gi, 0:4]`` in one ``[P, 4]`` tensor and, per level, their
     class logits ``pi[b, a, gj, gi, 5:]`` ``[n_i, nc]``.
 
-    ``apply(counts, flat, objs, *preds)``: ``flat`` ``[P]`` the positives' flat cell indices into
-    their level's ``[bs * na * ny * nx]`` rows, ``counts`` the positives per level, ``objs`` the
-    objectness logits already read (:func:`scan_levels`) or None; returns
+    ``apply(counts, flat, *preds)``: ``flat`` ``[P]`` the positives' flat cell indices into
+    their level's ``[bs * na * ny * nx]`` rows, ``counts`` the positives per level; returns
     ``(*objectness, box, *classes)``. Autograd through plain indexing and slicing builds, per
     level, a zero-filled gradient of the full head output for each indexing op and adds them,
     and one more buffer per slice of the positives' rows; here each level's objectness gradient
@@ -195,13 +91,12 @@ class _GatherHeads(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, counts: Tuple[int, ...], flat: torch.Tensor, objs: Optional[List[Tensor]],  # type: ignore[override]
-                *preds: torch.Tensor):
+    def forward(ctx, counts: Tuple[int, ...], flat: torch.Tensor, *preds: torch.Tensor):  # type: ignore[override]
         ctx.counts = counts
         ctx.shapes = [p.shape for p in preds]
         ctx.dtype = preds[0].dtype
         ctx.save_for_backward(flat)
-        objs, box, classes = _gather(counts, flat, preds, objs)
+        objs, box, classes = _gather(counts, flat, preds)
         return (*objs, box, *classes)
 
     @staticmethod
@@ -212,10 +107,12 @@ class _GatherHeads(torch.autograd.Function):
         g_boxes = [None] * nl if g_box is None else g_box.split(list(ctx.counts))
         out: List[Optional[Tensor]] = []
         for i, (shape, index) in enumerate(zip(ctx.shapes, flat.split(list(ctx.counts)))):
-            if not ctx.needs_input_grad[3 + i]:
+            if not ctx.needs_input_grad[2 + i]:
                 out.append(None)
                 continue
-            grad = _write_gradient(shape, ctx.dtype, flat.device, g_objs[i])
+            grad = _zero_gradient(shape, ctx.dtype, flat.device)
+            if g_objs[i] is not None:
+                grad[..., 4] = g_objs[i].to(grad.dtype)
             if index.numel() and (g_boxes[i] is not None or g_classes[i] is not None):
                 # the positives' rows assembled first: index_add_ of whole rows is a few times
                 # faster than of strided column blocks
@@ -226,21 +123,17 @@ class _GatherHeads(torch.autograd.Function):
                     rows[:, 5:] = g_classes[i]
                 grad.view(-1, shape[-1]).index_add_(0, index, rows)
             out.append(grad)
-        return (None, None, None, *out)
+        return (None, None, *out)
 
 
-def _gather(
-    counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor], objs: Optional[List[Tensor]] = None
-) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
-    """``([pi[..., 4] for each level], box [P, 4], [classes [n_i, nc] for each level])``, no
-    autograd; ``objs``: the objectness logits when already read."""
+def _gather(counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+    """``([pi[..., 4] for each level], box [P, 4], [classes [n_i, nc] for each level])``, no autograd."""
     no = preds[0].shape[-1]
     rows = preds[0].new_empty((flat.shape[0], no))
     for pi, index, dst in zip(preds, flat.split(list(counts)), rows.split(list(counts))):
         torch.index_select(pi.reshape(-1, no), 0, index, out=dst)
-    if objs is None:
-        objs = [pi[..., 4].contiguous() for pi in preds]
-    return list(objs), rows[:, :4].contiguous(), [r[:, 5:] for r in rows.split(list(counts))]
+    objs = [pi[..., 4].contiguous() for pi in preds]
+    return objs, rows[:, :4].contiguous(), [r[:, 5:] for r in rows.split(list(counts))]
 
 
 def _flat_cells(pi: Tensor, asg: YOLOv5LevelAssignment) -> Tensor:
@@ -249,7 +142,7 @@ def _flat_cells(pi: Tensor, asg: YOLOv5LevelAssignment) -> Tensor:
 
 
 def _gather_heads(
-    preds: Sequence[Tensor], levels: Sequence[YOLOv5LevelAssignment], objs: Optional[List[Tensor]] = None
+    preds: Sequence[Tensor], levels: Sequence[YOLOv5LevelAssignment]
 ) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
     """The objectness logits ``[bs, na, ny, nx]`` of every level, the positives' box logits
     ``[P, 4]`` of all levels (level after level) and their class logits ``[n_i, nc]`` per level;
@@ -258,9 +151,9 @@ def _gather_heads(
     flat = torch.cat([_flat_cells(pi, a) for pi, a in zip(preds, levels)])
     if any(p.requires_grad for p in preds) and torch.is_grad_enabled():
         nl = len(preds)
-        out = _GatherHeads.apply(counts, flat, objs, *preds)
+        out = _GatherHeads.apply(counts, flat, *preds)
         return list(out[:nl]), out[nl], list(out[nl + 1:])
-    return _gather(counts, flat, preds, objs)
+    return _gather(counts, flat, preds)
 
 
 @dataclass
@@ -273,8 +166,6 @@ class YOLOv5Inputs:
     batch_size: int
     dtype: torch.dtype
     device: torch.device
-    #: ``pi[..., 4]`` of every level, read together with the finiteness check.
-    objectness: Optional[List[Tensor]] = None
 
 
 @dataclass
@@ -462,7 +353,7 @@ class YOLOv5Loss(DetectionLoss):
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_preds(self, preds: object, finite: bool = True) -> List[Tensor]:
+    def _check_preds(self, preds: object) -> List[Tensor]:
         if isinstance(preds, Tensor) or not isinstance(preds, (list, tuple)):
             raise TypeError(f"preds: expected a list of {self.num_levels} tensors (one per level), got {type(preds).__name__}")
         if len(preds) != self.num_levels:
@@ -482,8 +373,7 @@ class YOLOv5Loss(DetectionLoss):
                     f"{name}: expected last dimension 5 + num_classes = {no}, got {p.shape[4]} (shape {tuple(p.shape)})"
                 )
             check_like_first(name, p, "preds[0]", preds[0])
-        if finite:
-            check_finite([f"preds[{i}]" for i in range(len(preds))], preds)
+        check_finite([f"preds[{i}]" for i in range(len(preds))], preds)
         return list(preds)
 
     def _anchors_on(self, device: torch.device) -> List[Tensor]:
@@ -493,13 +383,12 @@ class YOLOv5Loss(DetectionLoss):
         return self._anchor_cache[key]
 
     def check(self, preds: Sequence[Tensor], targets: Tensor) -> YOLOv5Inputs:
-        preds = self._check_preds(preds, finite=False)
-        objectness = scan_levels([f"preds[{i}]" for i in range(len(preds))], preds)
+        preds = self._check_preds(preds)
         bs = preds[0].shape[0]
         targets = check_yolo_targets(targets, self.num_classes, bs)
         if targets.device != preds[0].device:
             raise ValueError(f"targets: expected device {preds[0].device} as preds, got {targets.device}")
-        return YOLOv5Inputs(preds, targets, bs, compute_dtype(*preds), preds[0].device, objectness)
+        return YOLOv5Inputs(preds, targets, bs, compute_dtype(*preds), preds[0].device)
 
     # ------------------------------------------------------------------ the steps
     def assignment(self, inputs: YOLOv5Inputs, prepared: None) -> YOLOv5Assignment:
@@ -516,7 +405,7 @@ class YOLOv5Loss(DetectionLoss):
     def gather(self, inputs: YOLOv5Inputs, prepared: None, assignment: YOLOv5Assignment) -> YOLOv5Positives:
         """The positives of all levels at once: one gather, one decoding, one CIoU."""
         cd = inputs.dtype
-        pobj, tbox, pcls = _gather_heads(inputs.preds, assignment, inputs.objectness)  # [bs, na, ny, nx]; [P, 4]; [n_i, nc]
+        pobj, tbox, pcls = _gather_heads(inputs.preds, assignment)  # [bs, na, ny, nx]; [P, 4]; [n_i, nc]
         pobj = [upcast(p, cd) for p in pobj]
         pcls = [upcast(p, cd) for p in pcls]
         tbox = upcast(tbox, cd)

@@ -136,8 +136,21 @@ def grid_anchors(
     return out
 
 
+def _last_writers(key: torch.Tensor, num_keys: Optional[int]) -> torch.Tensor:
+    """``[n]`` bool, True at the last occurrence of each value of ``key`` (the value an indexed
+    write ``t[key] = v`` keeps when it runs in order). With ``num_keys`` (a bound on ``key``) one
+    scatter of the positions (the largest per key); without it two stable sorts
+    (:func:`~detloss.assign.base.rank_in_group`)."""
+    if num_keys is None:
+        return rank_in_group(key) == 0
+    pos = torch.arange(key.shape[0], device=key.device)
+    last = torch.full((num_keys,), -1, dtype=pos.dtype, device=key.device).scatter_reduce_(0, key, pos, "amax")
+    return last[key] == pos
+
+
 def _assign_level(
-    targets: torch.Tensor, grid_size: Tuple[int, int], anchors: torch.Tensor, anchor_t: float
+    targets: torch.Tensor, grid_size: Tuple[int, int], anchors: torch.Tensor, anchor_t: float,
+    batch_size: Optional[int] = None,
 ) -> YOLOv5LevelAssignment:
     ny, nx = grid_size
     dev, dtype = targets.device, targets.dtype
@@ -181,7 +194,7 @@ def _assign_level(
         classes=targets[tix, 1].long(),
         target_index=tix,
         offset=o_idx,
-        obj_owner=rank_in_group(key) == 0,  # the last writer of each (image, anchor, cell)
+        obj_owner=_last_writers(key, None if batch_size is None else batch_size * na * ny * nx),
         grid_size=(int(ny), int(nx)),
     )
 
@@ -235,7 +248,7 @@ def assign_yolov5(
         anc = anc.to(device=targets.device, dtype=targets.dtype)
         if anc.ndim != 2 or anc.shape[1] != 2:
             raise ValueError(f"anchors: expected a [na, 2] tensor per level, got {tuple(anc.shape)}")
-        out.append(_assign_level(targets, (ny, nx), anc, float(anchor_t)))
+        out.append(_assign_level(targets, (ny, nx), anc, float(anchor_t), batch_size))
     if batch_size is None:
         batch_size = int(targets[:, 0].max()) + 1 if targets.shape[0] else 0
     return _flatten(out, [int(a.shape[0]) for a in anchors], batch_size)

@@ -54,13 +54,19 @@ def close(actual, expected, rtol=1e-6):
     assert float((actual - expected).abs().max() / scale) <= rtol
 
 
-@pytest.mark.parametrize("path", ["plain", "fused"])
+@pytest.mark.parametrize("path", ["plain", "fused", "fused_per_image", "small_blocks"])
 @pytest.mark.parametrize("dense", [False, True], ids=["candidates", "dense"])
 @pytest.mark.parametrize("name", CASES)
 def test_matches_v8detectionloss(name, dense, path, monkeypatch):
-    if path == "fused":  # the one-pass head kernel (run eagerly) that inputs above the size threshold take
+    if path.startswith("fused"):  # the one-pass head kernel (run eagerly) that inputs above the size threshold take
         monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "0")
         monkeypatch.setenv("DETLOSS_COMPILE", "0")
+    if path == "fused_per_image":  # the class BCE image by image (what large levels take)
+        from detloss.losses import _head_maps
+
+        monkeypatch.setattr(_head_maps, "PER_IMAGE_NUMEL", 0)
+    if path == "small_blocks":  # the assigner's decoding in blocks of a few rows (large inputs take blocks)
+        monkeypatch.setattr(y8, "DECODE_BLOCK_ROWS", 3)
     d, cfg = load(name)
     out, grads = run(build(cfg, dense_assigner=dense), d)
     items = torch.stack([out.components[k] for k in ("box", "cls", "dfl")])

@@ -142,28 +142,39 @@ def _infer_levels(anc_points: torch.Tensor, strides: Sequence[float]) -> Optiona
     return levels
 
 
+#: The window of cells :func:`_candidate_pairs` enumerates reaches this many cells beyond the exact
+#: bounds ``x / stride - 0.5``, plus :data:`WINDOW_MARGIN_REL` times the bound (rounding grows with it).
+WINDOW_MARGIN = 0.01
+WINDOW_MARGIN_REL = 1e-5
+
+
 def _candidate_pairs(
     boxes: torch.Tensor, levels: Sequence[Level], eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """All (box, anchor) pairs with the anchor centre strictly inside the box (by more than
     ``eps``), without a dense box x anchor mask.
 
-    For each box and level the cells in a bounding index range (one cell wider than needed on
-    every side) are enumerated (:func:`detloss.anchors.window_cells`), then tested exactly as the
-    reference tests them. Returns ``(box index, anchor index)``, sorted by box, then anchor.
+    For each box and level the cells in a bounding index range are enumerated
+    (:func:`detloss.anchors.window_cells`), then tested exactly as the reference tests them. Cell
+    ``i`` (centre ``(i + 0.5) s``) is inside ``(x1, x2)`` when ``x1 / s - 0.5 < i < x2 / s - 0.5``;
+    the range is that one widened by a margin (:data:`WINDOW_MARGIN` cells plus a relative
+    :data:`WINDOW_MARGIN_REL` of the coordinate) far above the rounding of these divisions, so
+    that no cell the exact test accepts is left out, and little more than the candidates are
+    enumerated. Returns ``(box index, anchor index)``, sorted by box, then anchor.
     """
     dev, dt = boxes.device, boxes.dtype
     n_lvl = len(levels)
-    x1, y1, x2, y2 = boxes.unbind(-1)
+    corners = boxes.view(-1, 2, 2)  # (x1, y1), (x2, y2)
     starts, counts = [], []
     for h, w, s in levels:
-        # first / one-past-last cell index, each widened by one cell; clamped to the grid
-        lo_x = torch.floor(x1 / s - 0.5).clamp(0, w)
-        hi_x = (torch.floor(x2 / s - 0.5) + 2).clamp(0, w)
-        lo_y = torch.floor(y1 / s - 0.5).clamp(0, h)
-        hi_y = (torch.floor(y2 / s - 0.5) + 2).clamp(0, h)
-        starts.append(torch.stack((lo_x, lo_y), -1).long())
-        counts.append(torch.stack((hi_x - lo_x, hi_y - lo_y), -1).long())
+        u = corners / s - 0.5
+        margin = u.abs() * WINDOW_MARGIN_REL + WINDOW_MARGIN
+        size = corners.new_tensor([w, h])
+        # first / one-past-last cell index (x, y), widened by the margin, clamped to the grid
+        lo = torch.minimum(torch.floor(u[:, 0] - margin[:, 0]) + 1, size).clamp_(min=0)
+        hi = torch.minimum(torch.ceil(u[:, 1] + margin[:, 1]), size).clamp_(min=0)
+        starts.append(lo.long())
+        counts.append((hi - lo).long())
     # windows box-major: window k is box k // n_lvl on level k % n_lvl
     blk, ix, iy = window_cells(torch.stack(starts, 1).view(-1, 2), torch.stack(counts, 1).view(-1, 2))
     lvl = blk % n_lvl

@@ -32,6 +32,11 @@ from ..kernels.onehot import onehot_bce_into
 
 __all__ = ["HeadMaps", "head_terms"]
 
+#: Class logits of one level (all images) from which :func:`head_terms` runs the class BCE image by
+#: image (each image's class channels contiguous, read and written in place) instead of over the
+#: batch-strided view of all images at once (which the compiled pass copies); 2**19 = 2 MiB.
+PER_IMAGE_NUMEL = 1 << 19
+
 
 class HeadMaps:
     """Per-level head outputs as ``[B, 4 * reg_max + nc, H_l * W_l]`` maps (views of the given
@@ -181,9 +186,17 @@ class _HeadTerms(torch.autograd.Function):
                 off, n = head.offsets[lvl], head.sizes[lvl]
                 out = _level_view(buffer, spec, lvl, m.shape)
                 out[:, :bd].zero_()  # the box channels' gradient: 0 but at the positives (backward)
-                parts.append(onehot_bce_into(
-                    out[:, bd:], m[:, bd:], labels[..., off : off + n], scores[..., off : off + n], chan, weight, one
-                ))
+                lab, sc = labels[..., off : off + n], scores[..., off : off + n]
+                if m.shape[0] > 1 and m.shape[0] * head.num_classes * n >= PER_IMAGE_NUMEL:
+                    # image by image, the class channels of one image are one contiguous block: the
+                    # compiled pass reads and writes them in place (the batch-strided view of all
+                    # images makes it copy the logits and stage the gradient, two level-sized buffers)
+                    parts.extend(
+                        onehot_bce_into(out[b, bd:], m[b, bd:], lab[b], sc[b], chan[0], weight[0], one)
+                        for b in range(m.shape[0])
+                    )
+                else:
+                    parts.append(onehot_bce_into(out[:, bd:], m[:, bd:], lab, sc, chan, weight, one))
             total = torch.stack(parts).sum()
             ctx.buffer = buffer
         ctx.has_cls = cls is not None

@@ -60,6 +60,9 @@ __all__ = ["YOLOv8Loss", "YOLOv8Inputs", "YOLOv8Decoding", "PaddingRuleWarning",
 
 #: DFL targets are clamped to ``reg_max - 1 - DFL_MARGIN`` (ultralytics ``bbox2dist`` / ``DFLoss``).
 DFL_MARGIN = 0.01
+#: Rows (image x anchor) decoded per block for the assigner (:meth:`YOLOv8Loss.prepare`):
+#: 16384 rows of 64 logits keep the softmax's temporaries at 4 MiB each.
+DECODE_BLOCK_ROWS = 1 << 14
 
 
 def decode_distances(pred_dist: Tensor, anchor_points: Tensor) -> Tensor:
@@ -401,13 +404,25 @@ class YOLOv8Loss(DetectionLoss):
         head = inputs.head
         with torch.no_grad():
             if head is not None:
-                pred_bboxes = torch.cat([
-                    self.decode_boxes(head.box_channels(i), anchor_points[off : off + n])
-                    for i, (off, n) in enumerate(zip(head.offsets, head.sizes))
-                ], 1)
+                pred_bboxes = self._decode_maps(head, anchor_points)
             else:
                 pred_bboxes = self.decode_boxes(inputs.pred_dist, anchor_points)
         return YOLOv8Decoding(anchor_points, stride_tensor, pred_bboxes, decode_positives=True)
+
+    def _decode_maps(self, head: HeadMaps, anchor_points: Tensor) -> Tensor:
+        """:meth:`decode_boxes` of every anchor of the head maps ``[B, A, 4]``, level by level
+        and in blocks of about :data:`DECODE_BLOCK_ROWS` rows (image x anchor), each written into
+        one output: the same values (the decoding is row by row), with temporaries (the softmax
+        and its contiguous input) of a block instead of a whole level."""
+        m0 = head.maps[0]
+        out = torch.empty((head.batch_size, head.num_anchors, 4), dtype=m0.dtype, device=m0.device)
+        step = max(DECODE_BLOCK_ROWS // max(head.batch_size, 1), 1)
+        for i, (off, n) in enumerate(zip(head.offsets, head.sizes)):
+            channels = head.box_channels(i)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                out[:, off + s : off + e] = self.decode_boxes(channels[:, s:e], anchor_points[off + s : off + e])
+        return out
 
     def assignment(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding) -> Assignment:
         """The task-aligned assignment (``self.assigner``) on the detached predictions, in pixels;

@@ -167,7 +167,7 @@ def test_gradcheck_keypoint_pieces():
 
 def test_gradcheck_realnvp_and_rle():
     flow = random_flow(seed=8)
-    x = (torch.randn(4, 2, dtype=D) * 2).requires_grad_(True)
+    x = torch.randn(4, 2, dtype=D).requires_grad_(True)  # moderate log-densities: finite differences stay well inside the tolerance
     params = [flow.s[0][0].weight, flow.t[5][4].bias, flow.s[3][4].weight]
 
     def f(x, *ps):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._runtime import LossPass, apply_pass, cached_pass
-from .dense import bce_with_logits_closed_form, bce_with_logits_formula
+from .dense import bce_with_logits_closed_form, bce_with_logits_formula, dense_pass_options
 
 __all__ = [
     "onehot_bce_closed_form", "onehot_bce_formula", "onehot_bce_pass", "onehot_bce_into", "fused_onehot_bce_with_logits",
@@ -56,7 +56,7 @@ def onehot_bce_formula(x: Tensor, label: Tensor, score: Tensor, chan: Tensor, we
 
 def onehot_bce_pass() -> LossPass:
     """The cached pass ``(x, label, score, chan, weight, scale) -> (summed loss, gradient)``."""
-    return cached_pass("onehot_bce_with_logits", onehot_bce_closed_form, onehot_bce_formula, "sum")
+    return cached_pass("onehot_bce_with_logits", onehot_bce_closed_form, onehot_bce_formula, "sum", options=dense_pass_options)
 
 
 def onehot_bce_into(out: Tensor, *args: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ No loop over boxes or points; a loop over levels only.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -60,14 +61,34 @@ def per_point(
                                    torch.tensor(counts, device=device), output_size=sum(counts))
 
 
+#: Grids :func:`make_anchors` keeps (the most recent ones; a training run uses one or a few sizes).
+ANCHOR_CACHE_SIZE = 8
+_ANCHOR_CACHE: "OrderedDict[tuple, Tuple[Tensor, Tensor, int, int]]" = OrderedDict()
+
+
 def make_anchors(levels: Sequence[Level], dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """Anchor points ``[A, 2]`` in grid units ``(x + 0.5, y + 0.5)`` and their strides ``[A, 1]``
     (ultralytics ``make_anchors`` with offset 0.5). Times the strides they are the points in
-    pixels, to the last bit of ``grid_points(..., spacings=strides)``."""
+    pixels, to the last bit of ``grid_points(..., spacings=strides)``.
+
+    The last :data:`ANCHOR_CACHE_SIZE` grids are kept and the same tensors returned again (they
+    cost about twenty small ops to build); one that was modified in place is built anew. Under
+    ``torch.inference_mode`` or a ``torch.compile`` trace they are built every time."""
+    key = (tuple((int(h), int(w), float(s)) for h, w, s in levels), dtype, torch.device(device or "cpu"))
+    # inference tensors keep no version counter (and may not be used with autograd): not cached
+    traced = torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+    hit = None if traced else _ANCHOR_CACHE.get(key)
+    if hit is not None and hit[0]._version == hit[2] and hit[1]._version == hit[3]:
+        _ANCHOR_CACHE.move_to_end(key)
+        return hit[0], hit[1]
     sizes = [(h, w) for h, w, _ in levels]
     points = grid_points(sizes, [(1.0, 1.0)] * len(sizes), dtype=dtype, device=device)
-    strides = per_point([float(s) for _, _, s in levels], sizes, dtype=dtype, device=device)
-    return points, strides[:, None]
+    strides = per_point([float(s) for _, _, s in levels], sizes, dtype=dtype, device=device)[:, None]
+    if not traced:
+        _ANCHOR_CACHE[key] = (points, strides, points._version, strides._version)
+        while len(_ANCHOR_CACHE) > ANCHOR_CACHE_SIZE:
+            _ANCHOR_CACHE.popitem(last=False)
+    return points, strides
 
 
 def window_cells(start: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

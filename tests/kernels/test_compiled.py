@@ -96,3 +96,62 @@ def loss_and_grad2(fn, a, b):
     a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
     loss = fn(a, b)
     return loss.detach(), torch.autograd.grad(loss, (a, b))
+
+
+def _head_maps(bs, sizes, reg_max, nc, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = [torch.randn(bs, 4 * reg_max + nc, n, generator=g) * 3 for n in sizes]
+    maps[0][0, :reg_max, 0] = torch.tensor([90.0] + [-90.0] * (reg_max - 1))  # exp would overflow unshifted
+    return maps
+
+
+def test_dfl_decode_compiled_matches_softmax_matmul(compiled):
+    """decode_head_maps (one compiled loop over the maps' layout) against the reference's
+    softmax(-1).matmul(proj) decoding (decode_distances) on the transposed box channels: the
+    same boxes to a few ulps, on two sets of level sizes with one graph."""
+    from detloss.anchors import make_anchors
+    from detloss.losses.yolov8 import decode_distances
+
+    graphs = None
+    for bs, side in ((3, 16), (5, 24)):  # (a batch of 2 would share the symbol of the points' 2)
+        levels = [(side // s, side // s, float(s)) for s in (1, 2, 4)]
+        sizes = [h * w for h, w, _ in levels]
+        maps = _head_maps(bs, sizes, 16, 3, seed=side)
+        points, _ = make_anchors(levels, torch.float32)
+        got = kernels.decode_head_maps(maps, points.split(sizes), 16)
+        want = torch.cat([decode_distances(m[:, :64].transpose(1, 2), p) for m, p in zip(maps, points.split(sizes))], 1)
+        assert got.shape == (bs, sum(sizes), 4) and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=4e-6)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled for new sizes"
+
+
+def test_yolov8_loss_compiled_matches_plain_path(compiled, monkeypatch):
+    """YOLOv8Loss on the fused path compiled (class BCE, box decoding for the assigner, CIoU of the
+    positives) against the plain path (DETLOSS_FUSED=0): the same assignment, terms and gradients."""
+    from detloss import YOLOv8Loss
+
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(2, 64 + 5, s, s, generator=g) for s in (32, 16, 8)]
+    wh = torch.rand(12, 2, generator=g) * 0.3 + 0.05
+    xy = wh / 2 + torch.rand(12, 2, generator=g) * (1 - wh)
+    targets = torch.cat((torch.arange(2).repeat_interleave(6)[:, None].float(),
+                         torch.randint(0, 5, (12, 1), generator=g).float(), xy, wh), 1)
+    loss = YOLOv8Loss(5)
+
+    def run():
+        leaves = [f.clone().requires_grad_() for f in feats]
+        out = loss(leaves, targets)
+        return out, torch.autograd.grad(out.total, leaves)
+
+    fused, fused_grads = run()
+    monkeypatch.setenv("DETLOSS_FUSED", "0")
+    plain, plain_grads = run()
+    assert fused.stats["num_pos"] == plain.stats["num_pos"] > 0
+    torch.testing.assert_close(fused.total, plain.total, rtol=2e-6, atol=1e-6)
+    for k in ("box", "cls", "dfl"):
+        torch.testing.assert_close(fused.components[k], plain.components[k], rtol=2e-6, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert abs(float(fused.stats["ciou_mean"]) - float(plain.stats["ciou_mean"])) < 1e-5

@@ -296,3 +296,24 @@ def test_one_bce_core():
     for fn in (F.bce_with_logits, F.sigmoid_focal_loss, F.quality_focal_loss, F.bce_blur,
                lambda a, y: F.varifocal_loss(a, y, y)):
         assert type(fn(xr, t).grad_fn).__name__ == "FusedLossBackward"
+
+
+def test_compiled_function_falls_back_on_compile_errors_only(monkeypatch):
+    """CompiledFunction (the box decoding's runner) has LossPass's rule: a compile failure warns
+    once and runs the function eagerly from then on; an error of the call propagates and keeps
+    the compiled function."""
+    monkeypatch.setenv("DETLOSS_COMPILE", "1")
+    x = torch.arange(6.0)
+    monkeypatch.setattr(torch, "compile", _broken_compile(_CompileFailure("no compiler here")))
+    fn = _runtime.CompiledFunction(lambda a: a * 2, "test_cf_fallback")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed for test_cf_fallback.*eagerly"):
+        torch.testing.assert_close(fn(x), x * 2)
+    assert fn.failed
+    torch.testing.assert_close(fn(x), x * 2)  # no second attempt, no warning
+    monkeypatch.setattr(torch, "compile", _broken_compile(RuntimeError("CPU out of memory")))
+    fn = _runtime.CompiledFunction(lambda a: a * 2, "test_cf_runtime")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fn(x)
+    assert not fn.failed and fn._compiled is not None
+    monkeypatch.setenv("DETLOSS_COMPILE", "0")  # switched off: the eager function, every call
+    torch.testing.assert_close(fn(x), x * 2)

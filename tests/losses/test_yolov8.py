@@ -409,3 +409,27 @@ def test_compiled_head_pass_matches_v8detectionloss(monkeypatch):
     torch.testing.assert_close(out.total, d["loss_sum"], rtol=1e-6, atol=0)
     for i, g in enumerate(grads):
         close(g, d[f"grad_feat{i}"])
+
+
+def test_make_anchors_keeps_recent_grids_and_rebuilds_a_modified_one():
+    """make_anchors returns the same tensors for a grid it built recently (no rebuild per call);
+    a grid modified in place, another dtype or inference mode gets tensors of its own; the values
+    are always the grid's (cell centres in grid units, the level's stride)."""
+    from detloss.anchors import make_anchors
+
+    levels = [(3, 4, 8.0), (2, 2, 16.0)]
+    pts, strides = make_anchors(levels, torch.float32)
+    want_pts = torch.tensor([[x + 0.5, y + 0.5] for y in range(3) for x in range(4)]
+                            + [[x + 0.5, y + 0.5] for y in range(2) for x in range(2)])
+    torch.testing.assert_close(pts, want_pts, rtol=0, atol=0)
+    torch.testing.assert_close(strides[:, 0], torch.tensor([8.0] * 12 + [16.0] * 4), rtol=0, atol=0)
+    again = make_anchors(levels, torch.float32)
+    assert again[0] is pts and again[1] is strides
+    pts.mul_(0)  # a caller modified them: the next call builds them anew
+    fresh, _ = make_anchors(levels, torch.float32)
+    assert fresh is not pts
+    torch.testing.assert_close(fresh, want_pts, rtol=0, atol=0)
+    assert make_anchors(levels, torch.float64)[0].dtype == torch.float64
+    with torch.inference_mode():
+        inf_pts, _ = make_anchors(levels, torch.float32)
+    assert inf_pts is not fresh and inf_pts.is_inference() and not fresh.is_inference()

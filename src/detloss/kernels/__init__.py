@@ -24,7 +24,8 @@ plain path (:class:`FusedLoss` has ``setup_context``).
 Which losses: :func:`detloss.functional.bce_with_logits`, ``sigmoid_focal_loss``, ``bce_blur``,
 ``quality_focal_loss``, ``varifocal_loss`` (:mod:`detloss.kernels.dense`) and ``iou_loss`` for
 giou/diou/ciou/iou in both conventions (:mod:`detloss.kernels.iou`, with the IoU formulas in
-:mod:`detloss.kernels.iou_formula`). Results equal the formulas (the ground truth in the tests) to
+:mod:`detloss.kernels.iou_formula`); without a gradient, the box decoding of distribution heads
+(:mod:`detloss.kernels.distributions`, what YOLOv8Loss's assigner reads). Results equal the formulas (the ground truth in the tests) to
 rounding, gradients included. This package never imports :mod:`detloss.functional`.
 
 Environment switches (read at every call):
@@ -64,6 +65,7 @@ from .dense import (
     fused_sigmoid_focal_loss,
     fused_varifocal_loss,
 )
+from .distributions import decode_head_maps, use_compiled_decode
 from .iou import FUSED_KINDS as FUSED_IOU_KINDS
 from .iou import fused_iou_loss
 from .onehot import fused_onehot_bce_with_logits
@@ -92,5 +94,7 @@ __all__ = [
     "fused_varifocal_loss",
     "fused_iou_loss",
     "fused_onehot_bce_with_logits",
+    "decode_head_maps",
+    "use_compiled_decode",
     "FUSED_IOU_KINDS",
 ]

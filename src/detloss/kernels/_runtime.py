@@ -401,6 +401,35 @@ class LossPass:
         return loss, out.copy_(grad)
 
 
+class CompiledFunction:
+    """A function (no autograd) compiled once with ``torch.compile(dynamic=True)``, with the fallback
+    rule of :class:`LossPass`: when it cannot be compiled here (:func:`compile_error_types`) it
+    warns once and runs eagerly from then on; errors of a compiled call itself propagate."""
+
+    def __init__(self, fn: Callable, tag: str) -> None:
+        self.fn = fn
+        self.tag = tag
+        self._compiled: Optional[Callable] = None
+        self.failed = False
+
+    def __call__(self, *args: torch.Tensor):
+        if not compile_enabled() or self.failed:
+            return self.fn(*args)
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(_fresh_code(self.fn, self.tag), dynamic=True)
+            return self._compiled(*args)
+        except compile_error_types() as exc:
+            self.failed = True
+            warnings.warn(
+                f"detloss.kernels: torch.compile failed for {self.tag} ({type(exc).__name__}: {exc}); "
+                f"running it eagerly (set {ENV_COMPILE}=0 to skip compiling)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return self.fn(*args)
+
+
 class FusedLoss(torch.autograd.Function):
     """A loss whose forward runs a pass and keeps only its gradient; backward scales it.
 

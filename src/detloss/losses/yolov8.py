@@ -198,7 +198,10 @@ class YOLOv8Decoding:
     (:meth:`YOLOv8Loss.decode_boxes`); False (a variant's own ``prepare``): the positives' boxes
     are the rows of ``pred_bboxes``. ``cls_sum``: the class BCE summed over every anchor and class
     (before ``/ S``), when ``gather`` computed it in the same pass over the head maps as the
-    positives' distributions (None: :meth:`YOLOv8Loss.cls_term` computes it)."""
+    positives' distributions (None: :meth:`YOLOv8Loss.cls_term` computes it). ``fused``: the head
+    maps run the fused path (:func:`detloss.kernels.use_fused`), so the box term takes the compiled
+    CIoU pass too. ``pos_ciou``: the positives' CIoU (detached), recorded by :meth:`YOLOv8Loss.box_term`
+    for the stats."""
 
     anchor_points: Tensor
     stride_tensor: Tensor
@@ -212,6 +215,8 @@ class YOLOv8Decoding:
     batch_factor: Union[int, Tensor] = 1
     decode_positives: bool = False
     cls_sum: Optional[Tensor] = None
+    fused: bool = False
+    pos_ciou: Optional[Tensor] = None
 
 
 class YOLOv8Loss(DetectionLoss):
@@ -413,7 +418,13 @@ class YOLOv8Loss(DetectionLoss):
         """:meth:`decode_boxes` of every anchor of the head maps ``[B, A, 4]``, level by level
         and in blocks of about :data:`DECODE_BLOCK_ROWS` rows (image x anchor), each written into
         one output: the same values (the decoding is row by row), with temporaries (the softmax
-        and its contiguous input) of a block instead of a whole level."""
+        and its contiguous input) of a block instead of a whole level. On the fused path
+        (compiling on, maps of at least :func:`~detloss.kernels.min_numel` elements) the
+        distributions' expectations come from :func:`detloss.kernels.decode_head_maps` instead."""
+        if (self.reg_max > 1 and type(self).decode_boxes is YOLOv8Loss.decode_boxes
+                and kernels.use_compiled_decode(head.maps)):
+            # one compiled loop over the maps' own layout (the same expectation, to a few ulps)
+            return kernels.decode_head_maps(head.maps, anchor_points.split(head.sizes), self.reg_max)
         m0 = head.maps[0]
         out = torch.empty((head.batch_size, head.num_anchors, 4), dtype=m0.dtype, device=m0.device)
         step = max(DECODE_BLOCK_ROWS // max(head.batch_size, 1), 1)
@@ -465,7 +476,8 @@ class YOLOv8Loss(DetectionLoss):
         else:
             batch_factor = inputs.batch_size
         cls_sum = None
-        if inputs.head is not None and kernels.use_fused(inputs.head.maps[0]):
+        fused = inputs.head is not None and kernels.use_fused(inputs.head.maps[0])
+        if fused:
             fuse_cls = sparse is not None and type(self).cls_term is YOLOv8Loss.cls_term
             pos_pred_dist, cls_sum = head_terms(inputs.head, b, a, sparse if fuse_cls else None, self.class_weights)
         else:
@@ -484,6 +496,7 @@ class YOLOv8Loss(DetectionLoss):
             normalizer=score_sum.clamp(min=1),
             batch_factor=batch_factor,
             cls_sum=cls_sum,
+            fused=fused,
         )
 
     # ------------------------------------------------------------------ the terms
@@ -502,13 +515,19 @@ class YOLOv8Loss(DetectionLoss):
         return F.bce_with_logits(logits, target_scores, weight=cw, reduction="sum") / prepared.normalizer
 
     def box_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
-        """``sum w_a (1 - CIoU)`` over the positives, over S."""
+        """``sum w_a (1 - CIoU)`` over the positives, over S. On the fused path ``1 - CIoU`` and its
+        gradient come from the compiled pass (:func:`detloss.kernels.fused_iou_loss`: one call at
+        any number of positives, the gradient in closed form), else from the formula through
+        autograd; the same values to rounding. Records the CIoU in ``prepared.pos_ciou``."""
         if not assignment.num_pos:
             return torch.zeros((), dtype=inputs.dtype, device=inputs.device)
-        ciou = F.aligned_box_iou(
-            prepared.pos_pred_bboxes, prepared.pos_target_bboxes, kind="ciou", convention="yolov5", validate=False
-        )
-        return ((1.0 - ciou) * assignment.weights).sum() / prepared.normalizer
+        pred, target = prepared.pos_pred_bboxes, prepared.pos_target_bboxes
+        if prepared.fused and pred.requires_grad and not target.requires_grad:
+            loss = kernels.fused_iou_loss(pred, target, "ciou", convention="yolov5", reduction="none", compiled=True)
+        else:
+            loss = 1.0 - F.aligned_box_iou(pred, target, kind="ciou", convention="yolov5", validate=False)
+        prepared.pos_ciou = 1.0 - loss.detach()
+        return (loss * assignment.weights).sum() / prepared.normalizer
 
     def dfl_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """``sum w_a mean_sides DFL`` over the positives, over S (targets clamped to ``reg_max - 1.01``)."""
@@ -560,9 +579,10 @@ class YOLOv8Loss(DetectionLoss):
         if assignment.num_pos:
             pred_px = prepared.pos_pred_bboxes.detach() * prepared.pos_strides
             iou_mean = F.aligned_box_iou(pred_px, assignment.boxes, convention="yolov5", validate=False).mean()
-            ciou_mean = F.aligned_box_iou(
-                pred_px, assignment.boxes, kind="ciou", convention="yolov5", validate=False
-            ).mean()
+            ciou = prepared.pos_ciou  # the box term's (grid units: the same CIoU up to its eps)
+            if ciou is None:
+                ciou = F.aligned_box_iou(pred_px, assignment.boxes, kind="ciou", convention="yolov5", validate=False)
+            ciou_mean = ciou.mean()
         return {
             "num_pos": assignment.num_pos,
             "num_targets": inputs.mask_gt.sum(),

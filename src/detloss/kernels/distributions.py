@@ -17,8 +17,9 @@ softmax-then-matmul of :func:`detloss.losses.yolov8.decode_distances`, so the tw
 ulps. It runs without gradient: it is what the task-aligned assigner reads, and the positives'
 boxes are decoded again, with gradient, from their own rows.
 
-When compiling is switched off (``DETLOSS_FUSED=0`` or ``DETLOSS_COMPILE=0``) or fails, callers
-use the plain decoding (:func:`use_compiled_decode` says which).
+When compiling is switched off (``DETLOSS_FUSED=0`` or ``DETLOSS_COMPILE=0``) callers use the plain
+decoding (:func:`use_compiled_decode` says which); when the compile fails, this module's formula
+runs eagerly (:class:`~detloss.kernels._runtime.CompiledFunction`).
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ _DECODERS: Dict[Tuple[int, int], CompiledFunction] = {}
 
 def use_compiled_decode(maps: Sequence[Tensor]) -> bool:
     """Whether :func:`decode_head_maps` runs compiled for these maps: compiling on, at least
-    :func:`~detloss.kernels.min_numel` elements, floating maps, not under an enclosing
-    ``torch.compile`` or a ``torch.func`` transform, and no earlier compile failure."""
+    :func:`~detloss.kernels.min_numel` elements, floating maps, and not under an enclosing
+    ``torch.compile`` or a ``torch.func`` transform."""
     if not (fused_enabled() and compile_enabled()) or not maps:
         return False
     if sum(m.numel() for m in maps) < min_numel() or not maps[0].is_floating_point():

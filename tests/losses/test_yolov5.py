@@ -458,3 +458,35 @@ def test_decode_is_detects_inference_decoding():
     assert boxes.shape == (1, 3 * (64 + 16 + 4), 4)
     one = YOLOv5Loss(1).decode([p[..., :6] for p in preds])[1]
     assert bool((one == 0.5).all())  # one class: the objectness alone
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_class_term_never_builds_the_one_hot_target_and_keeps_parity(monkeypatch, fused):
+    """With plain BCE and no negative smoothing the class BCE compares each logit's class with its
+    positive's label (kernels.fused_onehot_bce_with_logits): the reference's class loss and
+    gradients on the eager (small) and the fused closed form; with label smoothing, focal loss or
+    a class pos_weight the dense target is kept (those cases' parity is test_parity_float64)."""
+    monkeypatch.setenv("DETLOSS_FUSED_MIN_NUMEL", "0")
+    monkeypatch.setenv("DETLOSS_FUSED", fused)
+    monkeypatch.setenv("DETLOSS_COMPILE", "0")
+    calls = []
+    real = detloss.kernels.fused_onehot_bce_with_logits
+
+    def spy(*args, **kw):
+        calls.append(kw.get("compiled"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(detloss.kernels, "fused_onehot_bce_with_logits", spy)
+    d, cfg = _load("c03_bs2_nc80_many.npz")
+    preds = [torch.from_numpy(d[f"p{i}"]).clone().requires_grad_(True) for i in range(3)]
+    out = _loss_from_config(cfg)(preds, torch.from_numpy(d["targets"]))
+    out.total.backward()
+    assert calls and all(c is (fused == "1") for c in calls)
+    _close(out.components["cls"], d["lcls"], what="cls (one-hot)")
+    for i, p in enumerate(preds):
+        _close(p.grad, d[f"grad_p{i}"], what=f"grad p{i} (one-hot)")
+    for name in ("c06_bs2_nc3_focal.npz", "c07_bs2_nc5_smoothing.npz", "c08_bs2_nc3_pos_weight.npz"):
+        calls.clear()
+        d, cfg = _load(name)
+        _loss_from_config(cfg)([torch.from_numpy(d[f"p{i}"]) for i in range(3)], torch.from_numpy(d["targets"]))
+        assert not calls, name

@@ -67,7 +67,11 @@ def onehot_bce_into(out: Tensor, *args: Tensor) -> Tensor:
     return onehot_bce_pass()(*args, out=out)[0]
 
 
-def fused_onehot_bce_with_logits(x: Tensor, label: Tensor, score: Tensor, chan: Tensor, weight: Tensor) -> Tensor:
-    """The summed loss, differentiable in ``x`` (the fused path: only the gradient is kept)."""
+def fused_onehot_bce_with_logits(
+    x: Tensor, label: Tensor, score: Tensor, chan: Tensor, weight: Tensor, *, compiled: bool = True
+) -> Tensor:
+    """The summed loss, differentiable in ``x`` (only the gradient is kept): the compiled pass, or
+    with ``compiled=False`` the same closed form run eagerly (for inputs too small to be worth a
+    compiled call; :func:`detloss.kernels.use_fused` decides)."""
     one = torch.ones((), dtype=weight.dtype, device=weight.device)
-    return apply_pass(onehot_bce_pass(), True, x, label, score, chan, weight, one)
+    return apply_pass(onehot_bce_pass(), compiled, x, label, score, chan, weight, one)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .. import kernels
 from .._checks import check_finite, check_floating, check_like_first, compute_dtype, upcast
 from ..anchors import GridLevel, grid_points
 from ..assign.yolov5 import OFFSET_NAMES, YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
@@ -482,16 +483,35 @@ class YOLOv5Loss(DetectionLoss):
             b.div_(b[self.ssi].clone())
 
     def cls_term(self, inputs: YOLOv5Inputs, pos: YOLOv5Positives, assignment: YOLOv5Assignment) -> Tensor:
-        """``sum_i mean_pos BCE(t_cls, onehot(cp, cn))`` (0 when ``num_classes == 1``)."""
+        """``sum_i mean_pos BCE(t_cls, onehot(cp, cn))`` (0 when ``num_classes == 1``).
+
+        With plain BCE (``fl_gamma == 0``, ``cls_pw == 1``) and no negative smoothing (``cn == 0``)
+        the one-hot target is never built: each logit compares its class with its positive's
+        label (:func:`detloss.kernels.fused_onehot_bce_with_logits`, the same BCE to rounding)."""
         lcls = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
         if self.num_classes == 1:
             return lcls
+        onehot = self.cn == 0.0 and self.cls_pw == 1.0 and self.fl_gamma == 0.0
+        chan = weight = score = None
         for i, (asg, pcls) in enumerate(zip(assignment, pos.cls_logits)):
-            if asg.num_pos:
-                t = torch.full_like(pcls, self.cn)
-                t[torch.arange(asg.num_pos, device=inputs.device), asg.classes] = self.cp
-                divisor = None if pos.pos_divisor is None else pos.pos_divisor[i] * self.num_classes
-                lcls = lcls + self._bce(pcls, t, self.cls_pw, divisor)
+            if not asg.num_pos:
+                continue
+            if pos.pos_divisor is None:
+                divisor: Union[int, Tensor] = asg.num_pos * self.num_classes
+            else:
+                divisor = pos.pos_divisor[i] * self.num_classes
+            if onehot:
+                if chan is None:
+                    chan = torch.arange(self.num_classes, device=inputs.device, dtype=pcls.dtype)[None]
+                    weight = torch.ones_like(chan)
+                    score = torch.full((1, 1), self.cp, dtype=pcls.dtype, device=inputs.device)
+                label = asg.classes.to(pcls.dtype)[:, None]
+                compiled = kernels.use_fused(pcls)
+                lcls = lcls + kernels.fused_onehot_bce_with_logits(pcls, label, score, chan, weight, compiled=compiled) / divisor
+                continue
+            t = torch.full_like(pcls, self.cn)
+            t[torch.arange(asg.num_pos, device=inputs.device), asg.classes] = self.cp
+            lcls = lcls + self._bce(pcls, t, self.cls_pw, None if pos.pos_divisor is None else divisor)
         return lcls
 
     def batch_factor(self, inputs: YOLOv5Inputs, pos: YOLOv5Positives) -> Union[int, Tensor]:

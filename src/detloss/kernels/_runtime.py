@@ -116,24 +116,29 @@ def under_vmap(*tensors: Optional[torch.Tensor]) -> bool:
     return False
 
 
+def worth_fusing(numel: int, *tensors: torch.Tensor) -> bool:
+    """The switches every fused or compiled path shares: the fused path is on (``DETLOSS_FUSED``
+    is not ``0``), the work has at least :func:`min_numel` elements, and the call is not being
+    traced by an outer ``torch.compile`` or a ``torch.func`` transform of any of ``tensors``
+    (those fuse or batch the plain formula themselves)."""
+    if not fused_enabled() or numel < min_numel():
+        return False
+    return not (torch.compiler.is_compiling() or any(is_functorch_wrapped(t) for t in tensors))
+
+
 def use_fused(input: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     """Whether a loss on ``input`` (logits or predicted boxes) runs its compiled pass.
 
-    True when all of these hold: the fused path is on (``DETLOSS_FUSED`` is not ``0``); autograd
-    needs the gradient (grad mode on and ``input.requires_grad``); none of ``others`` (targets,
-    weights) requires a gradient (those take the plain path, whose backward differentiates the
-    formula for them); ``input`` has at least :func:`min_numel` elements; and the call is not
-    being traced by an outer ``torch.compile`` or a ``torch.func`` transform.
+    True when autograd needs the gradient (grad mode on and ``input.requires_grad``), none of
+    ``others`` (targets, weights) requires a gradient (those take the plain path, whose backward
+    differentiates the formula for them), and :func:`worth_fusing` holds for ``input``'s elements
+    (fused path on, at least :func:`min_numel` of them, not traced or transformed).
     """
     if not isinstance(input, torch.Tensor) or not input.requires_grad or not torch.is_grad_enabled():
         return False
-    if not fused_enabled() or input.numel() < min_numel():
-        return False
     if any(o is not None and o.requires_grad for o in others):
         return False
-    if torch.compiler.is_compiling() or is_functorch_wrapped(input):
-        return False
-    return True
+    return worth_fusing(input.numel(), input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +350,23 @@ class LossPass:
         self.tag = tag
         self.into_buffer = into_buffer
         self.options = options
-        self._compiled: Optional[Callable] = None
-        self.failed = False
+        #: the compiled closed form, with the fallback rule of :class:`CompiledFunction`
+        self.compiled = CompiledFunction(
+            self.eager, tag, options=self.compile_options, fallback=self._fallback,
+            fallback_note="using the eager closed-form pass",
+        )
+
+    @property
+    def failed(self) -> bool:
+        """Whether compiling this pass failed here (it then runs :meth:`plain`)."""
+        return self.compiled.failed
+
+    def _fallback(self, *args: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
+        """What a compile failure runs instead, returning what the compiled call would: the
+        loss alone when the gradient goes into ``out``, else ``(loss, grad)``."""
+        if not self.into_buffer:
+            return self.plain(*args)  # type: ignore[arg-type]
+        return self._plain_into(out, *args)[0]
 
     def compile_options(self) -> Dict[str, object]:
         """The Inductor options of this pass (a callable given as ``options`` is resolved here,
@@ -370,29 +390,15 @@ class LossPass:
     def __call__(self, *args: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss, grad)``; with ``out`` (a tensor shaped like the input, any strides) the gradient
         is stored there and ``out`` is returned as ``grad``."""
-        if not compile_enabled() or self.failed:
+        if not self.compiled.available():
             return self._plain_into(out, *args)
-        try:
-            if self._compiled is None:
-                self._compiled = torch.compile(
-                    _fresh_code(self.eager, self.tag), dynamic=True, options=self.compile_options() or None
-                )
-            if not self.into_buffer:
-                return self._compiled(*args)
-            # The compiled loop writes the gradient into a buffer allocated here (see
-            # empty_gradient) instead of one Inductor allocates: same values, fewer page faults.
-            if out is None:
-                out = empty_gradient(*args)  # type: ignore[arg-type]
-            return self._compiled(*args, out=out), out
-        except compile_error_types() as exc:  # this pass cannot be compiled here: run it eagerly
-            self.failed = True
-            warnings.warn(
-                f"detloss.kernels: torch.compile failed for {self.tag} ({type(exc).__name__}: {exc}); "
-                f"using the eager closed-form pass (set {ENV_COMPILE}=0 to skip compiling)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return self._plain_into(out, *args)
+        if not self.into_buffer:
+            return self.compiled(*args)
+        # The compiled loop writes the gradient into a buffer allocated here (see
+        # empty_gradient) instead of one Inductor allocates: same values, fewer page faults.
+        if out is None:
+            out = empty_gradient(*args)  # type: ignore[arg-type]
+        return self.compiled(*args, out=out), out
 
     def _plain_into(self, out: Optional[torch.Tensor], *args: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         loss, grad = self.plain(*args)  # type: ignore[arg-type]
@@ -402,32 +408,49 @@ class LossPass:
 
 
 class CompiledFunction:
-    """A function (no autograd) compiled once with ``torch.compile(dynamic=True)``, with the fallback
-    rule of :class:`LossPass`: when it cannot be compiled here (:func:`compile_error_types`) it
-    warns once and runs eagerly from then on; errors of a compiled call itself propagate."""
+    """A function (no autograd) compiled once with ``torch.compile(dynamic=True)``.
 
-    def __init__(self, fn: Callable, tag: str) -> None:
+    When it cannot be compiled here (:func:`compile_error_types`: no C++ compiler, unsupported
+    platform) it warns once and runs ``fallback`` (default: ``fn`` itself, eagerly) from then on;
+    with compiling off (``DETLOSS_COMPILE=0``) it runs ``fallback`` too. Errors of a compiled call
+    itself (out of memory, say) propagate and leave the compiled function in place. ``options``:
+    Inductor options, or a callable giving them when the function is first compiled.
+    :class:`LossPass` holds one for its closed form.
+    """
+
+    def __init__(
+        self, fn: Callable, tag: str, *, options: Optional[CompileOptions] = None,
+        fallback: Optional[Callable] = None, fallback_note: str = "running it eagerly",
+    ) -> None:
         self.fn = fn
         self.tag = tag
+        self.options = options
+        self.fallback = fn if fallback is None else fallback
+        self.fallback_note = fallback_note
         self._compiled: Optional[Callable] = None
         self.failed = False
 
-    def __call__(self, *args: torch.Tensor):
-        if not compile_enabled() or self.failed:
-            return self.fn(*args)
+    def available(self) -> bool:
+        """Whether a call runs (or first compiles) the compiled function."""
+        return compile_enabled() and not self.failed
+
+    def __call__(self, *args: Optional[torch.Tensor], **kwargs: Optional[torch.Tensor]):
+        if not self.available():
+            return self.fallback(*args, **kwargs)
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(_fresh_code(self.fn, self.tag), dynamic=True)
-            return self._compiled(*args)
+                opts = self.options() if callable(self.options) else self.options
+                self._compiled = torch.compile(_fresh_code(self.fn, self.tag), dynamic=True, options=dict(opts or {}) or None)
+            return self._compiled(*args, **kwargs)
         except compile_error_types() as exc:
             self.failed = True
             warnings.warn(
                 f"detloss.kernels: torch.compile failed for {self.tag} ({type(exc).__name__}: {exc}); "
-                f"running it eagerly (set {ENV_COMPILE}=0 to skip compiling)",
+                f"{self.fallback_note} (set {ENV_COMPILE}=0 to skip compiling)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return self.fn(*args)
+        return self.fallback(*args, **kwargs)
 
 
 class FusedLoss(torch.autograd.Function):

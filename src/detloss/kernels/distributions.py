@@ -28,7 +28,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._runtime import CompiledFunction, compile_enabled, fused_enabled, is_functorch_wrapped, min_numel
+from ._runtime import CompiledFunction, compile_enabled, worth_fusing
 
 __all__ = ["decode_head_maps", "use_compiled_decode"]
 
@@ -56,16 +56,13 @@ _DECODERS: Dict[Tuple[int, int], CompiledFunction] = {}
 
 
 def use_compiled_decode(maps: Sequence[Tensor]) -> bool:
-    """Whether :func:`decode_head_maps` runs compiled for these maps: compiling on, at least
-    :func:`~detloss.kernels.min_numel` elements, floating maps, and not under an enclosing
-    ``torch.compile`` or a ``torch.func`` transform."""
-    if not (fused_enabled() and compile_enabled()) or not maps:
+    """Whether :func:`decode_head_maps` runs compiled for these maps: compiling on, floating maps,
+    and :func:`~detloss.kernels._runtime.worth_fusing` for their elements (fused path on, at least
+    :func:`~detloss.kernels.min_numel` of them, not under an enclosing ``torch.compile`` or a
+    ``torch.func`` transform)."""
+    if not maps or not compile_enabled() or not maps[0].is_floating_point():
         return False
-    if sum(m.numel() for m in maps) < min_numel() or not maps[0].is_floating_point():
-        return False
-    if torch.compiler.is_compiling() or any(is_functorch_wrapped(m) for m in maps):
-        return False
-    return True
+    return worth_fusing(sum(m.numel() for m in maps), *maps)
 
 
 def decode_head_maps(maps: Sequence[Tensor], points: Sequence[Tensor], reg_max: int) -> Tensor:

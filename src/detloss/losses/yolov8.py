@@ -200,8 +200,8 @@ class YOLOv8Decoding:
     (before ``/ S``), when ``gather`` computed it in the same pass over the head maps as the
     positives' distributions (None: :meth:`YOLOv8Loss.cls_term` computes it). ``fused``: the head
     maps run the fused path (:func:`detloss.kernels.use_fused`), so the box term takes the compiled
-    CIoU pass too. ``pos_ciou``: the positives' CIoU (detached), recorded by :meth:`YOLOv8Loss.box_term`
-    for the stats."""
+    CIoU pass too. ``pos_ciou_loss``: the positives' ``1 - CIoU`` with its graph, kept by
+    :meth:`YOLOv8Loss.positive_ciou_loss` (computed once per call; the box term and the stats read it)."""
 
     anchor_points: Tensor
     stride_tensor: Tensor
@@ -216,7 +216,7 @@ class YOLOv8Decoding:
     decode_positives: bool = False
     cls_sum: Optional[Tensor] = None
     fused: bool = False
-    pos_ciou: Optional[Tensor] = None
+    pos_ciou_loss: Optional[Tensor] = None
 
 
 class YOLOv8Loss(DetectionLoss):
@@ -514,20 +514,26 @@ class YOLOv8Loss(DetectionLoss):
         target_scores = assignment.extras["target_scores"]
         return F.bce_with_logits(logits, target_scores, weight=cw, reduction="sum") / prepared.normalizer
 
+    def positive_ciou_loss(self, prepared: YOLOv8Decoding) -> Tensor:
+        """``1 - CIoU`` of each positive's decoded box with its target (grid units), with its graph;
+        computed on the first use in a call and kept in ``prepared``. On the fused path it and its
+        gradient come from the compiled pass (:func:`detloss.kernels.fused_iou_loss`: one call at any
+        number of positives, the gradient in closed form), else from the formula through autograd;
+        the same values to rounding."""
+        if prepared.pos_ciou_loss is None:
+            pred, target = prepared.pos_pred_bboxes, prepared.pos_target_bboxes
+            if prepared.fused and pred.requires_grad and not target.requires_grad:
+                loss = kernels.fused_iou_loss(pred, target, "ciou", convention="yolov5", reduction="none", compiled=True)
+            else:
+                loss = 1.0 - F.aligned_box_iou(pred, target, kind="ciou", convention="yolov5", validate=False)
+            prepared.pos_ciou_loss = loss
+        return prepared.pos_ciou_loss
+
     def box_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
-        """``sum w_a (1 - CIoU)`` over the positives, over S. On the fused path ``1 - CIoU`` and its
-        gradient come from the compiled pass (:func:`detloss.kernels.fused_iou_loss`: one call at
-        any number of positives, the gradient in closed form), else from the formula through
-        autograd; the same values to rounding. Records the CIoU in ``prepared.pos_ciou``."""
+        """``sum w_a (1 - CIoU)`` over the positives (:meth:`positive_ciou_loss`), over S."""
         if not assignment.num_pos:
             return torch.zeros((), dtype=inputs.dtype, device=inputs.device)
-        pred, target = prepared.pos_pred_bboxes, prepared.pos_target_bboxes
-        if prepared.fused and pred.requires_grad and not target.requires_grad:
-            loss = kernels.fused_iou_loss(pred, target, "ciou", convention="yolov5", reduction="none", compiled=True)
-        else:
-            loss = 1.0 - F.aligned_box_iou(pred, target, kind="ciou", convention="yolov5", validate=False)
-        prepared.pos_ciou = 1.0 - loss.detach()
-        return (loss * assignment.weights).sum() / prepared.normalizer
+        return (self.positive_ciou_loss(prepared) * assignment.weights).sum() / prepared.normalizer
 
     def dfl_term(self, inputs: YOLOv8Inputs, prepared: YOLOv8Decoding, assignment: Assignment) -> Tensor:
         """``sum w_a mean_sides DFL`` over the positives, over S (targets clamped to ``reg_max - 1.01``)."""
@@ -579,10 +585,8 @@ class YOLOv8Loss(DetectionLoss):
         if assignment.num_pos:
             pred_px = prepared.pos_pred_bboxes.detach() * prepared.pos_strides
             iou_mean = F.aligned_box_iou(pred_px, assignment.boxes, convention="yolov5", validate=False).mean()
-            ciou = prepared.pos_ciou  # the box term's (grid units: the same CIoU up to its eps)
-            if ciou is None:
-                ciou = F.aligned_box_iou(pred_px, assignment.boxes, kind="ciou", convention="yolov5", validate=False)
-            ciou_mean = ciou.mean()
+            # the box term's CIoU (grid units: the same CIoU up to its eps)
+            ciou_mean = 1.0 - self.positive_ciou_loss(prepared).detach().mean()
         return {
             "num_pos": assignment.num_pos,
             "num_targets": inputs.mask_gt.sum(),

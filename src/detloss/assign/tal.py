@@ -212,17 +212,22 @@ def _result(
     ``[B, A, nc]`` are built when first read (:meth:`TALAssignment.sparse_target_scores` gives
     them without building them)."""
     bsz, n_anchor = fg_mask.shape
-    bi = torch.arange(bsz, device=gt_bboxes.device)[:, None]
-    labels = gt_labels[bi, target_gt_idx].clamp(min=0)
-    boxes = gt_bboxes[bi, target_gt_idx]
-    b, a = fg_mask.nonzero(as_tuple=True)
+    m = gt_bboxes.shape[1]
+    dev = gt_bboxes.device
+    # the assigned slot of every anchor in the flattened [B * M] boxes: one row gather each
+    # (index_select), where two-tensor advanced indexing costs several times more on the CPU
+    slot = (torch.arange(bsz, device=dev)[:, None] * m + target_gt_idx).reshape(-1)
+    labels = gt_labels.reshape(-1).index_select(0, slot).view(bsz, n_anchor).clamp(min=0)
+    pos = fg_mask.reshape(-1).nonzero().squeeze(1)
+    boxes_2d = gt_bboxes.reshape(bsz * m, gt_bboxes.shape[-1])  # 4 columns, or 5 (rotated boxes)
+    boxes = Deferred(lambda: boxes_2d.index_select(0, slot).view(bsz, n_anchor, -1))
     return TALAssignment(
-        batch_index=b,
-        pred_index=a,
-        target_index=target_gt_idx[b, a],
-        boxes=boxes[b, a],
-        labels=labels[b, a],
-        weights=norm[b, a],
+        batch_index=torch.div(pos, n_anchor, rounding_mode="floor"),
+        pred_index=pos % n_anchor,
+        target_index=target_gt_idx.reshape(-1).index_select(0, pos),
+        boxes=boxes_2d.index_select(0, slot.index_select(0, pos)),
+        labels=labels.reshape(-1).index_select(0, pos),
+        weights=norm.reshape(-1).index_select(0, pos),
         batch_size=bsz,
         num_preds=n_anchor,
         extras=_extras(labels, boxes, torch.where(fg_mask, norm, 0.0), fg_mask, target_gt_idx, num_classes),

@@ -155,3 +155,30 @@ def test_yolov8_loss_compiled_matches_plain_path(compiled, monkeypatch):
     for a, b in zip(fused_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert abs(float(fused.stats["ciou_mean"]) - float(plain.stats["ciou_mean"])) < 1e-5
+
+
+def test_onehot_pass_compiled_in_place_on_batch_strided_channels(compiled):
+    """The one-hot pass as the YOLOv8 head runs it: all images at once on the class channels of a
+    ``[B, 4 * reg_max + nc, N]`` map (a batch-strided view), the gradient stored into the same view
+    of a buffer, the box channels untouched; equal to the dense target's BCE (values to rounding,
+    gradients, ``-0.0`` logits included; the compiled closed form ties ``x`` to the labels'
+    broadcast, ``x + 0 * label``, which must change nothing)."""
+    from detloss.kernels.onehot import onehot_bce_into
+
+    g = torch.Generator().manual_seed(3)
+    b, bd, nc, n = 3, 8, 5, 37
+    m = torch.randn(b, bd + nc, n, generator=g) * 4
+    m[0, bd, :3] = torch.tensor([-0.0, 0.0, 60.0])
+    label = torch.randint(0, nc, (b, 1, n), generator=g).float()
+    score = torch.rand(b, 1, n, generator=g)
+    chan = torch.arange(nc, dtype=torch.float32)[None, :, None]
+    out = torch.full_like(m, 7.0)
+    total = onehot_bce_into(out[:, bd:], m[:, bd:], label, score, chan, torch.ones_like(chan), torch.ones(()))
+    dense = torch.where(chan == label, score, 0.0).expand(b, nc, n)
+    x = m[:, bd:].detach().clone().requires_grad_()
+    ref = bce_formula(x, dense, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(total, ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out[:, bd:], ref_grad, rtol=1e-5, atol=1e-7)
+    assert bool((out[:, :bd] == 7.0).all())
+    assert not kernels.onehot.onehot_bce_pass().failed

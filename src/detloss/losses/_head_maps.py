@@ -33,9 +33,11 @@ from ..kernels.onehot import onehot_bce_into
 __all__ = ["HeadMaps", "head_terms"]
 
 #: Class logits of one level (all images) from which :func:`head_terms` runs the class BCE image by
-#: image (each image's class channels contiguous, read and written in place) instead of over the
-#: batch-strided view of all images at once (which the compiled pass copies). Below it one call over
-#: all images costs less than a call per image. 2**21 elements (8 MiB of float32): measured on YOLOv8
+#: image (each image's class channels one contiguous block, read and written in place) instead of in
+#: one call over the batch-strided view of all images. That one call stores the gradient in a
+#: level-sized buffer before copying it into the strided view (Inductor collapses the view's loop
+#: differently from the labels' broadcast), which above this size costs more than a call per
+#: image; below it the one call is faster. 2**21 elements (8 MiB of float32): measured on YOLOv8
 #: heads (80 classes; batch 8 at 320 px and batch 16 at 640 px), where 2**19 and 2**23 were slower.
 PER_IMAGE_NUMEL = 1 << 21
 

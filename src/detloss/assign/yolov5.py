@@ -156,15 +156,16 @@ def _assign_level(
     dev, dtype = targets.device, targets.dtype
     na = anchors.shape[0]
     gain = torch.tensor([nx, ny], dtype=dtype, device=dev)
-    gxy_all = targets[:, 2:4] * gain
-    gwh_all = targets[:, 4:6] * gain
+    # (x, y, w, h) in grid units; the gathers below are index_select (rows of one tensor at a
+    # time), several times cheaper on the CPU than advanced indexing
+    gxywh_all = targets[:, 2:6] * gain.repeat(2)
 
     # Anchor matching by width/height ratio; nonzero() is row-major, i.e. anchor-major then
     # target, the order of ``targets.repeat(na, 1, 1)[j]`` in the original.
-    r = gwh_all[None] / anchors[:, None]
+    r = gxywh_all[None, :, 2:4] / anchors[:, None]
     match = torch.max(r, 1 / r).max(2)[0] < anchor_t  # [na, nt]
     a_idx, t_idx = match.nonzero(as_tuple=True)
-    gxy, gwh = gxy_all[t_idx], gwh_all[t_idx]
+    gxy = gxywh_all.index_select(0, t_idx)[:, 0:2]
 
     # Neighbour cells (the two nearest), offset-major as ``t.repeat((5, 1, 1))[j]``.
     g = NEIGHBOUR_BIAS
@@ -175,13 +176,15 @@ def _assign_level(
     o_idx, p_idx = sel.nonzero(as_tuple=True)
     off = torch.tensor(_OFFSETS, dtype=dtype, device=dev) * g
 
-    gxy, gwh = gxy[p_idx], gwh[p_idx]
-    gij = (gxy - off[o_idx]).long()
+    tix = t_idx.index_select(0, p_idx)
+    a = a_idx.index_select(0, p_idx)
+    gxywh = gxywh_all.index_select(0, tix)
+    gxy, gwh = gxywh[:, 0:2], gxywh[:, 2:4]
+    gij = (gxy - off.index_select(0, o_idx)).long()
     gx = gij[:, 0].clamp(0, nx - 1)
     gy = gij[:, 1].clamp(0, ny - 1)
-    a = a_idx[p_idx]
-    tix = t_idx[p_idx]
-    image = targets[tix, 0].long()
+    image_class = targets[:, 0:2].index_select(0, tix).long()
+    image = image_class[:, 0]
     boxes = torch.cat((gxy - torch.stack((gx, gy), 1).to(dtype), gwh), 1)
     key = ((image * na + a) * ny + gy) * nx + gx
     return YOLOv5LevelAssignment(
@@ -190,8 +193,8 @@ def _assign_level(
         gy=gy,
         gx=gx,
         boxes=boxes,
-        anchors=anchors[a],
-        classes=targets[tix, 1].long(),
+        anchors=anchors.index_select(0, a),
+        classes=image_class[:, 1],
         target_index=tix,
         offset=o_idx,
         obj_owner=_last_writers(key, None if batch_size is None else batch_size * na * ny * nx),

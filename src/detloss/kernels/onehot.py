@@ -44,14 +44,15 @@ def onehot_bce_closed_form(x: Tensor, label: Tensor, score: Tensor, chan: Tensor
     """Elementwise BCE-with-logits of ``x`` against the one-hot target of its row (module
     docstring) times ``weight``, and its derivative in ``x`` times ``scale``.
 
-    Compiled, ``x`` first becomes ``x + 0 * label`` (the same values; ``-0.0`` becomes ``+0.0``,
-    whose loss and gradient are the same): every subexpression of ``x`` alone then has the loop
-    shape of the label's broadcast, so Inductor fuses the whole pass into one loop. Without it, on
-    ``[B, K, N]`` logits with ``[B, 1, N]`` labels (or ``[P, K]`` with ``[P, 1]``) it collapsed the
-    dimensions of the ``x``-only part differently and stored ``exp(-|x|)`` and the gradient in two
-    input-sized buffers before writing ``out`` (8 MB more, and 1.7x the time, on YOLOv8's
-    batch-8 320 px level 0)."""
-    if torch.compiler.is_compiling():
+    Compiled on logits of 3 or more dimensions, ``x`` first becomes ``x + 0 * label`` (the same
+    values; ``-0.0`` becomes ``+0.0``, whose loss and gradient are the same): every subexpression
+    of ``x`` alone then has the loop shape of the label's broadcast, so Inductor fuses the whole
+    pass into one loop. Without it, on ``[B, K, N]`` logits with ``[B, 1, N]`` labels, it collapsed
+    the dimensions of the ``x``-only part differently and stored ``exp(-|x|)`` and the gradient in
+    two input-sized buffers before writing ``out`` (8 MB more, and 1.7x the time, on YOLOv8's
+    batch-8 320 px level 0). 2-d logits ``[P, K]`` with ``[P, 1]`` labels fuse into one loop
+    without it (checked in Inductor's output), and the added operation only costs there."""
+    if torch.compiler.is_compiling() and x.dim() >= 3:
         x = x + label * 0.0
     y = torch.where(chan == label, score, 0.0)
     loss, grad = bce_with_logits_closed_form(x, y, weight, None)

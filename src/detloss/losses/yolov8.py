@@ -201,7 +201,8 @@ class YOLOv8Decoding:
     positives' distributions (None: :meth:`YOLOv8Loss.cls_term` computes it). ``fused``: the head
     maps run the fused path (:func:`detloss.kernels.use_fused`), so the box term takes the compiled
     CIoU pass too. ``pos_ciou_loss``: the positives' ``1 - CIoU`` with its graph, kept by
-    :meth:`YOLOv8Loss.positive_ciou_loss` (computed once per call; the box term and the stats read it)."""
+    :meth:`YOLOv8Loss.positive_ciou_loss` (computed once per call by the box term; the stats read it,
+    and compute a CIoU of their own, without a graph, when no box term ran)."""
 
     anchor_points: Tensor
     stride_tensor: Tensor
@@ -585,8 +586,10 @@ class YOLOv8Loss(DetectionLoss):
         if assignment.num_pos:
             pred_px = prepared.pos_pred_bboxes.detach() * prepared.pos_strides
             iou_mean = F.aligned_box_iou(pred_px, assignment.boxes, convention="yolov5", validate=False).mean()
-            # the box term's CIoU (grid units: the same CIoU up to its eps)
-            ciou_mean = 1.0 - self.positive_ciou_loss(prepared).detach().mean()
+            if prepared.pos_ciou_loss is not None:  # the box term's (grid units: the same CIoU up to its eps)
+                ciou_mean = 1.0 - prepared.pos_ciou_loss.detach().mean()
+            else:  # a variant without this box term: computed here, without a graph
+                ciou_mean = F.aligned_box_iou(pred_px, assignment.boxes, kind="ciou", convention="yolov5", validate=False).mean()
         return {
             "num_pos": assignment.num_pos,
             "num_targets": inputs.mask_gt.sum(),

@@ -101,6 +101,7 @@ from ..assign.darknet import (
 )
 from ..boxes import cxcywh_to_xyxy
 from ..functional import aligned_box_iou, bce_with_logits, binary_cross_entropy, mse_loss
+from ._grid_cells import cell_index, gather_cells
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv3Loss", "YOLOV3_ANCHORS", "YOLOV3_MASKS", "FLAVORS", "BOX_SCALES"]
@@ -147,6 +148,23 @@ class YOLOv3Inputs:
     targets: Tensor
     rows: Tensor
     dtype: torch.dtype
+
+
+@dataclass
+class LayerCells:
+    """What a layer's loss reads from its input, with one gradient for all of it: the object
+    cells (image, anchor, gy, gx and ``flat``, their flat index into the ``[B, A, H, W]`` cells,
+    in cell order), every cell's objectness logit ``obj [B, A, H, W]`` and the object cells' box
+    logits ``box [P, 4]`` and class logits ``cls [P, C]``."""
+
+    image: Tensor
+    anchor: Tensor
+    gy: Tensor
+    gx: Tensor
+    flat: Tensor
+    obj: Tensor
+    box: Tensor
+    cls: Tensor
 
 
 @dataclass
@@ -282,9 +300,10 @@ class YOLOv3Loss(DetectionLoss):
         layer's class targets depend on the order of its writes, so the parts come together)."""
         out = YOLOv3Layers()
         xs = [upcast(x, inputs.dtype) for x in inputs.inputs]
+        cells = self._read_cells(xs, assignment)
         if self.flavor == "darknet":
-            for x, a, mask in zip(xs, assignment, self.masks):
-                self._add_layer(out, *self._darknet_layer(x, a, inputs.rows, mask))
+            for x, a, mask, c in zip(xs, assignment, self.masks, cells):
+                self._add_layer(out, *self._darknet_layer(x, a, inputs.rows, mask, c))
             ious = torch.cat([a.iou for a in assignment])
             out.iou_mean = ious.double().mean() if ious.numel() else 0.0
             world = self.world_size()
@@ -299,13 +318,27 @@ class YOLOv3Loss(DetectionLoss):
         else:
             out.normalizer = float(sum(n for n, _ in counts))
         ious = []
-        for x, a, mask, div in zip(xs, assignment, self.masks, divisors):
-            parts, figures, npos, nign, iou = self._pytorch_yolov3_layer(x, a, inputs.rows, mask, div)
+        for x, a, mask, div, c in zip(xs, assignment, self.masks, divisors, cells):
+            parts, figures, npos, nign, iou = self._pytorch_yolov3_layer(x, a, inputs.rows, mask, c, div)
             self._add_layer(out, parts, figures, npos, nign)
             ious.append(iou)
         if assignment.num_pos:
             out.iou_mean = torch.cat(ious).mean()
         return out
+
+    def _read_cells(self, xs: Sequence[Tensor], assignment: PerLevelAssignment) -> List[LayerCells]:
+        """Every layer's objectness logits and its object cells' rows (darknet: the positives;
+        PyTorch-YOLOv3: ``obj_mask``), read at once with one gradient buffer per layer
+        (:func:`~detloss.losses._grid_cells.gather_cells`)."""
+        views, flats = [], []
+        for x, a, mask in zip(xs, assignment, self.masks):
+            nb, _, h, w = x.shape
+            views.append(x.reshape(nb, len(mask), 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2))
+            cell_mask = a.positive if self.flavor == "darknet" else a.obj_mask
+            flats.append(cell_mask.reshape(-1).nonzero().squeeze(1))  # cell order, as boolean indexing
+        objs, box, classes = gather_cells(views, flats)
+        boxes = box.split([f.numel() for f in flats])
+        return [LayerCells(*cell_index(v.shape, f), f, o, b, c) for v, f, o, b, c in zip(views, flats, objs, boxes, classes)]
 
     @staticmethod
     def _add_layer(out: YOLOv3Layers, parts, figures, num_pos: int, num_ignored: int) -> None:
@@ -402,30 +435,31 @@ class YOLOv3Loss(DetectionLoss):
     # darknet
 
     def _darknet_layer(
-        self, x_in: torch.Tensor, a: DarknetLayerAssignment, tgt: torch.Tensor, mask: Sequence[int]
+        self, x_in: torch.Tensor, a: DarknetLayerAssignment, tgt: torch.Tensor, mask: Sequence[int], cells: LayerCells
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], int, int]:
         nb, _, h, w = x_in.shape
         na, nc = len(mask), self.num_classes
         img_h, img_w = self.img_size
         x = x_in.reshape(nb, na, 5 + nc, h, w)
         dtype = x.dtype
-        obj_logit = x[:, :, 4]
+        obj_logit = cells.obj
         noobj_mask = a.noobj
 
-        bi, ai, yi, xi = a.positive.nonzero(as_tuple=True)  # positive cells, flat-index order
-        pred = x[bi, ai, :, yi, xi]  # [P, 5 + C]
-        t = tgt[a.box_truth[bi, ai, yi, xi]]
+        bi, ai, yi, xi = cells.image, cells.anchor, cells.gy, cells.gx  # positive cells, flat-index order
+        t = tgt[a.box_truth.reshape(-1).index_select(0, cells.flat)]
         anchors = torch.tensor([self.anchors[m] for m in mask], dtype=dtype, device=x.device)[ai]
         txy = torch.stack((t[:, 2] * w - xi.to(dtype), t[:, 3] * h - yi.to(dtype)), dim=1)
         twh = torch.stack((torch.log(t[:, 4] * img_w / anchors[:, 0]), torch.log(t[:, 5] * img_h / anchors[:, 1])), 1)
         scale = (2 - t[:, 4] * t[:, 5]) if self.box_scale == "2-wh" else torch.ones_like(t[:, 4])
 
+        pos_obj = obj_logit.reshape(-1).index_select(0, cells.flat)
+        noobj_logit = obj_logit[noobj_mask]
         terms = {
-            "xy": bce_with_logits(pred[:, 0:2], txy, weight=scale[:, None], reduction="sum"),
-            "wh": (mse_loss(pred[:, 2:4], twh, reduction="none") * scale[:, None]).sum() / 2,
-            "obj": bce_with_logits(pred[:, 4], torch.ones_like(pred[:, 4]), reduction="sum"),
-            "noobj": bce_with_logits(obj_logit[noobj_mask], torch.zeros_like(obj_logit[noobj_mask]), reduction="sum"),
-            "cls": bce_with_logits(pred[:, 5:], self._darknet_class_targets(x, a, tgt, (bi, ai, yi, xi)), reduction="sum"),
+            "xy": bce_with_logits(cells.box[:, 0:2], txy, weight=scale[:, None], reduction="sum"),
+            "wh": (mse_loss(cells.box[:, 2:4], twh, reduction="none") * scale[:, None]).sum() / 2,
+            "obj": bce_with_logits(pos_obj, torch.ones_like(pos_obj), reduction="sum"),
+            "noobj": bce_with_logits(noobj_logit, torch.zeros_like(noobj_logit), reduction="sum"),
+            "cls": bce_with_logits(cells.cls, self._darknet_class_targets(x, a, tgt, (bi, ai, yi, xi)), reduction="sum"),
         }
 
         # darknet's printed figures (its float outputs: sigmoid in double, stored as float)
@@ -493,27 +527,27 @@ class YOLOv3Loss(DetectionLoss):
 
     def _pytorch_yolov3_layer(
         self, x_in: torch.Tensor, a: PyTorchYOLOv3LayerAssignment, tgt: torch.Tensor, mask: Sequence[int],
-        divisors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        cells: LayerCells, divisors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], int, int, torch.Tensor]:
         """The layer's parts (means over its object / no-object cells, or sums over the
         ``divisors`` (object, no-object) given), its metrics, counts and the object cells' IoUs."""
         nb, _, h, w = x_in.shape
         na, nc = len(mask), self.num_classes
         img_h, img_w = self.img_size
-        pr = x_in.reshape(nb, na, 5 + nc, h, w).permute(0, 1, 3, 4, 2)  # [B, A, H, W, 5 + C]
-        dtype = pr.dtype
+        dtype, device = x_in.dtype, x_in.device
         obj, noobj = a.obj_mask, a.noobj_mask
         # sigmoid of the whole confidence map; of the other entries only at the object cells
-        conf = torch.sigmoid(pr[..., 4])
-        p_obj = torch.sigmoid(pr[obj])  # [n_obj, 5 + C]
-        sx, sy, pcls = p_obj[:, 0], p_obj[:, 1], p_obj[:, 5:]
+        conf = torch.sigmoid(cells.obj)
+        sxy = torch.sigmoid(cells.box[:, 0:2])
+        sx, sy, pcls = sxy[:, 0], sxy[:, 1], torch.sigmoid(cells.cls)
+        tw_pred, th_pred = cells.box[:, 2], cells.box[:, 3]
 
-        bi, ai, yi, xi = obj.nonzero(as_tuple=True)
+        bi, ai, yi, xi = cells.image, cells.anchor, cells.gy, cells.gx  # the object cells, cell order
         n_obj = int(bi.numel())
-        rows = a.cell_truth[bi, ai, yi, xi]
+        rows = a.cell_truth.reshape(-1).index_select(0, cells.flat)
         t = tgt[rows]
         scaled = torch.tensor(
-            [(self.anchors[m][0] / (img_w / w), self.anchors[m][1] / (img_h / h)) for m in mask], dtype=dtype, device=pr.device
+            [(self.anchors[m][0] / (img_w / w), self.anchors[m][1] / (img_h / h)) for m in mask], dtype=dtype, device=device
         )
         gx, gy, gw, gh = t[:, 2] * w, t[:, 3] * h, t[:, 4] * w, t[:, 5] * h
         tx, ty = gx - gx.floor(), gy - gy.floor()
@@ -536,13 +570,13 @@ class YOLOv3Loss(DetectionLoss):
             return loss.sum() / (max(n_obj, 1) if div_obj is None else div_obj)
 
         # one-hot union over every truth of the cell (tcls[b, best_n, gj, gi, label] = 1)
-        slot = torch.full((nb * na * h * w,), -1, dtype=torch.long, device=pr.device)
-        slot[((bi * na + ai) * h + yi) * w + xi] = torch.arange(n_obj, device=pr.device)
-        tcls = torch.zeros((n_obj, nc), dtype=dtype, device=pr.device)
+        slot = torch.full((nb * na * h * w,), -1, dtype=torch.long, device=device)
+        slot[((bi * na + ai) * h + yi) * w + xi] = torch.arange(n_obj, device=device)
+        tcls = torch.zeros((n_obj, nc), dtype=dtype, device=device)
         tcls[slot[((a.image * na + a.anchor) * h + a.gy) * w + a.gx], tgt[a.truth, 1].long()] = 1
 
         lx, ly = box_term(sx, tx), box_term(sy, ty)
-        lw, lh = box_term(pr[..., 2][obj], tw), box_term(pr[..., 3][obj], th)
+        lw, lh = box_term(tw_pred, tw), box_term(th_pred, th)
         c_obj, c_noobj = conf[obj], conf[noobj]
         l_obj = mean(binary_cross_entropy(c_obj, torch.ones_like(c_obj), reduction="none"), div_obj)
         l_noobj = mean(binary_cross_entropy(c_noobj, torch.zeros_like(c_noobj), reduction="none"), div_noobj)
@@ -557,7 +591,7 @@ class YOLOv3Loss(DetectionLoss):
             anchor_grid = scaled[ai]
             pbox = torch.stack(
                 (sx + xi.to(dtype), sy + yi.to(dtype),
-                 torch.exp(pr[..., 2][obj]) * anchor_grid[:, 0], torch.exp(pr[..., 3][obj]) * anchor_grid[:, 1]), -1
+                 torch.exp(tw_pred) * anchor_grid[:, 0], torch.exp(th_pred) * anchor_grid[:, 1]), -1
             )
             truth = torch.stack((gx, gy, gw, gh), -1)
             iou = _iou_plus_one(pbox, truth)

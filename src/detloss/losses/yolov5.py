@@ -30,7 +30,7 @@ from .._checks import check_finite, check_floating, check_like_first, compute_dt
 from ..anchors import GridLevel, grid_points
 from ..assign.yolov5 import OFFSET_NAMES, YOLOv5Assignment, YOLOv5LevelAssignment, assign_yolov5, grid_anchors
 from ..boxes import check_yolo_targets, cxcywh_to_xyxy
-from ..kernels._runtime import empty_gradient
+from ._grid_cells import flat_cells, gather_cells
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv5Loss", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "default_balance"]
@@ -66,95 +66,13 @@ def default_balance(num_levels: int) -> List[float]:
     )
 
 
-def _zero_gradient(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zero-filled gradient of a head output. On the CPU the buffer comes from
-    :func:`detloss.kernels._runtime.empty_gradient` (marked for transparent huge pages): a
-    ``torch.zeros`` of a level's 100 MB costs more in 4 KiB first-touch page faults than in
-    writing the zeros."""
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
-        return empty_gradient(torch.empty((), dtype=dtype).expand(shape)).zero_()
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-class _GatherHeads(torch.autograd.Function):
-    """What the loss reads from the head outputs ``pi [bs, na, ny, nx, 5 + nc]``: for every level
-    its objectness logits ``pi[..., 4]``; for the positives of all levels, level after level,
-    their box logits ``pi[b, a, gj, gi, 0:4]`` in one ``[P, 4]`` tensor and, per level, their
-    class logits ``pi[b, a, gj, gi, 5:]`` ``[n_i, nc]``.
-
-    ``apply(counts, flat, *preds)``: ``flat`` ``[P]`` the positives' flat cell indices into
-    their level's ``[bs * na * ny * nx]`` rows, ``counts`` the positives per level; returns
-    ``(*objectness, box, *classes)``. Autograd through plain indexing and slicing builds, per
-    level, a zero-filled gradient of the full head output for each indexing op and adds them,
-    and one more buffer per slice of the positives' rows; here each level's objectness gradient
-    and its positives' gradients are written straight into a single zero-filled tensor
-    (duplicated positives accumulate, as ``index_put`` with ``accumulate=True`` does).
-    """
-
-    @staticmethod
-    def forward(ctx, counts: Tuple[int, ...], flat: torch.Tensor, *preds: torch.Tensor):  # type: ignore[override]
-        ctx.counts = counts
-        ctx.shapes = [p.shape for p in preds]
-        ctx.dtype = preds[0].dtype
-        ctx.save_for_backward(flat)
-        objs, box, classes = _gather(counts, flat, preds)
-        return (*objs, box, *classes)
-
-    @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        (flat,) = ctx.saved_tensors
-        nl = len(ctx.shapes)
-        g_objs, g_box, g_classes = grads[:nl], grads[nl], grads[nl + 1:]
-        g_boxes = [None] * nl if g_box is None else g_box.split(list(ctx.counts))
-        out: List[Optional[Tensor]] = []
-        for i, (shape, index) in enumerate(zip(ctx.shapes, flat.split(list(ctx.counts)))):
-            if not ctx.needs_input_grad[2 + i]:
-                out.append(None)
-                continue
-            grad = _zero_gradient(shape, ctx.dtype, flat.device)
-            if g_objs[i] is not None:
-                grad[..., 4] = g_objs[i].to(grad.dtype)
-            if index.numel() and (g_boxes[i] is not None or g_classes[i] is not None):
-                # the positives' rows assembled first: index_add_ of whole rows is a few times
-                # faster than of strided column blocks
-                rows = grad.new_zeros((index.shape[0], shape[-1]))
-                if g_boxes[i] is not None:
-                    rows[:, :4] = g_boxes[i]
-                if g_classes[i] is not None:
-                    rows[:, 5:] = g_classes[i]
-                grad.view(-1, shape[-1]).index_add_(0, index, rows)
-            out.append(grad)
-        return (None, None, *out)
-
-
-def _gather(counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
-    """``([pi[..., 4] for each level], box [P, 4], [classes [n_i, nc] for each level])``, no autograd."""
-    no = preds[0].shape[-1]
-    rows = preds[0].new_empty((flat.shape[0], no))
-    for pi, index, dst in zip(preds, flat.split(list(counts)), rows.split(list(counts))):
-        torch.index_select(pi.reshape(-1, no), 0, index, out=dst)
-    objs = [pi[..., 4].contiguous() for pi in preds]
-    return objs, rows[:, :4].contiguous(), [r[:, 5:] for r in rows.split(list(counts))]
-
-
-def _flat_cells(pi: Tensor, asg: YOLOv5LevelAssignment) -> Tensor:
-    _, na, ny, nx, _ = pi.shape
-    return ((asg.image * na + asg.anchor) * ny + asg.gy) * nx + asg.gx
-
-
 def _gather_heads(
     preds: Sequence[Tensor], levels: Sequence[YOLOv5LevelAssignment]
 ) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
     """The objectness logits ``[bs, na, ny, nx]`` of every level, the positives' box logits
     ``[P, 4]`` of all levels (level after level) and their class logits ``[n_i, nc]`` per level;
-    backward writes one gradient tensor per level (:class:`_GatherHeads`)."""
-    counts = tuple(a.num_pos for a in levels)
-    flat = torch.cat([_flat_cells(pi, a) for pi, a in zip(preds, levels)])
-    if any(p.requires_grad for p in preds) and torch.is_grad_enabled():
-        nl = len(preds)
-        out = _GatherHeads.apply(counts, flat, *preds)
-        return list(out[:nl]), out[nl], list(out[nl + 1:])
-    return _gather(counts, flat, preds)
+    backward writes one gradient tensor per level (:func:`~detloss.losses._grid_cells.gather_cells`)."""
+    return gather_cells(preds, [flat_cells(pi.shape, a.image, a.anchor, a.gy, a.gx) for pi, a in zip(preds, levels)])
 
 
 @dataclass

@@ -88,7 +88,7 @@ def select_aligned(
     dev = box.device
     anchor = flat % n_anchor
     nz = (metric > 0).nonzero().squeeze(1)
-    pre = nz[rank_in_group(box[nz], metric[nz]) < topk]
+    pre = nz[rank_in_group(box[nz], metric[nz], num_groups=n_box) < topk]
     if zero_ties:
         needy = torch.bincount(box[nz], minlength=n_box) < min(topk, n_anchor)
         if bool(needy.any()):
@@ -100,12 +100,12 @@ def select_aligned(
     multi = claims > 1
     if bool(multi.any()):
         on_multi = multi[flat].nonzero().squeeze(1)
-        win = on_multi[rank_in_group(flat[on_multi], overlap[on_multi]) == 0]
+        win = on_multi[rank_in_group(flat[on_multi], overlap[on_multi], num_groups=n_flat) == 0]
         owner[flat[win]] = box[win]
     fg = claims > 0
     pos = (fg[flat] & (owner[flat] == box)).nonzero().squeeze(1)
     if topk2 != topk:
-        keep = (rank_in_group(box[pos], metric[pos]) < topk2) & (metric[pos] > 0)
+        keep = (rank_in_group(box[pos], metric[pos], num_groups=n_box) < topk2) & (metric[pos] > 0)
         if zero_ties:
             needy = torch.bincount(box[pos[metric[pos] > 0]], minlength=n_box) < min(topk2, n_anchor)
             needy &= torch.bincount(box[pos], minlength=n_box) > 0

@@ -19,36 +19,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels._runtime import empty_gradient
+from ._rows import zero_gradient
 
 #: Channel of the objectness logit in a cell's row.
 OBJ_CHANNEL = 4
-
-
-def zero_gradient(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zero-filled tensor of ``shape``, with the strides ``stride`` when they are those of a
-    permuted contiguous tensor (a view such as ``x.reshape(...).permute(...)``), else contiguous. On
-    the CPU the buffer comes from :func:`detloss.kernels._runtime.empty_gradient` (marked for
-    transparent huge pages): a ``torch.zeros`` of 100 MB costs more in 4 KiB first-touch page
-    faults than in writing the zeros."""
-    ndim = len(shape)
-    order = sorted(range(ndim), key=lambda d: stride[d], reverse=True)  # memory order, outermost first
-    dense = [0] * ndim  # the strides of the permuted contiguous tensor
-    step = 1
-    for d in reversed(order):
-        dense[d] = step
-        step *= shape[d]
-    if any(dense[d] != stride[d] for d in range(ndim) if shape[d] > 1):
-        order = list(range(ndim))  # not a permutation of a contiguous tensor: contiguous
-    inner = [shape[d] for d in order]
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
-        buf = empty_gradient(torch.empty((), dtype=dtype).expand(inner)).zero_()
-    else:
-        buf = torch.zeros(inner, dtype=dtype, device=device)
-    inverse = [0] * ndim
-    for i, d in enumerate(order):
-        inverse[d] = i
-    return buf.permute(inverse)
 
 
 def flat_cells(shape: Sequence[int], image: Tensor, anchor: Tensor, gy: Tensor, gx: Tensor) -> Tensor:
@@ -91,7 +65,7 @@ class _GatherCells(torch.autograd.Function):
     ``flat`` ``[P]`` the positives' flat cell indices into their level's cells (level after level,
     ``counts`` per level); returns ``(*objectness, box, *classes)``: every level's objectness logits
     ``[bs, na, ny, nx]``, the positives' box logits ``[P, 4]`` and, per level, their class logits
-    ``[n_i, nc]``. Backward: one zero-filled gradient per level (:func:`zero_gradient`), its
+    ``[n_i, nc]``. Backward: one zero-filled gradient per level (:func:`~detloss.losses._rows.zero_gradient`), its
     objectness plane written once, the positives' rows added (a cell listed twice accumulates, as
     ``index_put`` with ``accumulate=True`` does)."""
 

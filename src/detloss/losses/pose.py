@@ -34,6 +34,7 @@ from .._checks import check_floating
 from ..assign.base import Assignment
 from ..assign.pose import PoseTaskAlignedAssigner
 from ..functional.keypoints import COCO_KEYPOINT_SIGMAS, COCO_RLE_WEIGHTS
+from ._rows import gather_rows
 from .tasks import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
@@ -178,7 +179,7 @@ class YOLOv8PoseLoss(YOLOv8Loss):
     def _positive_keypoints(self, inputs: PoseInputs, prepared: PoseDecoding, assignment: Assignment) -> Tuple[Tensor, Tensor]:
         """Decoded predicted keypoints ``[P, K, D]`` and target keypoints ``[P, K, 3]`` (grid units) of the positives."""
         b, a = assignment.batch_index, assignment.pred_index
-        pred = self.decode_keypoints(inputs.pred_kpts[b, a], prepared.pos_anchor_points)
+        pred = self.decode_keypoints(gather_rows(inputs.pred_kpts, b, a), prepared.pos_anchor_points)
         gt = inputs.keypoints[assignment.target_index]
         gt = torch.cat((gt[..., :2] / prepared.pos_strides[:, :, None], gt[..., 2:]), -1)
         return pred, gt
@@ -268,7 +269,7 @@ class YOLO26PoseLoss(YOLOv8PoseLoss):
         vis = gt[..., 2] != 0
         if not bool(vis.any()):
             return torch.zeros((), dtype=inputs.dtype, device=inputs.device)
-        sigma = inputs.pred_sigma[assignment.batch_index, assignment.pred_index]
+        sigma = gather_rows(inputs.pred_sigma, assignment.batch_index, assignment.pred_index)
         weight = self.rle_weights.to(pred.dtype).expand(vis.shape)[vis]
         loss = F.rle_loss(pred[..., :2][vis], gt[..., :2][vis], sigma_logit=sigma[vis], log_prob=self.flow_model.log_prob,
                           weight=weight)

@@ -36,6 +36,7 @@ from .._checks import check_floating, check_tensor
 from ..assign.base import Assignment
 from ..assign.segment import SegTaskAlignedAssigner
 from ..boxes import image_slots
+from ._rows import gather_rows
 from .tasks import aligned_assignment, box_assigner, flatten_level_maps
 from .yolov8 import YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
 
@@ -154,7 +155,7 @@ class YOLOv8SegmentLoss(YOLOv8Loss):
             index, value = None, inputs.row_slot[rows] + 1
         else:
             index, value = rows, None
-        loss = F.prototype_mask_bce(inputs.pred_coef[b, a], proto, inputs.masks, mask_index=index, mask_value=value,
+        loss = F.prototype_mask_bce(gather_rows(inputs.pred_coef, b, a), proto, inputs.masks, mask_index=index, mask_value=value,
                                     boxes=boxes, area=area, image=b, reduction="sum")
         return loss / p
 

@@ -54,6 +54,7 @@ from ..boxes import check_yolo_targets, cxcywh_to_xyxy, image_counts, image_slot
 from ..functional.dfl import dfl_in_range
 from ..output import LossOutput
 from ._head_maps import HeadMaps, head_terms
+from ._rows import gather_rows
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv8Loss", "YOLOv8Inputs", "YOLOv8Decoding", "PaddingRuleWarning", "make_anchors", "decode_distances", "preprocess_targets"]
@@ -412,8 +413,19 @@ class YOLOv8Loss(DetectionLoss):
             if head is not None:
                 pred_bboxes = self._decode_maps(head, anchor_points)
             else:
-                pred_bboxes = self.decode_boxes(inputs.pred_dist, anchor_points)
+                pred_bboxes = self._decode_anchor_major(inputs.pred_dist, anchor_points)
         return YOLOv8Decoding(anchor_points, stride_tensor, pred_bboxes, decode_positives=True)
+
+    def _decode_anchor_major(self, pred_dist: Tensor, anchor_points: Tensor) -> Tensor:
+        """:meth:`decode_boxes` of ``pred_dist [B, A, 4 * reg_max]``; when that is a transposed view
+        of a head's ``[B, 4 * reg_max, A]`` output (ultralytics 8.4's heads) and the fused path is on,
+        one compiled loop over that layout (:func:`detloss.kernels.decode_head_maps`, the same
+        expectation to a few ulps) instead of a softmax over strided rows."""
+        channels = pred_dist.transpose(1, 2)
+        if (self.reg_max > 1 and type(self).decode_boxes is YOLOv8Loss.decode_boxes and channels.is_contiguous()
+                and kernels.use_compiled_decode([channels])):
+            return kernels.decode_head_maps([channels], [anchor_points], self.reg_max)
+        return self.decode_boxes(pred_dist, anchor_points)
 
     def _decode_maps(self, head: HeadMaps, anchor_points: Tensor) -> Tensor:
         """:meth:`decode_boxes` of every anchor of the head maps ``[B, A, 4]``, level by level
@@ -482,7 +494,7 @@ class YOLOv8Loss(DetectionLoss):
             fuse_cls = sparse is not None and type(self).cls_term is YOLOv8Loss.cls_term
             pos_pred_dist, cls_sum = head_terms(inputs.head, b, a, sparse if fuse_cls else None, self.class_weights)
         else:
-            pos_pred_dist = inputs.pred_dist[b, a]
+            pos_pred_dist = gather_rows(inputs.pred_dist, b, a)
         if prepared.decode_positives:
             pos_pred_bboxes = self.decode_boxes(pos_pred_dist, pos_anchor_points)
         else:

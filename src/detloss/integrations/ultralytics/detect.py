@@ -75,7 +75,7 @@ class UltralyticsDetectBranch(YOLOv8Loss):
         gt_labels, gt_bboxes, mask_gt, gt_rows = _padded_targets(targets.to(dev), bsz, image_hw, dt)
         return YOLOv8Inputs(
             levels, bsz, dt, dev, image_hw,
-            upcast(boxes, dt).permute(0, 2, 1).contiguous(), upcast(scores, dt).permute(0, 2, 1),
+            upcast(boxes, dt).permute(0, 2, 1), upcast(scores, dt).permute(0, 2, 1),
             targets, gt_labels, gt_bboxes, mask_gt, gt_rows,
         )
 

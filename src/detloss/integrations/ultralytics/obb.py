@@ -42,7 +42,7 @@ class UltralyticsOBBBranch(UltralyticsDetectBranch, YOLOv8OBBLoss):
         self.check_angle_range(heads[2], heads[2].dtype, "preds['angle']")  # OBB heads: (sigmoid - 1/4) pi
         dt = compute_dtype(*heads)
         boxes, scores, angle = (upcast(t, dt).permute(0, 2, 1) for t in heads)
-        return self.obb_inputs(levels, boxes.contiguous(), scores, angle, batch_rows(batch, self.target_device, box_dim=5))
+        return self.obb_inputs(levels, boxes, scores, angle, batch_rows(batch, self.target_device, box_dim=5))
 
 
 @register_criterion("OBBModel")

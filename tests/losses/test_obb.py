@@ -203,3 +203,21 @@ def test_gradcheck_for_a_fixed_assignment(reg_max):
     n = len(feats)
     assert torch.autograd.gradcheck(lambda *x: loss(list(x[:n]), list(x[n:]), targets).total, tuple(feats + angles),
                                     fast_mode=True)
+
+
+def test_backward_reads_only_the_positives():
+    """The assigner's decoding of every anchor carries no gradient; the positives' boxes are
+    decoded again with it (so backward never runs over all anchors), to the same values."""
+    feats, angles, targets = synthetic(bsz=2, reg_max=4, n=4, seed=3, levels=((8, 8), (4, 4), (2, 2)), angle_range=HEAD_ANGLE_RANGE)
+    feats = [f.requires_grad_(True) for f in feats]
+    angles = [a.requires_grad_(True) for a in angles]
+    loss = YOLOv8OBBLoss(3, reg_max=4)
+    inputs = loss.check(feats, angles, targets)
+    prepared = loss.prepare(inputs)
+    assert not prepared.pred_bboxes.requires_grad
+    assignment = loss.assignment(inputs, prepared)
+    assert assignment.num_pos > 0
+    out = loss.gather(inputs, prepared, assignment)
+    assert out.pos_pred_bboxes.requires_grad
+    b, a = assignment.batch_index, assignment.pred_index
+    torch.testing.assert_close(out.pos_pred_bboxes.detach(), prepared.pred_bboxes[b, a], rtol=1e-6, atol=1e-6)

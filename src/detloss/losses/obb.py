@@ -34,6 +34,7 @@ from ..anchors import make_anchors
 from ..assign.base import Assignment
 from ..assign.rotated import RotatedTaskAlignedAssigner
 from ..boxes import check_yolo_targets, image_slots
+from ._rows import gather_rows
 from .tasks import aligned_assignment, box_assigner, expected_distances, flatten_level_maps
 from .base import Decoded
 from .yolov8 import DFL_MARGIN, YOLOv8Decoding, YOLOv8Inputs, YOLOv8Loss
@@ -176,8 +177,13 @@ class YOLOv8OBBLoss(YOLOv8Loss):
         return torch.cat((F.dist_to_rbox(dist, pred_angle, anchor_points=anchor_points), pred_angle), -1)
 
     def prepare(self, inputs: OBBInputs) -> YOLOv8Decoding:
+        """Anchor points and every anchor's decoded box without gradient (the assigner's input;
+        :meth:`gather` decodes the positives' boxes again with gradient, so backward never runs
+        over all anchors)."""
         anchor_points, stride_tensor = make_anchors(inputs.levels, inputs.dtype, inputs.device)
-        return YOLOv8Decoding(anchor_points, stride_tensor, self.decode_rboxes(inputs.pred_dist, inputs.pred_angle, anchor_points))
+        with torch.no_grad():
+            boxes = self.decode_rboxes(inputs.pred_dist, inputs.pred_angle, anchor_points)
+        return YOLOv8Decoding(anchor_points, stride_tensor, boxes)
 
     def assignment(self, inputs: OBBInputs, prepared: YOLOv8Decoding) -> Assignment:
         boxes = prepared.pred_bboxes.detach()
@@ -186,7 +192,9 @@ class YOLOv8OBBLoss(YOLOv8Loss):
     def gather(self, inputs: OBBInputs, prepared: YOLOv8Decoding, assignment: Assignment) -> YOLOv8Decoding:
         out = super().gather(inputs, prepared, assignment)
         boxes = assignment.boxes
-        return replace(out, pos_target_bboxes=torch.cat((boxes[:, :4] / out.pos_strides, boxes[:, 4:]), 1))
+        pos_angle = gather_rows(inputs.pred_angle, assignment.batch_index, assignment.pred_index)
+        return replace(out, pos_pred_bboxes=self.decode_rboxes(out.pos_pred_dist, pos_angle, out.pos_anchor_points),
+                       pos_target_bboxes=torch.cat((boxes[:, :4] / out.pos_strides, boxes[:, 4:]), 1))
 
     def _target_distances(self, prepared: YOLOv8Decoding) -> Tensor:
         return F.rbox_to_dist(prepared.pos_target_bboxes, anchor_points=prepared.pos_anchor_points)

@@ -8,7 +8,7 @@ import torch
 
 from detloss import YOLOv3Loss
 from detloss.losses import _grid_cells
-from detloss.losses._grid_cells import cell_index, flat_cells, gather_cells, zero_gradient
+from detloss.losses._grid_cells import cell_coordinates, flat_cells, gather_cells, zero_gradient
 
 
 def _channel_first(x, na):
@@ -31,12 +31,12 @@ def test_zero_gradient_of_an_expanded_tensor_is_contiguous():
     assert g.is_contiguous() and g.shape == view.shape
 
 
-def test_cell_index_inverts_flat_cells():
+def test_cell_coordinates_inverts_flat_cells():
     shape = (3, 2, 5, 7, 9)
     gen = torch.Generator().manual_seed(0)
     idx = [torch.randint(0, n, (50,), generator=gen) for n in shape[:4]]
     flat = flat_cells(shape, *idx)
-    assert all(torch.equal(a, b) for a, b in zip(cell_index(shape, flat), idx))
+    assert all(torch.equal(a, b) for a, b in zip(cell_coordinates(shape, flat), idx))
     assert torch.equal(flat, torch.arange(3 * 2 * 5 * 7).view(3, 2, 5, 7)[tuple(idx)])
 
 
@@ -110,7 +110,7 @@ def test_yolov3_backward_writes_one_buffer_per_layer(flavor, monkeypatch):
     # the same loss with the cell reads through plain indexing (no custom backward)
     def plain(preds, flats):
         objs = [p[..., 4] for p in preds]
-        rows = [p[tuple(cell_index(p.shape, f))] for p, f in zip(preds, flats)]
+        rows = [p[tuple(cell_coordinates(p.shape, f))] for p, f in zip(preds, flats)]
         return objs, torch.cat([r[:, :4] for r in rows]), [r[:, 5:] for r in rows]
 
     monkeypatch.setattr("detloss.losses.yolov3.gather_cells", plain)

@@ -31,7 +31,7 @@ def flat_cells(shape: Sequence[int], image: Tensor, anchor: Tensor, gy: Tensor, 
     return ((image * na + anchor) * ny + gy) * nx + gx
 
 
-def cell_index(shape: Sequence[int], flat: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def cell_coordinates(shape: Sequence[int], flat: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`flat_cells`'s inverse: (image, anchor, gy, gx) of each flat cell index."""
     _, na, ny, nx = shape[:4]
     gx = flat % nx
@@ -55,7 +55,7 @@ def _read(counts: Sequence[int], flat: Tensor, preds: Sequence[Tensor]) -> Tuple
         if view is not None:
             torch.index_select(view, 0, index, out=dst)
         else:
-            dst.copy_(pi[cell_index(pi.shape, index)])
+            dst.copy_(pi[cell_coordinates(pi.shape, index)])
     objs = [pi[..., OBJ_CHANNEL].contiguous() for pi in preds]
     return objs, rows[:, :OBJ_CHANNEL].contiguous(), [r[:, OBJ_CHANNEL + 1:] for r in rows.split(list(counts))]
 
@@ -103,7 +103,7 @@ class _GatherCells(torch.autograd.Function):
                 if view is not None:
                     view.index_add_(0, index, rows)
                 else:
-                    grad.index_put_(cell_index(shape, index), rows, accumulate=True)
+                    grad.index_put_(cell_coordinates(shape, index), rows, accumulate=True)
             out.append(grad)
         return (None, None, *out)
 

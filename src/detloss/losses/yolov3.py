@@ -101,7 +101,7 @@ from ..assign.darknet import (
 )
 from ..boxes import cxcywh_to_xyxy
 from ..functional import aligned_box_iou, bce_with_logits, binary_cross_entropy, mse_loss
-from ._grid_cells import cell_index, gather_cells
+from ._grid_cells import flat_cells, gather_cells
 from .base import Decoded, DetectionLoss
 
 __all__ = ["YOLOv3Loss", "YOLOV3_ANCHORS", "YOLOV3_MASKS", "FLAVORS", "BOX_SCALES"]
@@ -330,15 +330,16 @@ class YOLOv3Loss(DetectionLoss):
         """Every layer's objectness logits and its object cells' rows (darknet: the positives;
         PyTorch-YOLOv3: ``obj_mask``), read at once with one gradient buffer per layer
         (:func:`~detloss.losses._grid_cells.gather_cells`)."""
-        views, flats = [], []
+        views, coords, flats = [], [], []
         for x, a, mask in zip(xs, assignment, self.masks):
             nb, _, h, w = x.shape
             views.append(x.reshape(nb, len(mask), 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2))
             cell_mask = a.positive if self.flavor == "darknet" else a.obj_mask
-            flats.append(cell_mask.reshape(-1).nonzero().squeeze(1))  # cell order, as boolean indexing
+            coords.append(cell_mask.nonzero(as_tuple=True))  # cell order, as boolean indexing
+            flats.append(flat_cells(views[-1].shape, *coords[-1]))
         objs, box, classes = gather_cells(views, flats)
         boxes = box.split([f.numel() for f in flats])
-        return [LayerCells(*cell_index(v.shape, f), f, o, b, c) for v, f, o, b, c in zip(views, flats, objs, boxes, classes)]
+        return [LayerCells(*c, f, o, b, k) for c, f, o, b, k in zip(coords, flats, objs, boxes, classes)]
 
     @staticmethod
     def _add_layer(out: YOLOv3Layers, parts, figures, num_pos: int, num_ignored: int) -> None:
@@ -459,7 +460,7 @@ class YOLOv3Loss(DetectionLoss):
             "wh": (mse_loss(cells.box[:, 2:4], twh, reduction="none") * scale[:, None]).sum() / 2,
             "obj": bce_with_logits(pos_obj, torch.ones_like(pos_obj), reduction="sum"),
             "noobj": bce_with_logits(noobj_logit, torch.zeros_like(noobj_logit), reduction="sum"),
-            "cls": bce_with_logits(cells.cls, self._darknet_class_targets(x, a, tgt, (bi, ai, yi, xi)), reduction="sum"),
+            "cls": bce_with_logits(cells.cls, self._darknet_class_targets(x, a, tgt, cells), reduction="sum"),
         }
 
         # darknet's printed figures (its float outputs: sigmoid in double, stored as float)
@@ -480,7 +481,7 @@ class YOLOv3Loss(DetectionLoss):
         return terms, stats, int(bi.numel()), int((a.ignore & ~a.positive).sum())
 
     def _darknet_class_targets(
-        self, x: torch.Tensor, a: DarknetLayerAssignment, tgt: torch.Tensor, cells: Tuple[torch.Tensor, ...]
+        self, x: torch.Tensor, a: DarknetLayerAssignment, tgt: torch.Tensor, cells: LayerCells
     ) -> torch.Tensor:
         """Class targets of the positive cells after every ``delta_yolo_class`` write, in order:
         the truth_thresh branch first, then the truth pass in truth order. A write replaces the
@@ -489,10 +490,10 @@ class YOLOv3Loss(DetectionLoss):
         writes into one cell (1 or 2 in practice), never over truths."""
         nb, na, _, h, w = x.shape
         nc = self.num_classes
-        bi, ai, yi, xi = cells
-        pos_cells = ((bi * na + ai) * h + yi) * w + xi  # sorted ascending
+        bi, ai, yi, xi = cells.image, cells.anchor, cells.gy, cells.gx
+        pos_cells = cells.flat  # sorted ascending
         thr = a.thresh.reshape(-1).nonzero()[:, 0]
-        cell_tp = ((a.image * na + a.anchor) * h + a.gy) * w + a.gx
+        cell_tp = flat_cells((nb, na, h, w), a.image, a.anchor, a.gy, a.gx)
         cell = torch.cat((thr, cell_tp))
         cls = torch.cat((tgt[a.best_truth.reshape(-1)[thr], 1].long(), tgt[a.truth, 1].long()))
         order = torch.cat((torch.zeros_like(thr), torch.arange(1, cell_tp.numel() + 1, device=x.device)))
@@ -571,9 +572,9 @@ class YOLOv3Loss(DetectionLoss):
 
         # one-hot union over every truth of the cell (tcls[b, best_n, gj, gi, label] = 1)
         slot = torch.full((nb * na * h * w,), -1, dtype=torch.long, device=device)
-        slot[((bi * na + ai) * h + yi) * w + xi] = torch.arange(n_obj, device=device)
+        slot[cells.flat] = torch.arange(n_obj, device=device)
         tcls = torch.zeros((n_obj, nc), dtype=dtype, device=device)
-        tcls[slot[((a.image * na + a.anchor) * h + a.gy) * w + a.gx], tgt[a.truth, 1].long()] = 1
+        tcls[slot[flat_cells((nb, na, h, w), a.image, a.anchor, a.gy, a.gx)], tgt[a.truth, 1].long()] = 1
 
         lx, ly = box_term(sx, tx), box_term(sy, ty)
         lw, lh = box_term(tw_pred, tw), box_term(th_pred, th)

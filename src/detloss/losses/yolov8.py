@@ -422,10 +422,16 @@ class YOLOv8Loss(DetectionLoss):
         one compiled loop over that layout (:func:`detloss.kernels.decode_head_maps`, the same
         expectation to a few ulps) instead of a softmax over strided rows."""
         channels = pred_dist.transpose(1, 2)
-        if (self.reg_max > 1 and type(self).decode_boxes is YOLOv8Loss.decode_boxes and channels.is_contiguous()
-                and kernels.use_compiled_decode([channels])):
+        if channels.is_contiguous() and self._compiled_decode([channels]):
             return kernels.decode_head_maps([channels], [anchor_points], self.reg_max)
         return self.decode_boxes(pred_dist, anchor_points)
+
+    def _compiled_decode(self, maps: Sequence[Tensor]) -> bool:
+        """Whether :meth:`decode_boxes` of these ``[B, C, n]`` maps may run as
+        :func:`detloss.kernels.decode_head_maps`: distributions (``reg_max > 1``), this class's own
+        decoding (not overridden) and the compiled path on for them."""
+        return (self.reg_max > 1 and type(self).decode_boxes is YOLOv8Loss.decode_boxes
+                and kernels.use_compiled_decode(maps))
 
     def _decode_maps(self, head: HeadMaps, anchor_points: Tensor) -> Tensor:
         """:meth:`decode_boxes` of every anchor of the head maps ``[B, A, 4]``, level by level
@@ -434,8 +440,7 @@ class YOLOv8Loss(DetectionLoss):
         and its contiguous input) of a block instead of a whole level. On the fused path
         (compiling on, maps of at least :func:`~detloss.kernels.min_numel` elements) the
         distributions' expectations come from :func:`detloss.kernels.decode_head_maps` instead."""
-        if (self.reg_max > 1 and type(self).decode_boxes is YOLOv8Loss.decode_boxes
-                and kernels.use_compiled_decode(head.maps)):
+        if self._compiled_decode(head.maps):
             # one compiled loop over the maps' own layout (the same expectation, to a few ulps)
             return kernels.decode_head_maps(head.maps, anchor_points.split(head.sizes), self.reg_max)
         m0 = head.maps[0]

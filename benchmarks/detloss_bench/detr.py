@@ -79,7 +79,7 @@ def detr_case(data, nc, hf):
     logits = torch.cat((data.dec_logits, data.dec_logits[..., :1]), -1)
 
     def run_ours(x):
-        lg, bx = x["logits"], x["boxes"]
+        lg, bx = x["logits"].unbind(0), x["boxes"].unbind(0)  # as the models split their stacked layers
         out = {"pred_logits": lg[-1], "pred_boxes": bx[-1],
                "aux_outputs": [{"pred_logits": lg[i], "pred_boxes": bx[i]} for i in range(layers - 1)]}
         return ours(out, data.targets).total
@@ -92,7 +92,7 @@ def detr_case(data, nc, hf):
         hf_targets = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in data.targets]
 
         def run_peer(x):
-            lg, bx = x["logits"], x["boxes"]
+            lg, bx = x["logits"].unbind(0), x["boxes"].unbind(0)
             out = {"logits": lg[-1], "pred_boxes": bx[-1],
                    "auxiliary_outputs": [{"logits": lg[i], "pred_boxes": bx[i]} for i in range(layers - 1)]}
             d = peer(out, hf_targets)
@@ -110,10 +110,10 @@ def rtdetr_case(data, nc, hf):
     ours = RTDETRLoss(nc, alpha=0.75, gamma=2.0)
 
     def layer_dicts(x, lk):
-        lg, bx = x["dec_logits"], x["dec_boxes"]
+        lg, bx = x["dec_logits"].unbind(0), x["dec_boxes"].unbind(0)  # as the models split their stacked layers
         aux = [{lk: lg[i], "pred_boxes": bx[i]} for i in range(layers - 1)]
         enc = {lk: x["enc_logits"], "pred_boxes": x["enc_boxes"]}
-        dn = [{lk: x["dn_logits"][i], "pred_boxes": x["dn_boxes"][i]} for i in range(layers)]
+        dn = [{lk: d, "pred_boxes": b} for d, b in zip(x["dn_logits"].unbind(0), x["dn_boxes"].unbind(0))]
         return {lk: lg[-1], "pred_boxes": bx[-1]}, aux, enc, dn
 
     def run_ours(x):
@@ -153,11 +153,7 @@ def ultralytics_case(data, nc, ul):
         return (torch.cat((x["enc_boxes"][None], x["dec_boxes"])), torch.cat((x["enc_logits"][None], x["dec_logits"])))
 
     def run_ours(x):
-        bx, lg = stacked(x)
-        out = {"pred_logits": lg[-1], "pred_boxes": bx[-1],
-               "aux_outputs": [{"pred_logits": lg[i], "pred_boxes": bx[i]} for i in range(layers)],
-               "dn_aux_outputs": [{"pred_logits": x["dn_logits"][i], "pred_boxes": x["dn_boxes"][i]} for i in range(layers)],
-               "dn_meta": data.ultra_meta}
+        out = ours.ultralytics_outputs(*stacked(x), x["dn_boxes"], x["dn_logits"], data.ultra_meta)
         return ours(out, data.targets).total
 
     stack = (torch.cat((data.enc_boxes[None], data.dec_boxes)), torch.cat((data.enc_logits[None], data.dec_logits)))

@@ -162,14 +162,18 @@ def test_hyperparameters():
         F.smooth_bce(2)
 
 
-@pytest.mark.parametrize("bad", [2.0, 0.5, -1.0])
+@pytest.mark.parametrize("bad", [2.0, 0.5, -1.0, 1e-45, 1.0 - 2.0**-24, 1.0 + 2.0**-23, 1e30, float("inf"),
+                                 float("nan")])
 def test_varifocal_labels_must_be_zero_or_one(bad):
+    # the smallest float32 subnormal, the neighbours of 1, a product that overflows, inf and NaN
+    # are all caught by the arithmetic test (t (t - 1) != 0) as well as by the comparisons
     score = torch.full((2, 3), 0.5)
     label = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, bad]])
-    with raises(ValueError, "label", "0 or 1", f"{bad:g}", "(1, 2)"):
+    with raises(ValueError, "label", "0 or 1", f"{float(label[1, 2]):.9g}", "(1, 2)"):
         F.varifocal_loss(X, score, label)
     F.varifocal_loss(X, score, torch.tensor([[0, 1, 0], [1, 0, 0]]))  # integer and bool labels are fine
     F.varifocal_loss(X, score, torch.tensor([[False, True, False], [True, False, False]]))
+    F.varifocal_loss(X, score, torch.tensor([[-0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))  # -0.0 is 0
 
 
 @pytest.mark.parametrize("bad", [-0.5, 1.5, float("-inf"), float("nan")])

@@ -249,3 +249,17 @@ def test_log1p_unit_series_within_two_ulp_on_the_unit_interval():
     assert float(rel.max()) <= 2 * torch.finfo(torch.float32).eps
     # below the normal range the result keeps an absolute error of a subnormal ulp
     assert float((got - ref)[~normal & (e > 0)].abs().max()) <= 2 ** -149
+
+
+def test_plain_gradient_follows_a_transposed_input(eager):
+    # a head output (B, C, A) read as [B, A, C]: every plain pass returns its gradient in that
+    # layout (so that the head's own gradient is contiguous), with the values of a contiguous input
+    xc, t = _inputs((2, 40, 5), dtype=torch.float32, soft=True, seed=9)
+    xt = xc.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides of a (B, C, A) view
+    assert not xt.is_contiguous()
+    for name, fused, _ in _losses(t):
+        lc, gc = loss_and_grad(fused("sum"), xc)
+        lt, gt = loss_and_grad(fused("sum"), xt)
+        assert gt.stride() == xt.stride(), name
+        torch.testing.assert_close(lt, lc, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(gt, gc, rtol=0, atol=0, msg=name)

@@ -408,3 +408,43 @@ def test_decode_gives_pixel_boxes_and_scores(kind):
     assert bool((dec.scores >= 0).all() and (dec.scores <= 1).all())
     cx = out["pred_boxes"][..., 0] * 200
     torch.testing.assert_close((dec.boxes[..., 0] + dec.boxes[..., 2]) / 2, cx)
+
+
+def test_ultralytics_outputs_from_stacked_layers():
+    # ultralytics' stacked tensors -> the dict of convention="ultralytics": the same loss and
+    # gradients as indexing every layer, through one unbind per stacked tensor
+    g = torch.Generator().manual_seed(21)
+    ref = family_outputs("ultralytics", g, 2, 4, dn_counts=[2, 1], num_aux=2)
+    tgt = random_targets(g, [2, 1])
+    lay = ref["aux_outputs"] + [{"pred_logits": ref["pred_logits"], "pred_boxes": ref["pred_boxes"]}]
+    dec_b = torch.stack([d["pred_boxes"] for d in lay]).requires_grad_()
+    dec_s = torch.stack([d["pred_logits"] for d in lay]).requires_grad_()
+    dn_b = torch.stack([d["pred_boxes"] for d in ref["dn_aux_outputs"]]).requires_grad_()
+    dn_s = torch.stack([d["pred_logits"] for d in ref["dn_aux_outputs"]]).requires_grad_()
+    loss_fn = make_loss("ultralytics")
+    out = RTDETRLoss.ultralytics_outputs(dec_b, dec_s, dn_b, dn_s, ref["dn_meta"])
+    assert "Unbind" in out["pred_logits"].grad_fn.name() and len(out["aux_outputs"]) == 2
+    got = loss_fn(out, tgt)
+    indexed = {"pred_logits": dec_s[-1], "pred_boxes": dec_b[-1],
+               "aux_outputs": [{"pred_logits": dec_s[i], "pred_boxes": dec_b[i]} for i in range(2)],
+               "dn_aux_outputs": [{"pred_logits": dn_s[i], "pred_boxes": dn_b[i]} for i in range(2)],
+               "dn_meta": ref["dn_meta"]}
+    want = loss_fn(indexed, tgt)
+    for k in want.components:
+        torch.testing.assert_close(got.components[k], want.components[k], rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got.total, (dec_b, dec_s, dn_b, dn_s))
+    wants = torch.autograd.grad(want.total, (dec_b, dec_s, dn_b, dn_s))
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    without_dn = RTDETRLoss.ultralytics_outputs(dec_b, dec_s)
+    assert "dn_aux_outputs" not in without_dn and "dn_meta" not in without_dn
+
+
+def test_ultralytics_outputs_rejects_bad_stacks():
+    b, s = torch.rand(3, 2, 4, 4), torch.rand(3, 2, 4, NC)
+    with raises(ValueError, "dec_scores", "[L, B, Q, .]", "(2, 4, 5)"):
+        RTDETRLoss.ultralytics_outputs(b, s[0])
+    with raises(ValueError, "dec_bboxes, dec_scores", "3 and 2"):
+        RTDETRLoss.ultralytics_outputs(b, s[:2])
+    with raises(ValueError, "dn_bboxes, dn_scores", "both or neither"):
+        RTDETRLoss.ultralytics_outputs(b, s, b)

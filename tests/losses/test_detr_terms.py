@@ -190,3 +190,57 @@ def test_gradients_flow_to_every_trained_tensor():
     assert all(d["pred_corners"].grad is not None and float(d["pred_corners"].grad.abs().sum()) > 0
                for d in [out] + out["aux_outputs"] + out["dn_outputs"])
     assert math.isfinite(float(res.total.detach()))
+
+
+def _onehot(shape, bi, qi, lab, score):
+    label = torch.zeros(shape, dtype=D)
+    label[bi, qi, lab] = 1
+    target = torch.zeros(shape, dtype=D)
+    target[bi, qi, lab] = score
+    return label, target
+
+
+def _dense_class_loss(x, label, target, kind, alpha, gamma):
+    """The class losses on explicit one-hot tensors, written from their papers' formulas."""
+    p = torch.sigmoid(x)
+    bce = lambda y: torch.clamp(x, min=0) - x * y + torch.log1p(torch.exp(-x.abs()))  # noqa: E731
+    if kind == "bce":
+        return bce(target).sum()
+    if kind == "focal":  # Lin et al. 2017 with alpha_t
+        p_t = p * label + (1 - p) * (1 - label)
+        return ((alpha * label + (1 - alpha) * (1 - label)) * (1 - p_t) ** gamma * bce(label)).sum()
+    weight = alpha * p**gamma * (1 - label) + target * label  # VarifocalNet, ultralytics' weighting
+    return (bce(target) * weight).sum()
+
+
+@pytest.mark.parametrize("kind", ["varifocal", "focal", "bce"])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 1.5), (0.75, 2.0), (0.5, 0.5)])
+def test_onehot_class_loss_equals_the_dense_loss_and_gradchecks(kind, alpha, gamma):
+    g = torch.Generator().manual_seed(11)
+    shape = (2, 6, 5)
+    x = (torch.randn(shape, generator=g, dtype=D) * 3).requires_grad_()
+    bi, qi, lab = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 4, 0, 5]), torch.tensor([2, 0, 4, 2])
+    score = torch.rand(4, generator=g, dtype=D)
+    label, target = _onehot(shape, bi, qi, lab, score)
+    got = T.onehot_class_loss(x, bi, qi, lab, score, kind=kind, alpha=alpha, gamma=gamma)
+    want = _dense_class_loss(x, label, target, kind, alpha, gamma)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gx, = torch.autograd.grad(got, x)
+    wx, = torch.autograd.grad(want, x)
+    torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-12)
+    assert gradcheck(lambda t: T.onehot_class_loss(t, bi, qi, lab, score, kind=kind, alpha=alpha, gamma=gamma),
+                     (x.detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("kind", ["varifocal", "focal", "bce"])
+def test_onehot_class_loss_is_finite_at_extreme_matched_logits(kind):
+    # matched logits at +-1e4 and at -200 (sigmoid underflows to 0 in float32), gamma < 1 too
+    x = torch.zeros(1, 4, 3)
+    x[0, :, 1] = torch.tensor([1e4, -1e4, -200.0, 30.0])
+    x.requires_grad_()
+    qi, lab = torch.arange(4), torch.ones(4, dtype=torch.int64)
+    for gamma in (0.5, 1.5):
+        loss = T.onehot_class_loss(x, torch.zeros(4, dtype=torch.int64), qi, lab, torch.full((4,), 0.5),
+                                   kind=kind, alpha=0.25, gamma=gamma)
+        grad, = torch.autograd.grad(loss, x)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()

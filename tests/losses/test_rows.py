@@ -73,7 +73,7 @@ def test_ultralytics_criteria_gradients_in_the_heads_layout(name, monkeypatch):
     preds, leaves = task_preds(arrays, cfg)
     loss, _ = crit(preds, task_batch(arrays))
     grads = dict(zip(leaves, torch.autograd.grad(loss.sum(), list(leaves.values()))))
-    assert all(g.is_contiguous() for g in grads.values())
+    assert all(g.is_contiguous() for g in grads.values()), {k: (tuple(g.shape), g.stride()) for k, g in grads.items()}
     ptrs = {b.data_ptr() for b in buffers}
     for key in ("pred.boxes",) + (("pred.kpts",) if name.startswith("pose") else ()):
         assert grads[key].data_ptr() in ptrs, key

@@ -54,10 +54,13 @@ def check_binary(name: str, t: torch.Tensor) -> None:
     t = values(t)
     if t.numel() == 0:
         return
+    if t.is_floating_point() and not bool((t * (t - 1)).any()):
+        return  # t (t - 1) is 0 exactly at 0 and 1 (NaN, inf and every other value give non-zero):
+        # two arithmetic passes instead of two boolean comparisons and their conjunction
     bad = (t != 0) & (t != 1)
     if bool(bad.any()):
         pos = first_bad(bad)
-        raise ValueError(f"{name}: expected 0 or 1, got {float(t[pos]):g} at index {pos}")
+        raise ValueError(f"{name}: expected 0 or 1, got {float(t[pos]):.9g} at index {pos}")
 
 
 def check_unit_interval(name: str, value: float, sentinels: Sequence[float] = ()) -> float:

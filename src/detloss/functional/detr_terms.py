@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import kernels
+from ..kernels.dense import safe_pow
 from .._checks import check_choice, check_floating, check_reduction, check_same_shape, check_tensor, compute_dtype, upcast
 from ._common import reduce
 from .bce import bce_with_logits
@@ -187,20 +188,29 @@ def onehot_class_loss(
     x = input[batch_index, query_index, labels]
     dt = compute_dtype(x, score)
     x = upcast(x, dt)
-    zeros = torch.zeros_like(x)
-    if kind == "focal":
-        ones = torch.ones_like(x)
-        pos = kernels.fused_sigmoid_focal_loss(x, ones, alpha, gamma, "sum", compiled=False)
-        neg = kernels.fused_sigmoid_focal_loss(x, zeros, alpha, gamma, "sum", compiled=False)
-        return dense + (pos - neg)
-    s = upcast(score.detach(), dt)
+    s = None if score is None else upcast(score.detach(), dt)
+    return dense + _matched_correction(x, s, kind, alpha, gamma)
+
+
+def _matched_correction(x: torch.Tensor, s: Optional[torch.Tensor], kind: str, alpha: float, gamma: float) -> torch.Tensor:
+    r"""At the ``P`` matched entries ``x`` (scores ``s``), the sum of their loss minus the loss of
+    target 0 that the dense pass counted there, in a few autograd ops on ``[P]``. With
+    :math:`\ell^+ = -\log\sigma(x)` (the BCE of target 1) and :math:`\ell^- = -\log\sigma(-x)`
+    (of target 0), :math:`p = \sigma(x)`, :math:`q = \sigma(-x)`:
+
+    - focal: :math:`lpha q^\gamma \ell^+ - (1 - lpha) p^\gamma \ell^-`;
+    - bce: :math:`\mathrm{BCE}(x, s) - \mathrm{BCE}(x, 0) = -s\,x`;
+    - varifocal: :math:`s\,\mathrm{BCE}(x, s) - lpha p^\gamma \ell^-`,
+      :math:`\mathrm{BCE}(x, s) = (1 - s)\,\ell^- + s\,\ell^+`.
+    """
     if kind == "bce":
-        pos = bce_with_logits(x, s, reduction="sum")
-        neg = bce_with_logits(x, zeros, reduction="sum")
-        return dense + (pos - neg)
-    pos = (bce_with_logits(x, s, reduction="none") * s).sum()
-    neg = kernels.fused_sigmoid_focal_loss(x, zeros, 1.0 - alpha, gamma, "sum", compiled=False)
-    return dense + (pos - neg)
+        return -(s * x).sum()  # type: ignore[operator]
+    l_pos, l_neg = -torch.nn.functional.logsigmoid(x), -torch.nn.functional.logsigmoid(-x)
+    p_gamma = safe_pow(torch.sigmoid(x), gamma)  # 0 < gamma < 1: a finite gradient where p underflows to 0
+    if kind == "focal":
+        return (alpha * safe_pow(torch.sigmoid(-x), gamma) * l_pos - (1.0 - alpha) * p_gamma * l_neg).sum()
+    bce = torch.lerp(l_neg, l_pos, s)  # type: ignore[arg-type]
+    return (s * bce - alpha * p_gamma * l_neg).sum()
 
 
 def matchability_aware_loss(

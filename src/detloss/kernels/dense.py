@@ -101,7 +101,22 @@ def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
         r = 1 / (1 + e)
         s = e * r
         return torch.where(pos, r, s), torch.where(pos, s, r), _log1p_unit(e)
+    if x.device.type == "cpu":  # sigmoid(x) as the formulas compute it (a modulating factor
+        # such as BCE-blur's 1 - exp(20 (p - y - 1)) turns an ulp of p into a visible difference)
+        nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
+        return torch.sigmoid(x), _sigmoid_from(x, e), nlsp.neg_()
     return torch.sigmoid(x), torch.neg(x).sigmoid_(), x.abs().neg_().exp_().log1p_()
+
+
+def _sigmoid_from(x: torch.Tensor, e: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    r"""``scale * sigmoid(-x)`` on CPU from ``e = exp(-|x|)`` (the buffer of ATen's
+    ``log_sigmoid_forward``), without another ``exp``: ``log_sigmoid_backward(g, x, e)`` is
+    :math:`g\,e/(1 + e)` for :math:`x \ge 0` and :math:`g/(1 + e)` for :math:`x < 0`, i.e.
+    :math:`g\,\sigma(-x)` to full relative precision on both sides."""
+    g = torch.full((), scale, dtype=x.dtype).expand(x.shape)
+    # into a buffer laid out like x (left to itself, the op would follow the expanded scalar's
+    # layout, and a transposed head output would get a gradient of another layout)
+    return torch.ops.aten.log_sigmoid_backward.grad_input(g, x, e, grad_input=torch.empty_like(x))
 
 
 def bce_parts(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor] = None) -> BCEParts:
@@ -160,7 +175,8 @@ def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torc
     r"""The BCE and its derivative in few eager CPU kernels, with the same branches.
 
     ``log_sigmoid_forward(|x|)`` gives :math:`-\ell_{sp}` and :math:`e^{-|x|}` in one kernel;
-    ``log_sigmoid_backward(-1, x, e)`` is :math:`-\sigma(-x)` from that ``e``. ``lerp`` (which
+    :func:`_sigmoid_from` gives :math:`\sigma(x)` and :math:`-\sigma(-x)` from that ``e`` (no
+    second ``exp``). ``lerp`` (which
     evaluates from the nearer end, ``w < 1/2`` or not) mixes the two non-negative ends
     :math:`\max(x, 0)`, :math:`\max(-x, 0)` and the two ends :math:`p`, :math:`-q`: the value at
     ``y = 0`` or ``1`` is that end itself, so nothing cancels (``x = 60, y = 1``: gradient
@@ -169,8 +185,7 @@ def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torc
     nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
     relu_x = x.clamp(min=0)
     loss = torch.lerp(relu_x, relu_x - x, y).sub_(nlsp)
-    minus_one = torch.full((), -1.0, dtype=x.dtype).expand(x.shape)
-    grad = torch.lerp(torch.sigmoid(x), torch.ops.aten.log_sigmoid_backward(minus_one, x, e), y)
+    grad = torch.lerp(_sigmoid_from(x.neg(), e), _sigmoid_from(x, e, -1.0), y)
     return loss, grad
 
 

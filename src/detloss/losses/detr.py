@@ -270,15 +270,18 @@ class SetCriterion(DetectionLoss):
                 if t.is_floating_point() and id(t) not in seen:  # the teachers are other layers' tensors
                     seen.add(id(t))
                     items.append((f"{raw[tag][0]}['{k}']", t))
-        flags = [torch.isfinite(t.detach()).all() for _, t in items]
+        # one sum per tensor (see _checks.check_finite); a finite tensor whose sum overflows is
+        # told apart below by the exact test
+        flags = [torch.isfinite(t.detach().sum(dtype=compute_dtype(t))) for _, t in items]
         sizes = [(f"{raw[tag][0]}['pred_boxes']", l.boxes) for tag, l in layers.items()] if self.check_box_sizes else []
         flags += [(b.detach()[..., 2:] >= 0).all() for _, b in sizes]
         if not flags:
             return
         ok = torch.stack(flags).tolist()
         for (name, t), good in zip(items, ok):
-            if not good:
-                pos = tuple(int(i) for i in (~torch.isfinite(t.detach())).nonzero()[0])
+            bad = None if good else (~torch.isfinite(t.detach())).nonzero()
+            if bad is not None and len(bad):
+                pos = tuple(int(i) for i in bad[0])
                 raise ValueError(f"{name}: expected finite values, got {float(t.detach()[pos])} at {pos}")
         for (name, b), good in zip(sizes, ok[len(items):]):
             if not good:

@@ -281,7 +281,7 @@ def run_in_chunks(
 
     Eager ops read and write whole tensors; on tensors of megabytes every op streams from memory
     and every temporary is fresh memory (a page fault per 4 KiB). Cut into chunks of
-    :data:`PLAIN_CHUNK_PER_THREAD` elements per thread (along the leading dimensions, which the
+    :data:`PLAIN_CHUNK_PER_THREAD` loss elements (logits, box pairs) per thread (along the leading dimensions, which the
     broadcast tensors share or repeat), the closed form's temporaries stay in cache and are
     recycled by the allocator. The gradient of each chunk goes into one gradient buffer
     (:func:`empty_gradient`); ``need_grad=False`` skips it. On other devices the whole tensor is
@@ -290,14 +290,17 @@ def run_in_chunks(
     of one chunk.
     """
     dtype = compute_dtype(input, *tensors)
-    n = input.numel()
+    # chunks count loss elements: a box pair's hundred-odd ops over [..., 4] cost per chunk in
+    # dispatch what a logit's ten cost, so a box loss takes as many pairs per chunk as a dense
+    # loss takes logits
+    n = input.numel() // max(math.prod(input.shape[input.dim() - event_dims:]), 1) if event_dims else input.numel()
     chunk = PLAIN_CHUNK_PER_THREAD * max(torch.get_num_threads(), 1)
     if input.device.type != "cpu" or n <= chunk or input.dim() <= event_dims:
         loss, grad = (whole or make_pass(closed_form, reduction, **params))(input, *tensors)
         return loss, (grad if need_grad else None)
     x_rows, rows = _row_layout(input, tensors, event_dims)
     loss_rows = x_rows.shape[: x_rows.dim() - event_dims]
-    step = max(chunk // max(x_rows[0].numel(), 1), 1)
+    step = max(chunk // max(math.prod(x_rows.shape[1: x_rows.dim() - event_dims]), 1), 1)
     grad = empty_gradient(input, *tensors).view(x_rows.shape) if need_grad else None
     losses = torch.empty(loss_rows, dtype=dtype, device=input.device) if reduction == "none" else None
     total: Optional[torch.Tensor] = None

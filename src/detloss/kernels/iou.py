@@ -78,6 +78,11 @@ def _angle_vector(w: torch.Tensor, h: torch.Tensor):
     ok, wide = h > 0, w > 0
     w = torch.where(ok, w, wide.to(w.dtype))  # (1, 0) for pi/2, (0, 1) for 0: never a zero vector
     h = torch.where(ok, h, (~wide).to(h.dtype))
+    if not torch.compiler.is_compiling():
+        # eager: the same numbers without selects: w / m and h / m are exactly +-1 on the larger
+        # side (x / x, x / |x|) and the selects' ratio on the smaller one
+        m = torch.maximum(h, w.abs())
+        return w / m, h / m, m
     tall = h >= w.abs()
     m = torch.where(tall, h, w.abs())
     r = torch.where(tall, w, h) / m  # the smaller side over the larger

@@ -3,6 +3,8 @@ of the sums, whatever broadcasts, and it keeps one gradient-sized buffer where a
 a formula keeps a dozen."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,8 +23,9 @@ def _inputs(shape, seed=0, dtype=torch.float64):
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
-    """Chunks of 50 elements, so that small tensors are cut into many (and ragged) pieces."""
+    """Chunks of 50 elements (25 box pairs), so that small tensors are cut into many (and ragged) pieces."""
     monkeypatch.setattr(_runtime, "PLAIN_CHUNK_PER_THREAD", 50)
+    monkeypatch.setattr(_runtime, "PLAIN_PAIRS_PER_THREAD", 25)
 
 
 @pytest.mark.parametrize("shape, w_shape, pw_shape", [
@@ -59,7 +62,14 @@ def test_box_chunks_keep_whole_boxes(tiny_chunks, shape, reduction):
     target[..., 2:] = target[..., :2] + 1 + target[..., 2:]
     pred = target + torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
     pass_ = kernels.iou.get_iou_pass("ciou", "xyxy", "torchvision", 1e-7, reduction)
-    loss, grad = pass_.plain(pred, target)
+    calls = []
+    real = pass_.closed_form
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pass_, "closed_form", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+        loss, grad = pass_.plain(pred, target)
+    pairs = math.prod(shape[:-1])
+    chunk = _runtime.PLAIN_PAIRS_PER_THREAD * torch.get_num_threads()
+    assert len(calls) == -(-pairs // chunk) and max(calls) == chunk  # chunks of whole pairs
     whole_loss, whole_grad = pass_.eager(pred, target)
     assert loss.shape == whole_loss.shape and grad.shape == pred.shape
     torch.testing.assert_close(loss, whole_loss, rtol=1e-13, atol=1e-13)

@@ -244,3 +244,24 @@ def test_onehot_class_loss_is_finite_at_extreme_matched_logits(kind):
                                    kind=kind, alpha=0.25, gamma=gamma)
         grad, = torch.autograd.grad(loss, x)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_layers_box_terms_equal_the_per_layer_terms():
+    # one call over every layer's pairs (a layer without pairs included) = box_terms layer by layer
+    from detloss.losses.detr import box_terms, layers_box_terms
+
+    g = torch.Generator().manual_seed(12)
+    def cxcywh(n):
+        return torch.cat((torch.rand(n, 2, generator=g, dtype=D) * 0.6 + 0.2,
+                          torch.rand(n, 2, generator=g, dtype=D) * 0.3 + 0.05), 1)
+    pairs = [(cxcywh(n).requires_grad_(), cxcywh(n)) for n in (3, 0, 5)]
+    got = layers_box_terms(pairs, 4.0)
+    want = [box_terms(s, t, 4.0) for s, t in pairs]
+    for a, b in zip(got, want):
+        for k in ("loss_bbox", "loss_giou"):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-13, atol=1e-15)
+    srcs = [s for s, _ in pairs]
+    g1 = torch.autograd.grad(sum(d["loss_bbox"] + 2 * d["loss_giou"] for d in got), srcs)
+    g2 = torch.autograd.grad(sum(d["loss_bbox"] + 2 * d["loss_giou"] for d in want), srcs)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

@@ -105,6 +105,25 @@ def box_terms(
     return {"loss_bbox": l1, "loss_giou": giou.sum() / num_boxes}
 
 
+def layer_sums(per_pair: Tensor, counts: Sequence[int]) -> Tensor:
+    """``[L, ...]``: the sums of ``per_pair [P, ...]`` over consecutive runs of ``counts[l]`` pairs
+    (the layers' matched pairs concatenated), in one ``index_add``."""
+    which = torch.repeat_interleave(torch.arange(len(counts), device=per_pair.device),
+                                    torch.tensor(counts, device=per_pair.device), output_size=per_pair.shape[0])
+    return per_pair.new_zeros((len(counts),) + per_pair.shape[1:]).index_add_(0, which, per_pair)
+
+
+def layers_box_terms(pairs: Sequence[Tuple[Tensor, Tensor]], num_boxes: float) -> List[Dict[str, Tensor]]:
+    """:func:`box_terms` (no clamp, no weight) of several layers' matched pairs, computed in one
+    call of each formula over their concatenation instead of one per layer."""
+    counts = [int(src.shape[0]) for src, _ in pairs]
+    src, tgt = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    l1 = F.l1_loss(src, tgt, reduction="none").sum(-1)
+    giou = 1 - T.paired_box_iou(to_xyxy(src), to_xyxy(tgt), kind="giou", validate=False)
+    sums = layer_sums(torch.stack((l1, giou), -1), counts) / num_boxes
+    return [{"loss_bbox": row[0], "loss_giou": row[1]} for row in sums.unbind(0)]
+
+
 def matched_iou(src: Tensor, tgt: Tensor, *, kind: str = "iou", clamp_sizes: bool = False) -> Tensor:
     """Detached IoU (or GIoU) of matched cxcywh pairs, torchvision's pairwise numbers."""
     with torch.no_grad():
@@ -485,9 +504,18 @@ class DETRLoss(SetCriterion):
     def compute_terms(self, inputs: SetInputs, prepared: Any, assignment: Assignment) -> Dict[str, Tensor]:
         raw: Dict[str, Tensor] = {}
         layers = assignment.extras["layers"]
+        boxes: Dict[str, Dict[str, Tensor]] = {}
+        if ("boxes" in self.losses and len(inputs.layers) > 1  # every layer's pairs at once, unless
+                and type(self).loss_boxes is DETRLoss.loss_boxes):  # a subclass redefines the term
+            tags = list(inputs.layers)
+            pairs = [matched_boxes(inputs.layers[t], layers[t]) for t in tags]
+            boxes = dict(zip(tags, layers_box_terms(pairs, inputs.normalizers["num_boxes"])))
         for tag, layer in inputs.layers.items():
             for group in self.losses:
-                out = getattr(self, self.loss_groups[group])(layer, layers[tag], inputs, log=tag == "main")
+                if group == "boxes" and tag in boxes:
+                    out = boxes[tag]
+                else:
+                    out = getattr(self, self.loss_groups[group])(layer, layers[tag], inputs, log=tag == "main")
                 raw.update({k + layer.suffix: v for k, v in out.items()})
         return raw
 

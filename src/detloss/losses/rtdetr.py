@@ -44,7 +44,7 @@ from .._checks import check_choice
 from ..assign.base import Assignment
 from ..assign.hungarian import HungarianMatcher, SetTargets, pairs_to_assignment
 from ..functional import detr_terms as T
-from .detr import Layer, SetCriterion, SetInputs, box_terms, class_targets, matched_boxes, matched_iou
+from .detr import Layer, SetCriterion, SetInputs, box_terms, class_targets, layer_sums, matched_boxes, matched_iou
 
 __all__ = ["RTDETRLoss", "RTDETR_CONVENTIONS", "denoising_pairs"]
 
@@ -348,9 +348,7 @@ class RTDETRLoss(SetCriterion):
         per_pair = torch.stack((F.l1_loss(src, tgt, reduction="none").sum(-1),
                                 1.0 - F.aligned_box_iou(src, tgt, kind="giou", box_format="cxcywh",
                                                         convention="yolov5", validate=False)), -1)
-        which = torch.repeat_interleave(torch.arange(len(pairs), device=src.device),
-                                        torch.tensor(counts, device=src.device), output_size=src.shape[0])
-        sums = per_pair.new_zeros((len(pairs), 2)).index_add_(0, which, per_pair) / n
+        sums = layer_sums(per_pair, counts) / n
         l1, giou = (g["loss_bbox"] * sums[:, 0]).unbind(0), (g["loss_giou"] * sums[:, 1]).unbind(0)
         return list(zip(iou.split(counts), l1, giou))
 

@@ -67,8 +67,15 @@ class BCEParts(NamedTuple):
     grad: torch.Tensor
     p: torch.Tensor  #: sigmoid(x)
     q: torch.Tensor  #: sigmoid(-x) = 1 - p, to full relative precision
-    a: torch.Tensor  #: (1 - y) p
-    b: torch.Tensor  #: y q; a + b = 1 - p_t, the focal loss's base (|y - p| for y in {0, 1})
+    #: (1 - y) p + y q = 1 - p_t, the focal loss's base (|y - p| for y in {0, 1}); None where
+    #: it was not needed to form the gradient (see :func:`one_minus_p_t`)
+    m: Optional[torch.Tensor]
+
+
+def one_minus_p_t(parts: BCEParts, y: torch.Tensor) -> torch.Tensor:
+    """``1 - p_t = (1 - y) p + y q`` of :func:`bce_parts`: its own where it has it, else ``lerp(p,
+    q, y)`` (the ends exactly at y = 0 or 1; non-negative, no cancellation)."""
+    return parts.m if parts.m is not None else torch.lerp(parts.p, parts.q, y)
 
 
 #: Coefficients 1/3, 1/5, ..., 1/13 of the atanh series (see :func:`_log1p_unit`).
@@ -121,6 +128,9 @@ def _sigmoid_from(x: torch.Tensor, e: torch.Tensor, scale: float = 1.0) -> torch
 
 def bce_parts(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor] = None) -> BCEParts:
     """BCE-with-logits (PyTorch's ``pos_weight``) and its derivative in ``x`` (module docstring)."""
+    if _eager_cpu(x, y, pos_weight):
+        loss, grad, p, nq = _bce_eager_cpu(x, y, exact_p=True)
+        return BCEParts(loss, grad, p, nq.neg_(), None)
     p, q, lsp = _logistic(x)
     ny = torch.rsub(y, 1)
     relu_x = x.clamp(min=0)
@@ -132,7 +142,7 @@ def bce_parts(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tenso
         pwy = pos_weight * y
         loss = lsp.mul_(ny + pwy).addcmul_(ny, relu_x).addcmul_(pwy, relu_x - x)
         grad = a - pos_weight * b
-    return BCEParts(loss, grad, p, q, a, b)
+    return BCEParts(loss, grad, p, q, a.add_(b))
 
 
 def _pow_and_slope(base: torch.Tensor, gamma: float) -> Tuple[Scalar, Optional[Scalar]]:
@@ -171,8 +181,16 @@ def _alpha_t(y: torch.Tensor, alpha: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""The BCE and its derivative in few eager CPU kernels, with the same branches.
+def _eager_cpu(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`_bce_eager_cpu` serves: eager on CPU, no ``pos_weight``, ``y`` shaped like ``x``."""
+    return (pos_weight is None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and y.shape == x.shape)
+
+
+def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor, exact_p: bool = False) -> Tuple[torch.Tensor, ...]:
+    r"""``(loss, grad, p, -q)``: the BCE and its derivative in few eager CPU kernels, with the
+    same branches; ``p = sigmoid(x)`` (``exact_p``: torch's ``sigmoid``, bit for bit what the
+    formulas' modulating factors see; else from ``e``, one cheap kernel instead of an ``exp``).
 
     ``log_sigmoid_forward(|x|)`` gives :math:`-\ell_{sp}` and :math:`e^{-|x|}` in one kernel;
     :func:`_sigmoid_from` gives :math:`\sigma(x)` and :math:`-\sigma(-x)` from that ``e`` (no
@@ -185,17 +203,17 @@ def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torc
     nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
     relu_x = x.clamp(min=0)
     loss = torch.lerp(relu_x, relu_x - x, y).sub_(nlsp)
-    grad = torch.lerp(_sigmoid_from(x.neg(), e), _sigmoid_from(x, e, -1.0), y)
-    return loss, grad
+    p = torch.sigmoid(x) if exact_p else _sigmoid_from(x.neg(), e)
+    nq = _sigmoid_from(x, e, -1.0)
+    return loss, torch.lerp(p, nq, y), p, nq
 
 
 def bce_with_logits_closed_form(
     x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], pos_weight: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise BCE-with-logits (``weight``, ``pos_weight``) and its derivative in ``x``."""
-    if (pos_weight is None and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and y.shape == x.shape):
-        loss, grad = _bce_eager_cpu(x, y)
+    if _eager_cpu(x, y, pos_weight):
+        loss, grad = _bce_eager_cpu(x, y)[:2]
         return (loss, grad) if weight is None else (loss.mul_(weight), grad.mul_(weight))
     parts = bce_parts(x, y, pos_weight)
     if weight is None:
@@ -208,8 +226,9 @@ def sigmoid_focal_closed_form(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise sigmoid focal loss (torchvision semantics; ``pos_weight`` on the BCE term as
     YOLOv5's FocalLoss) and its derivative in ``x``."""
-    ce, dce, p, q, a, b = bce_parts(x, y, pos_weight)
-    mod, slope = _pow_and_slope(a.add_(b), gamma)  # base m = 1 - p_t (non-negative, no cancellation)
+    parts = bce_parts(x, y, pos_weight)
+    ce, dce, p, q, _ = parts
+    mod, slope = _pow_and_slope(one_minus_p_t(parts, y), gamma)  # base 1 - p_t (non-negative)
     loss, grad = ce * mod, dce.mul_(mod)
     if slope is not None:
         dm = p.mul_(q)
@@ -225,7 +244,7 @@ def quality_focal_closed_form(
     x: torch.Tensor, y: torch.Tensor, *, gamma: float, alpha: Optional[float]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise quality focal loss (GFL's QFL / YOLOv5's QFocalLoss) and its derivative."""
-    ce, dce, p, q, _, _ = bce_parts(x, y)
+    ce, dce, p, q, _ = bce_parts(x, y)
     d = y - p
     mod, slope = _pow_and_slope(d.abs(), gamma)
     loss, grad = ce * mod, dce.mul_(mod)
@@ -241,7 +260,7 @@ def varifocal_closed_form(
     x: torch.Tensor, score: torch.Tensor, label: torch.Tensor, *, alpha: float, gamma: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise varifocal loss (ultralytics weighting, not detached) and its derivative."""
-    ce, dce, p, q, _, _ = bce_parts(x, score)
+    ce, dce, p, q, _ = bce_parts(x, score)
     powp, slope = _pow_and_slope(p, gamma)
     neg = torch.rsub(label, 1).mul_(alpha)
     w = (neg * powp).add_(score * label)
@@ -255,7 +274,7 @@ def bce_blur_closed_form(
     x: torch.Tensor, y: torch.Tensor, *, alpha: float, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Elementwise YOLOv5 BCE-blur (``eps`` = its 1e-4 added to alpha) and its derivative in ``x``."""
-    ce, dce, p, q, _, _ = bce_parts(x, y)
+    ce, dce, p, q, _ = bce_parts(x, y)
     inv = 1 / (alpha + eps)
     z = ((p - y).sub_(1)).mul_(inv).exp_()
     dz = (z * p).mul_(q).mul_(inv)  # d z / d x

@@ -197,7 +197,7 @@ def _fresh_code(fn: Callable, tag: str) -> Callable:
 
 
 def _cast(tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]  # skip no-op casts
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -222,14 +222,15 @@ def make_pass(closed_form: ClosedForm, reduction: str, **params) -> Callable:
 
     def run(input: torch.Tensor, *tensors: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
         dtype = compute_dtype(input, *tensors)
-        loss, grad = closed_form(input.to(dtype), *_cast(tensors, dtype), **params)
+        loss, grad = closed_form(*_cast((input,), dtype), *_cast(tensors, dtype), **params)
         if reduction == "mean":
             grad = grad / max(loss.numel(), 1)
         loss = _reduce(loss, reduction)
         if out is not None:  # the compiled loop stores the gradient straight into `out`
             out.copy_(grad)
             return loss
-        return loss, grad.to(gradient_dtype(input, *tensors))
+        g_dtype = gradient_dtype(input, *tensors)
+        return loss, (grad if grad.dtype == g_dtype else grad.to(g_dtype))
 
     return run
 

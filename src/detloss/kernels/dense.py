@@ -115,12 +115,23 @@ def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.sigmoid(x), torch.neg(x).sigmoid_(), x.abs().neg_().exp_().log1p_()
 
 
+_SCALARS: Dict[Tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim CPU tensor of ``value`` (kept per dtype: read only, expanded by the callers)."""
+    t = _SCALARS.get((value, dtype))
+    if t is None:
+        t = _SCALARS.setdefault((value, dtype), torch.full((), value, dtype=dtype))
+    return t
+
+
 def _sigmoid_from(x: torch.Tensor, e: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     r"""``scale * sigmoid(-x)`` on CPU from ``e = exp(-|x|)`` (the buffer of ATen's
     ``log_sigmoid_forward``), without another ``exp``: ``log_sigmoid_backward(g, x, e)`` is
     :math:`g\,e/(1 + e)` for :math:`x \ge 0` and :math:`g/(1 + e)` for :math:`x < 0`, i.e.
     :math:`g\,\sigma(-x)` to full relative precision on both sides."""
-    g = torch.full((), scale, dtype=x.dtype).expand(x.shape)
+    g = _scalar(scale, x.dtype).expand(x.shape)
     # into a buffer laid out like x (left to itself, the op would follow the expanded scalar's
     # layout, and a transposed head output would get a gradient of another layout)
     return torch.ops.aten.log_sigmoid_backward.grad_input(g, x, e, grad_input=torch.empty_like(x))

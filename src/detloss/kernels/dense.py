@@ -43,6 +43,7 @@ dtype; half precision is computed in float32) and return the loss in the compute
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -100,6 +101,42 @@ def _log1p_unit(e: torch.Tensor) -> torch.Tensor:
     return s2 + s2 * (t * p)
 
 
+@functools.lru_cache(maxsize=None)
+def _log1p_is_scalar() -> bool:
+    """Whether this torch's CPU ``log1p`` (and with it ``log_sigmoid``, ``softplus``) runs one
+    element at a time: torch 2.14's AVX-512 kernels do (about 1.1 ms for 240,000 floats on 2
+    threads, 5x ``torch.log`` and 7x ``torch.sigmoid``; its AVX2 kernels and torch 2.13's AVX-512
+    ones are vectorized). A property of the build, so the choice is the same on every call."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch before 2.1
+        return False
+    return capability == "AVX512" and torch.torch_version.TorchVersion(torch.__version__) >= "2.14"
+
+
+def _softplus_abs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""``(log(1 + e), e)``, :math:`e = e^{-|x|}`, on CPU (eager), each in a buffer of its own.
+
+    ATen's ``log_sigmoid_forward(|x|)`` gives both in one kernel; where its ``log1p`` is scalar
+    (:func:`_log1p_is_scalar`) they come from ``exp`` and a compensated ``log``: :math:`u = 1 +
+    e` rounded, :math:`c = e - (u - 1)` its rounding error (both steps exact: :math:`u \in [1,
+    2]`), :math:`\log(1 + e) = \log u + c/u` to :math:`(c/u)^2/2`, below half an ulp; at
+    :math:`u = 1` (:math:`e < 2^{-24}`) that is :math:`c = e` itself, subnormals included."""
+    if _log1p_is_scalar():
+        return _softplus_abs_compensated(x)
+    nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
+    return nlsp.neg_(), e
+
+
+def _softplus_abs_compensated(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_softplus_abs` from ``exp`` and the compensated ``log`` (no ``log1p``)."""
+    e = x.abs().neg_().exp_()
+    u = e + 1
+    c = u - 1
+    torch.sub(e, c, out=c).div_(u)
+    return u.log_().add_(c), e
+
+
 def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sigmoid(x)``, ``sigmoid(-x)`` and ``log(1 + exp(-|x|))``."""
     if torch.compiler.is_compiling():  # one exp for all three; Inductor fuses the selects
@@ -110,8 +147,8 @@ def _logistic(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
         return torch.where(pos, r, s), torch.where(pos, s, r), _log1p_unit(e)
     if x.device.type == "cpu":  # sigmoid(x) as the formulas compute it (a modulating factor
         # such as BCE-blur's 1 - exp(20 (p - y - 1)) turns an ulp of p into a visible difference)
-        nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
-        return torch.sigmoid(x), _sigmoid_from(x, e), nlsp.neg_()
+        lsp, e = _softplus_abs(x)
+        return torch.sigmoid(x), _sigmoid_from(x, e), lsp
     return torch.sigmoid(x), torch.neg(x).sigmoid_(), x.abs().neg_().exp_().log1p_()
 
 
@@ -201,22 +238,31 @@ def _eager_cpu(x: torch.Tensor, y: torch.Tensor, pos_weight: Optional[torch.Tens
 def _bce_eager_cpu(x: torch.Tensor, y: torch.Tensor, exact_p: bool = False) -> Tuple[torch.Tensor, ...]:
     r"""``(loss, grad, p, -q)``: the BCE and its derivative in few eager CPU kernels, with the
     same branches; ``p = sigmoid(x)`` (``exact_p``: torch's ``sigmoid``, bit for bit what the
-    formulas' modulating factors see; else from ``e``, one cheap kernel instead of an ``exp``).
+    formulas' modulating factors see, and ``grad`` a buffer of its own; else from ``e``, one cheap
+    kernel instead of an ``exp``, and ``grad`` written over ``p``).
 
-    ``log_sigmoid_forward(|x|)`` gives :math:`-\ell_{sp}` and :math:`e^{-|x|}` in one kernel;
-    :func:`_sigmoid_from` gives :math:`\sigma(x)` and :math:`-\sigma(-x)` from that ``e`` (no
-    second ``exp``). ``lerp`` (which
-    evaluates from the nearer end, ``w < 1/2`` or not) mixes the two non-negative ends
-    :math:`\max(x, 0)`, :math:`\max(-x, 0)` and the two ends :math:`p`, :math:`-q`: the value at
-    ``y = 0`` or ``1`` is that end itself, so nothing cancels (``x = 60, y = 1``: gradient
-    :math:`-\sigma(-60)`).
+    :func:`_softplus_abs` gives :math:`\ell_{sp}` and :math:`e^{-|x|}`; :func:`_sigmoid_from` gives :math:`\sigma(x)` and :math:`-\sigma(-x)` from that ``e`` (no
+    second ``exp``): ``log_sigmoid_backward`` reads the sign of its ``x`` argument only to pick a
+    branch, so :math:`n = -\max(x, 0)`, which is negative exactly where ``x`` is positive, gives
+    :math:`\sigma(x)`. ``lerp`` (which evaluates from the nearer end, ``w < 1/2`` or not) mixes
+    the two non-positive ends :math:`n` and :math:`n + x = \min(x, 0)` into :math:`n + y x =
+    -(\max(x, 0) - y x)`, and the two ends :math:`p`, :math:`-q`: the value at ``y = 0`` or ``1``
+    is that end itself, so nothing cancels (``x = 60, y = 1``: gradient :math:`-\sigma(-60)`).
+
+    Eager temporaries are fresh memory, and a freed one returns to the operating system at the
+    end of the call (one page fault per 4 KiB when the next call touches it again): the order
+    below keeps at most five input-sized buffers alive at once, each freed one reused at once.
     """
-    nlsp, e = torch.ops.aten.log_sigmoid_forward(x.abs())
-    relu_x = x.clamp(min=0)
-    loss = torch.lerp(relu_x, relu_x - x, y).sub_(nlsp)
-    p = torch.sigmoid(x) if exact_p else _sigmoid_from(x.neg(), e)
+    lsp, e = _softplus_abs(x)
+    n = x.clamp(min=0).neg_()
+    p = torch.sigmoid(x) if exact_p else _sigmoid_from(n, e)
+    m = n + x  # min(x, 0), exactly
+    loss = torch.sub(lsp, torch.lerp(n, m, y, out=m), out=m)  # max(x, 0) - y x + log(1 + e)
+    del n, lsp
     nq = _sigmoid_from(x, e, -1.0)
-    return loss, torch.lerp(p, nq, y), p, nq
+    del e
+    grad = torch.lerp(p, nq, y) if exact_p else torch.lerp(p, nq, y, out=p)
+    return loss, grad, p, nq
 
 
 def bce_with_logits_closed_form(

@@ -42,14 +42,18 @@ def _check_boxes(name: str, boxes: object, box_format: str, validate: bool = Tru
         raise ValueError(f"{name}: expected boxes of shape [..., 4], got {tuple(t.shape)}")
     if validate and t.numel():
         d = values(t)
+        # (x2 < x1, y2 < y1) in one op, into a [2, ...] mask: the comparison then runs along the
+        # boxes (stride 4) instead of over rows of two
+        hi = d[..., 2:].movedim(-1, 0)
+        bad = torch.empty(hi.shape, dtype=torch.bool, device=d.device)
         if box_format == "xyxy":
-            bad = d[..., 2:] < d[..., :2]  # (x2 < x1, y2 < y1) in one op
+            torch.lt(hi, d[..., :2].movedim(-1, 0), out=bad)
             rule = "x2 >= x1 and y2 >= y1 (xyxy)"
         else:
-            bad = d[..., 2:] < 0
+            torch.lt(hi, 0, out=bad)
             rule = "w >= 0 and h >= 0 (cxcywh)"
         if bool(bad.any()):
-            pos = first_bad(bad.any(-1))
+            pos = first_bad(bad.any(0))
             raise ValueError(f"{name}: expected boxes with {rule}, got {d[pos].tolist()} at row {pos}")
     return t
 

@@ -46,7 +46,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ._runtime import LossPass, apply_pass, cached_pass, inductor_options
-from .iou_formula import iou_loss_formula, scale_pairs
+from .iou_formula import inverse_power_of_two, iou_loss_formula, scale_pairs, scaled_eps
 
 #: The kinds with a fused pass (EIoU and SIoU run the plain formula).
 FUSED_KINDS = ("iou", "giou", "diou", "ciou")
@@ -102,11 +102,27 @@ def _aspect_angle_difference(w1: torch.Tensor, h1: torch.Tensor, w2: torch.Tenso
     """
     n_w1, n_h1, m1 = _angle_vector(w1, h1)
     n_w2, n_h2, _ = _angle_vector(w2, h2)
+    return _angle_between(n_w1, n_h1, m1, h1, n_w2, n_h2)
+
+
+def _aspect_angle_difference_stacked(w: torch.Tensor, h: torch.Tensor):
+    """:func:`_aspect_angle_difference` of ``w = [w1, w2]``, ``h = [h1, h2]`` (``[2, ...]``):
+    both boxes' vectors in one set of ops (eager)."""
+    n_w, n_h, m = _angle_vector(w, h)
+    return _angle_between(n_w[0], n_h[0], m[0], h[0], n_w[1], n_h[1])
+
+
+def _angle_between(n_w1, n_h1, m1, h1, n_w2, n_h2):
+    """The angle from vector 1 to vector 2 and the slopes of vector 1's angle (see
+    :func:`_aspect_angle_difference`)."""
     cross = n_w2 * n_h1 - n_w1 * n_h2
     dot = n_h1 * n_h2 + n_w1 * n_w2
-    angle = torch.atan(cross / torch.where(cross == 0, 1.0, dot))  # 0 / 0 only after underflow
-    half_turn = (cross >= 0).to(angle.dtype) * (2 * math.pi) - math.pi  # +-pi in angle's dtype
-    diff = torch.where(dot < 0, angle + half_turn, angle)
+    if torch.compiler.is_compiling():  # atan costs a third of atan2 in a vectorized loop
+        angle = torch.atan(cross / torch.where(cross == 0, 1.0, dot))  # 0 / 0 only after underflow
+        half_turn = (cross >= 0).to(angle.dtype) * (2 * math.pi) - math.pi  # +-pi in angle's dtype
+        diff = torch.where(dot < 0, angle + half_turn, angle)
+    else:  # eager: ATen's atan2 is one op and no slower than its atan
+        diff = torch.atan2(cross, dot)
     inv = torch.where(h1 > 0, torch.reciprocal(m1 * (n_w1 * n_w1 + n_h1 * n_h1)), 0.0)
     return diff, n_h1 * inv, -n_w1 * inv
 
@@ -125,6 +141,8 @@ def iou_closed_form(
     values agree with the formula to rounding (a reciprocal and a product can differ from the
     quotient in the last bit).
     """
+    if not torch.compiler.is_compiling():
+        return _iou_closed_form_eager(pred, target, kind=kind, box_format=box_format, convention=convention, eps=eps)
     pred, target, e, scale = scale_pairs(pred, target, eps)
     h_eps = e.length if (convention == "yolov5" and box_format == "xyxy") else 0.0
     x1, y1, x2, y2, w1, h1 = _corners(pred, box_format, h_eps)
@@ -203,6 +221,107 @@ def iou_closed_form(
     if torch.compiler.is_compiling():  # scaled before the stack: one loop (after it, a second one)
         return torch.rsub(value, 1), torch.stack([g * scale for g in parts], dim=-1)
     return torch.rsub(value, 1), torch.stack(parts, dim=-1).mul_(scale.unsqueeze(-1))
+
+
+def _iou_closed_form_eager(
+    pred: torch.Tensor, target: torch.Tensor, *, kind: str, box_format: str, convention: str, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`iou_closed_form` for eager runs: the same arithmetic on stacked tensors, so that each
+    step is one op for what the per-coordinate form does in two or four.
+
+    Both boxes of every pair are copied into one contiguous ``bx [2 (pred, target), 4, ...]``
+    (a product by 1 written into a buffer of that layout reads the stride-4 coordinates once; a
+    ``.contiguous()`` of the transposed view costs five times more), whose largest absolute value
+    per pair gives :func:`~detloss.kernels.iou_formula.pair_scale`'s power of two in one reduction
+    over the leading dimensions. The corners ``k [2, 4, ...]`` then give the tie selectors, the
+    maxima and the minima of all four coordinates in one op each; sides ``[2, 2 (w, h), ...]``,
+    the intersection's and the enclosing box's sides and the centre offsets ``[2 (x, y), ...]``,
+    both boxes' aspect vectors and the corners' gradients ``[4, ...]`` likewise. The compiled loop
+    fuses everything anyway and keeps the per-coordinate form."""
+    shape = tuple(torch.broadcast_shapes(pred.shape[:-1], target.shape[:-1]))
+    bx = torch.empty((2, 4) + shape, dtype=pred.dtype, device=pred.device)
+    torch.mul(pred.detach().movedim(-1, 0), 1.0, out=bx[0])  # x * 1 = x, exactly
+    torch.mul(target.detach().movedim(-1, 0), 1.0, out=bx[1])
+    scale = inverse_power_of_two(bx.abs().amax((0, 1)))  # pair_scale's power of two
+    bx.mul_(scale)
+    e = scaled_eps(eps, scale)
+    if box_format == "xyxy":
+        k = bx
+        wh = bx[:, 2:] - bx[:, :2]
+        if convention == "yolov5":
+            wh[:, 1].add_(e.length)
+    else:
+        k = torch.empty_like(bx)
+        wh = bx[:, 2:]
+        half = wh * 0.5  # halving by a product: exact
+        torch.sub(bx[:, :2], half, out=k[:, :2])
+        torch.add(bx[:, :2], half, out=k[:, 2:])
+    wh1 = wh[0]
+
+    sel = _sel_max(k[0], k[1])  # d max(pred, target) / d pred, each coordinate; d min = 1 - it
+    hi, lo = torch.maximum(k[0], k[1]), torch.minimum(k[0], k[1])
+    iwh = (lo[2:] - hi[:2]).clamp_(min=0)
+    inter = iwh[0] * iwh[1]
+    union = (wh[:, 0] * wh[:, 1]).sum(0).sub_(inter)
+    inv_u = torch.reciprocal(union + e.area)
+    iou = inter * inv_u
+    value = iou
+    g_union = -iou * inv_u
+    g_i = inv_u - g_union
+    g_c: Optional[torch.Tensor] = None  # d value / d (cw, ch)
+    half_g_d: Optional[torch.Tensor] = None  # d value / d (dx, dy) / 2
+    g_angle: Optional[torch.Tensor] = None  # d value / d (w1, h1) through CIoU's aspect term
+
+    if kind != "iou":
+        cwh = hi[2:] - lo[:2]
+    if kind == "giou":
+        area = cwh[0] * cwh[1]
+        inv_a = torch.reciprocal(area + e.area)
+        penalty = (area - union) * inv_a
+        value = iou - penalty
+        g_union = g_union + inv_a
+        g_i = g_i - inv_a
+        g_c = ((penalty - 1) * inv_a) * cwh.flip(0)
+    elif kind in ("diou", "ciou"):
+        inv_c2 = torch.reciprocal((cwh * cwh).sum(0) + e.area)
+        mid = k[:, :2] + k[:, 2:]  # twice the centres
+        d = torch.sub(mid[0], mid[1]).mul_(0.5)
+        ratio = (d * d).sum(0) * inv_c2
+        value = iou - ratio
+        half_g_d = d.mul_(-inv_c2)
+        g_c = cwh * (ratio * (2 * inv_c2))
+        if kind == "ciou":
+            diff, da1_dw, da1_dh = _aspect_angle_difference_stacked(wh[:, 0], wh[:, 1])
+            v = _V_SCALE * diff * diff
+            alpha = v / (v - iou).add_(1 + e.unit)  # constant, as in both originals
+            value = value - alpha * v
+            g_angle = torch.stack((da1_dw, da1_dh)).mul_(2 * _V_SCALE * alpha * diff)
+
+    g_iwh = (g_i * iwh.flip(0)).mul_(torch.sign(iwh))  # a side counts where both are positive
+    g_wh = g_union * wh1.flip(0)
+    if g_angle is not None:
+        g_wh = g_wh.add_(g_angle)
+    # corners: g1 = -g_iwh s1 - g_c (1 - s1) = s1 D - g_c, g2 = g_iwh (1 - s2) + g_c s2 = s2 D + g_iwh,
+    # D = g_c - g_iwh (without g_c: D = -g_iwh); both plus half_g_d
+    g = torch.empty((4,) + shape, dtype=g_i.dtype, device=g_i.device)
+    pairs = g.view((2, 2) + shape)
+    torch.mul(sel.view((2, 2) + shape), g_iwh.neg() if g_c is None else g_c - g_iwh, out=pairs)
+    if g_c is not None:
+        g[:2].sub_(g_c)
+    g[2:].add_(g_iwh)
+    if half_g_d is not None:
+        pairs.add_(half_g_d)
+    # back to the input format; the loss is 1 - value, so every derivative changes sign
+    rows = torch.empty_like(g)
+    if box_format == "xyxy":
+        torch.sub(g_wh, g[:2], out=rows[:2])
+        torch.add(g[2:], g_wh, out=rows[2:]).neg_()
+    else:
+        torch.add(g[:2], g[2:], out=rows[:2]).neg_()
+        torch.sub(g[:2], g[2:], out=rows[2:]).mul_(0.5).sub_(g_wh)
+    # the [..., 4] gradient in its own layout, scaled back to the input's units in the same op
+    grad = torch.empty(shape + (4,), dtype=rows.dtype, device=rows.device)
+    return torch.rsub(value, 1), torch.mul(rows.movedim(0, -1), scale.unsqueeze(-1), out=grad)
 
 
 @functools.lru_cache(maxsize=None)

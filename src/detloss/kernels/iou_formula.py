@@ -57,7 +57,7 @@ class Eps(NamedTuple):
     unit: float
 
 
-def _inverse_power_of_two(m: torch.Tensor) -> torch.Tensor:
+def inverse_power_of_two(m: torch.Tensor) -> torch.Tensor:
     """``2 ** -e`` with ``2 ** e <= m < 2 ** (e + 1)``, exactly (read from the exponent bits); for
     ``m`` below the smallest normal number (0 included) the scale of that number."""
     int_dtype, mask = _EXPONENT_BITS[m.dtype]
@@ -81,10 +81,20 @@ def scale_pairs(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float):
     by a power of two is exact, so the IoU of every pair is the unscaled one bit for bit wherever
     the unscaled arithmetic neither overflows nor underflows; ``s`` carries no gradient."""
     with torch.no_grad():
-        s = _inverse_power_of_two(torch.maximum(_largest(boxes1.detach()), _largest(boxes2.detach())))
-    eps_length = eps * s
+        s = pair_scale(boxes1.detach(), boxes2.detach())
     scale = s.unsqueeze(-1)
-    return boxes1 * scale, boxes2 * scale, Eps(eps_length, eps_length * s, eps), s
+    return boxes1 * scale, boxes2 * scale, scaled_eps(eps, s), s
+
+
+def pair_scale(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """The power of two ``s [...]`` of :func:`scale_pairs` (no gradient: call under ``no_grad``)."""
+    return inverse_power_of_two(torch.maximum(_largest(boxes1), _largest(boxes2)))
+
+
+def scaled_eps(eps: float, s: torch.Tensor) -> Eps:
+    """``eps`` in the units of pairs scaled by ``s`` (:class:`Eps`)."""
+    eps_length = eps * s
+    return Eps(eps_length, eps_length * s, eps)
 
 
 def atan_ratio(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

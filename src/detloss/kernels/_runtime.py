@@ -51,11 +51,12 @@ DEFAULT_MIN_NUMEL = 1 << 18
 #: float32 elements are 512 KiB, half a 1 MiB L2; with 2**16 an input of a few hundred thousand
 #: elements ran about 1.2-1.8x slower (twice the chunks' per-op dispatch), large inputs the same.
 PLAIN_CHUNK_PER_THREAD = 1 << 17
-#: Box pairs per thread in one chunk of a box loss's plain path. A pair costs a hundred-odd eager
-#: ops (a logit about ten), so counted by coordinates a chunk's dispatch cost dominated (CIoU at
-#: 200,000 pairs: 14 ms in chunks of 32768 pairs per thread, 13.2 ms in 65536, against 12.8 ms
-#: for ultralytics' bbox_iou); it holds some 60 temporaries of a float per pair (about 16 MB).
-PLAIN_PAIRS_PER_THREAD = 1 << 16
+#: Box pairs per thread in one chunk of a box loss's plain path. A pair costs some 80 eager ops
+#: on stacked tensors (a logit about ten), so counted by coordinates a chunk's dispatch cost would
+#: dominate. CIoU (yolov5 form) at 200,000 pairs, AVX-512, three alternating runs against
+#: ultralytics' bbox_iou (17.2-19.2 ms): 14.6-18.5 ms in chunks of 65536 pairs per thread,
+#: 13.7-16.1 ms in 32768, 15.6-19.3 ms in 16384 (more chunks' dispatch) and 24.7 ms in 8192.
+PLAIN_PAIRS_PER_THREAD = 1 << 15
 
 ClosedForm = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 Formula = Callable[..., torch.Tensor]

@@ -2,7 +2,8 @@
 the real peers, in the same process.
 
 For each loss it times the forward and the forward+backward (median of ``--repeats`` after
-warm-up, ``torch.set_num_threads(--threads)``, float32) and measures the peak extra memory of
+warm-up, the fused, plain and peer calls run in turn, one of each per round;
+``torch.set_num_threads(--threads)``, float32) and measures the peak extra memory of
 forward+backward, through the public functions of :mod:`detloss.functional` (validation included):
 
 * **fused**: the compiled pass (what detloss runs for large inputs that require grad);
@@ -34,7 +35,7 @@ import torch.nn.functional as TF
 
 import detloss.functional as F
 from detloss import kernels
-from ._common import fmt_mb, fmt_ms, median_time, peak_memory, print_table
+from ._common import alternating_medians, fmt_mb, fmt_ms, median_time, peak_memory, print_table
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -184,15 +185,23 @@ class Measure(NamedTuple):
     repeats: int
     warmup: int
 
-    def fwd(self, fn: LossFn, x: torch.Tensor) -> float:
-        return median_time(lambda: fn(x), self.repeats, self.warmup)
+    def all(self, fns: Sequence[LossFn], x: torch.Tensor) -> List["Timing"]:
+        """fwd and fwd+bwd medians of every ``fns`` on ``x``, the functions run in turn (one of
+        each per round, :func:`alternating_medians`: a change in the machine's load affects all
+        of them alike), and the peak memory of each fwd+bwd."""
+        def fwd(fn: LossFn) -> Callable[[], object]:
+            return lambda: fn(x)
 
-    def fwd_bwd(self, fn: LossFn, x: torch.Tensor) -> Tuple[float, int]:
-        def run():
-            fn(x).backward()
-            x.grad = None
+        def fwd_bwd(fn: LossFn) -> Callable[[], None]:
+            def run() -> None:
+                fn(x).backward()
+                x.grad = None
 
-        return median_time(run, self.repeats, self.warmup), peak_memory(run)
+            return run
+
+        f = alternating_medians([fwd(fn) for fn in fns], self.repeats, self.warmup)
+        fb = alternating_medians([fwd_bwd(fn) for fn in fns], self.repeats, self.warmup)
+        return [Timing(a, b, peak_memory(fwd_bwd(fn))) for fn, a, b in zip(fns, f, fb)]
 
 
 class Timing(NamedTuple):
@@ -201,9 +210,13 @@ class Timing(NamedTuple):
     mem: int
 
 
-def _time(fn: LossFn, x: torch.Tensor, m: Measure) -> Timing:
-    fb, mem = m.fwd_bwd(fn, x)
-    return Timing(m.fwd(fn, x), fb, mem)
+def _plain(fn: LossFn) -> LossFn:
+    """``fn`` on detloss's plain path (``DETLOSS_FUSED=0`` around each call)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with plain_path():
+            return fn(x)
+
+    return run
 
 
 def _first_call(fn: LossFn, x: torch.Tensor) -> float:
@@ -250,15 +263,17 @@ def run_cases(
         peer = None
         if case.peer is not None:
             check_equal(case.label, case.detloss, case.peer, x0)
-            peer = _time(case.peer, x, m)
+        if fused and case.label not in first_calls:
+            first_calls[case.label] = _first_call(case.detloss, x)
+        fns = ([case.detloss] if fused else []) + [_plain(case.detloss)] + ([case.peer] if case.peer else [])
+        timings = m.all(fns, x)
         if fused:
-            if case.label not in first_calls:
-                first_calls[case.label] = _first_call(case.detloss, x)
-            ours = _time(case.detloss, x, m)
+            ours = timings.pop(0)
             timing_rows.append([case.label, shape_s, "detloss fused", fmt_ms(ours.fwd), fmt_ms(ours.fwd_bwd),
                                 fmt_mb(ours.mem)])
-        with plain_path():
-            plain = _time(case.detloss, x, m)
+        plain = timings.pop(0)
+        if case.peer is not None:
+            peer = timings.pop(0)
         timing_rows.append([case.label, shape_s, "detloss plain", fmt_ms(plain.fwd), fmt_ms(plain.fwd_bwd),
                             fmt_mb(plain.mem)])
         if peer is not None:
@@ -313,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 native = None
                 if fused:
                     x = x0.clone().requires_grad_()
-                    native = _time(lambda a: TF.binary_cross_entropy_with_logits(a, t, reduction="sum"), x, m)
+                    native = m.all([lambda a: TF.binary_cross_entropy_with_logits(a, t, reduction="sum")], x)[0]
                     bound = _bound(x0, t, m)
                     timing_rows.append(["bandwidth bound", shape_s, "read x, t; write g", "", fmt_ms(bound), ""])
                 run_cases(dense_cases(t, q, peers), x0, shape_s, m, fused, first_calls, timing_rows, ratio_rows,

@@ -76,8 +76,8 @@ def _angle_vector(w: torch.Tensor, h: torch.Tensor):
     is +-1 (``m`` = the larger of ``|w|`` and ``h``). Products of two such vectors stay in [-2, 2]:
     no overflow, and no underflow unless an angle is within ~1e-38 of 0 or pi/2."""
     ok, wide = h > 0, w > 0
-    w = torch.where(ok, w, wide.to(w.dtype))  # (1, 0) for pi/2, (0, 1) for 0: never a zero vector
-    h = torch.where(ok, h, (~wide).to(h.dtype))
+    w = torch.where(ok, w, wide)  # (1, 0) for pi/2, (0, 1) for 0: never a zero vector
+    h = torch.where(ok, h, w <= 0)  # (the bools promote to w's dtype)
     if not torch.compiler.is_compiling():
         # eager: the same numbers without selects: w / m and h / m are exactly +-1 on the larger
         # side (x / x, x / |x|) and the selects' ratio on the smaller one
@@ -123,7 +123,8 @@ def _angle_between(n_w1, n_h1, m1, h1, n_w2, n_h2):
         diff = torch.where(dot < 0, angle + half_turn, angle)
     else:  # eager: ATen's atan2 is one op and no slower than its atan
         diff = torch.atan2(cross, dot)
-    inv = torch.where(h1 > 0, torch.reciprocal(m1 * (n_w1 * n_w1 + n_h1 * n_h1)), 0.0)
+    inv = torch.reciprocal(m1 * (n_w1 * n_w1 + n_h1 * n_h1))  # finite where h1 <= 0 (m1 = 1 there)
+    inv = torch.where(h1 > 0, inv, 0.0) if torch.compiler.is_compiling() else inv.mul_(h1 > 0)
     return diff, n_h1 * inv, -n_w1 * inv
 
 

@@ -125,6 +125,17 @@ def test_aspect_angle_difference_every_side_case():
     torch.testing.assert_close(dh, want_dh, rtol=1e-13, atol=1e-15)
 
 
+def test_aspect_angle_difference_stacked_equals_the_pairwise_one():
+    """The eager box pass computes both boxes' aspect vectors in one set of ops
+    (``_aspect_angle_difference_stacked`` of ``[w1, w2]``, ``[h1, h2]``): the same angle and
+    slopes as the per-box function, bit for bit, on every side case."""
+    sides = torch.tensor(_SIDES + (-0.5, -3.0), dtype=torch.float64)
+    w1, h1, w2, h2 = torch.cartesian_prod(sides, sides, sides, sides).unbind(1)
+    for a, b in zip(kiou._aspect_angle_difference(w1, h1, w2, h2),
+                    kiou._aspect_angle_difference_stacked(torch.stack((w1, w2)), torch.stack((h1, h2)))):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 _side = st.one_of(st.just(0.0), st.floats(1e-6, 1e4))
 
 

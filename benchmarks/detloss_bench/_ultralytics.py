@@ -220,7 +220,9 @@ def run_criterion_suite(suite: str, args: Any, cfg: str, task: str, ours_cls: An
     """:func:`~._common.run_suite` for one model YAML: detloss's drop-in ``ours_cls(model)`` against
     ``model.init_criterion()`` on the same head outputs and batch, at each of ``args.boxes``."""
     try:
-        model = real_model(cfg, task, nc)
+        with torch.random.fork_rng():  # the model's random weights (the RLE flow's among them) alike in every run
+            torch.manual_seed(0)
+            model = real_model(cfg, task, nc)
         peer, missing = model.init_criterion(), None
         label = "ultralytics " + criterion_name(peer)
     except PeerMissing as e:

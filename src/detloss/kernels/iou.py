@@ -136,8 +136,8 @@ def iou_closed_form(
     Written for one vectorized loop: every quotient by the same denominator multiplies by one
     reciprocal (division is the slowest vector arithmetic after ``atan``), the CIoU aspect term takes
     one ``atan`` instead of two (``atan2`` would cost three), and each ``min``/``max`` pair shares
-    one tie selector; no boolean masks outside the aspect angle (eager selects are slow on CPU).
-    Both conventions share the intersection's derivative: each side clamped at 0 counts where both
+    one tie selector. Eager runs take :func:`_iou_closed_form_eager`, the same arithmetic on
+    stacked tensors (this per-coordinate form is what the compiled pass fuses). Both conventions share the intersection's derivative: each side clamped at 0 counts where both
     are positive (torchvision's mask), which is also where YOLOv5's clamp of each side has one. The
     values agree with the formula to rounding (a reciprocal and a product can differ from the
     quotient in the last bit).
@@ -219,9 +219,8 @@ def iou_closed_form(
         parts = (gw1 - gx1, gh1 - gy1, -gx2 - gw1, -gy2 - gh1)
     else:
         parts = (-(gx1 + gx2), -(gy1 + gy2), (gx1 - gx2) * 0.5 - gw1, (gy1 - gy2) * 0.5 - gh1)
-    if torch.compiler.is_compiling():  # scaled before the stack: one loop (after it, a second one)
-        return torch.rsub(value, 1), torch.stack([g * scale for g in parts], dim=-1)
-    return torch.rsub(value, 1), torch.stack(parts, dim=-1).mul_(scale.unsqueeze(-1))
+    # scaled before the stack: one loop (after it, a second one)
+    return torch.rsub(value, 1), torch.stack([g * scale for g in parts], dim=-1)
 
 
 def _iou_closed_form_eager(
